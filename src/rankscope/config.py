@@ -1,0 +1,387 @@
+"""The typed configuration tree of a run, loaded from YAML with `--set a.b=c` overrides.
+
+Unknown keys and invalid values raise `ConfigError` naming the key and the closest valid keys.
+The method section is dynamic: its keys are the chosen method's own `Settings` dataclass,
+whose defaults depend on the model preset (e.g. the literature's rank per scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rankscope.errors import ConfigError, did_you_mean
+
+
+@dataclass
+class ModelSection:
+    """Which LLaMA shape to build: a preset, optionally with fields of it overridden."""
+
+    preset: str = "tiny"
+    # Fields of `LlamaConfig` to override, e.g. {"num_layers": 2}. vocab_size defaults to the
+    # tokenizer's size (rounded up to a multiple of 64) unless given here.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # "embedded" (the corpus shipped with the install), a local .txt / .jsonl / .json.gz file or a
+    # folder of them, or "hf:NAME[:CONFIG]" / a local `datasets` folder for Hugging Face data sets.
+    source: str = "embedded"
+    # "bpe": a byte-level BPE trained on the training text and cached; otherwise any name or local
+    # path that transformers.AutoTokenizer loads (e.g. "t5-base" where the HF cache has it).
+    tokenizer: str = "bpe"
+    vocab_size: int = 8192
+    seq_len: int = 128
+    val_sequences: int = 128
+    probe_sequences: int = 64
+    text_field: str = "text"
+    hf_split: str = "train"
+    hf_val_split: str = "validation"
+    streaming: bool = False
+    # Upper bound on training tokens read from the source (0 = everything); bounds streaming reads.
+    max_train_tokens: int = 0
+    # Where tokenizers and token shards are cached; "" = $RANKSCOPE_CACHE or ~/.cache/rankscope.
+    cache_dir: str = ""
+
+
+@dataclass
+class OptimConfig:
+    # None means "the method's default" (each method declares the literature's values).
+    lr: float | None = None
+    weight_decay: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float | None = None
+    grad_clip: float | None = None
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8  # global batch, in sequences
+    micro_batch_size: int = 0  # per process and forward pass; 0 = the whole per-process batch
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16-autocast | bf16-pure (the literature's protocol)
+    compile: bool = False
+    eval_every: int = 100
+    eval_batch_size: int = 16
+    log_every: int = 10
+    checkpoint_every: int = 0
+    checkpoint_steps: list[int] = field(default_factory=list)
+    keep_last_checkpoints: int = 0  # 0 keeps every checkpoint (analysis needs them)
+    nonfinite: str = "stop"  # stop | skip
+    tensorboard: bool = False
+    # Emulate the literature's eval (mean of per-batch mean losses) next to the exact one.
+    literature_eval: bool = False
+
+
+@dataclass
+class MethodSection:
+    name: str = "full"
+    settings: Any = None  # the method's Settings dataclass instance, resolved by `resolve_method`
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodSection = field(default_factory=MethodSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "train.precision": ("fp32", "bf16-autocast", "bf16-pure"),
+    "train.nonfinite": ("stop", "skip"),
+}
+
+POSITIVE = {
+    "data.vocab_size", "data.seq_len", "data.val_sequences", "data.probe_sequences",
+    "train.steps", "train.batch_size", "train.eval_batch_size", "train.log_every",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def config_to_dict(obj: Any) -> Any:
+    if isinstance(obj, MethodSection):
+        out = {"name": obj.name}
+        if obj.settings is not None:
+            out.update(config_to_dict(obj.settings))
+        return out
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: config_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: config_to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from YAML or a --set string) to the annotated type `tp`, or raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set train.checkpoint_steps=20` reads as one number
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [coerce(v, item_tp, key) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    as_float = float(value)
+                except ValueError:
+                    as_float = None
+                if as_float is not None and as_float.is_integer():
+                    return int(as_float)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: cannot read {value!r} as {_type_name(tp)}")
+
+
+def dataclass_from_dict(cls: type, data: dict, prefix: str, base: Any = None) -> Any:
+    """Build (or update a copy of `base`) dataclass `cls` from a mapping, validating every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    obj = dataclasses.replace(base) if base is not None else cls()
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            full_names = [f"{prefix}.{n}" if prefix else n for n in names]
+            hint = did_you_mean(full, full_names) or f" (valid keys here: {', '.join(full_names)})"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            setattr(obj, key, dataclass_from_dict(tp, value, full, getattr(obj, key)))
+        else:
+            setattr(obj, key, coerce(value, tp, full))
+    return obj
+
+
+def resolve_method(cfg: RunConfig, method_overrides: dict | None = None) -> None:
+    """Fill `cfg.method.settings` with the method's defaults for the preset, then the overrides."""
+    from rankscope import methods
+    from rankscope.models import get_preset
+
+    method_cls = methods.get(cfg.method.name)
+    try:
+        model_cfg = get_preset(cfg.model.preset)
+    except Exception as exc:  # unknown preset: the message already names the fix
+        raise ConfigError(str(exc)) from None
+    current = cfg.method.settings
+    if current is None or not isinstance(current, method_cls.Settings):
+        current = method_cls.default_settings(cfg.model.preset, model_cfg)
+    if method_overrides:
+        current = dataclass_from_dict(method_cls.Settings, method_overrides, "method", current)
+    cfg.method.settings = current
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    data = dict(data or {})
+    method_data = dict(data.pop("method", None) or {})
+    cfg = dataclass_from_dict(RunConfig, data, "")
+    cfg.method.name = str(method_data.pop("name", cfg.method.name))
+    resolve_method(cfg, method_data)
+    validate(cfg)
+    return cfg
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. method.rank=64), got {text!r}")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_config(
+    base: dict | None = None, overrides: list[str] | tuple[str, ...] = (), **fields: Any
+) -> RunConfig:
+    """Merge a YAML mapping, `a.b=c` overrides and keyword fields ("train.steps": 10) into a config.
+
+    When the method changes, settings from the base that the new method does not have are
+    dropped only if they came from a resolved config of another method (method.name differs).
+    """
+    tree: dict = _deep_copy(base or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    for key, value in fields.items():
+        if value is not None:
+            _set_path(tree, key, value)
+    return config_from_dict(tree)
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    return build_config(load_yaml(path) if path else {}, overrides)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: RunConfig) -> None:
+    flat = {}
+    for section in ("data", "optim", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            flat[f"{section}.{f.name}"] = getattr(getattr(cfg, section), f.name)
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(choices)}{did_you_mean(str(flat[key]), choices)}")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {flat[key]}")
+    t = cfg.train
+    for key in ("train.eval_every", "train.checkpoint_every", "train.micro_batch_size", "train.keep_last_checkpoints"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})"
+        )
+    bad = [s for s in t.checkpoint_steps if s <= 0 or s > t.steps]
+    if bad:
+        raise ConfigError(
+            f"train.checkpoint_steps {bad} fall outside 1..{t.steps} (train.steps); drop them or raise --steps"
+        )
+    o = cfg.optim
+    if o.lr is not None and o.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {o.lr}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0.0 <= o.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(o, key)}")
+    from rankscope.models import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {cfg.model.preset!r}{did_you_mean(cfg.model.preset, PRESETS)}")
+    from rankscope.models import LlamaConfig
+
+    valid_model_keys = [f.name for f in dataclasses.fields(LlamaConfig)]
+    for key in cfg.model.overrides:
+        if key not in valid_model_keys:
+            raise ConfigError(f"unknown config key 'model.overrides.{key}'{did_you_mean(key, valid_model_keys)}")

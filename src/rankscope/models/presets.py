@@ -1,0 +1,39 @@
+"""Named model sizes. The 20m .. 7b shapes follow the LLaMA family used in low-rank
+pre-training papers (GaLore, ReLoRA, SLTrain, CoLA); `tiny` is for tests and CPU demos."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rankscope.errors import ConfigError, did_you_mean
+from rankscope.models.llama import LlamaConfig
+
+
+def _preset(hidden: int, ffn: int, heads: int, layers: int, vocab: int = 32000, seq: int = 1024) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_heads=heads,
+        num_layers=layers,
+        max_seq_len=seq,
+    )
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "tiny": _preset(128, 352, 4, 4, vocab=8192),
+    "20m": _preset(256, 688, 4, 4),
+    "60m": _preset(512, 1376, 8, 8),
+    "130m": _preset(768, 2048, 12, 12),
+    "350m": _preset(1024, 2736, 16, 24),
+    "1b": _preset(2048, 5461, 32, 24, seq=2048),
+    "7b": _preset(4096, 11008, 32, 32, seq=2048),
+}
+
+
+def get_preset(name: str) -> LlamaConfig:
+    """A fresh copy of the named preset (callers may edit it freely)."""
+    key = name.strip().lower()
+    if key not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}" + did_you_mean(key, PRESETS))
+    return dataclasses.replace(PRESETS[key])

@@ -1,0 +1,41 @@
+"""Shared test setup: one token cache per session, so the embedded corpus is prepared once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores are shared by the suite; more intra-op threads only add contention on tiny shapes.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rankscope_cache(tmp_path_factory):
+    cache = os.environ.get("RANKSCOPE_TEST_CACHE") or str(tmp_path_factory.mktemp("rankscope-cache"))
+    previous = os.environ.get("RANKSCOPE_CACHE")
+    os.environ["RANKSCOPE_CACHE"] = cache
+    yield cache
+    if previous is None:
+        os.environ.pop("RANKSCOPE_CACHE", None)
+    else:
+        os.environ["RANKSCOPE_CACHE"] = previous
+
+
+# The smallest run that still trains: tiny preset cut to 2 layers, short sequences.
+TINY_RUN = [
+    "model.preset=tiny",
+    "model.overrides={num_layers: 2}",
+    "data.seq_len=64",
+    "data.val_sequences=32",
+    "data.probe_sequences=16",
+    "train.batch_size=8",
+    "train.eval_every=0",
+    "train.log_every=5",
+]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY_RUN)
