@@ -1,0 +1,257 @@
+"""The one command line: train | export | methods | analyze | eval | study | report | bench | demo.
+
+This module only parses arguments and hands them to the package; user errors (RankscopeError)
+become one `error: ...` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rankscope.errors import RankscopeError
+
+log = logging.getLogger("rankscope")
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with the run config (sections model, data, method, optim, train)")
+    parser.add_argument("--preset", help="model preset: tiny, 20m, 60m, 130m, 350m, 1b, 7b")
+    parser.add_argument("--method", help="training method (see `rankscope methods`)")
+    parser.add_argument("--steps", type=int, help="optimizer steps")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", help="run directory (default runs/<method>-<preset>-s<seed>)")
+    parser.add_argument("--data", help="data source: embedded, a .txt/.jsonl/.json.gz file or folder, hf:NAME")
+    parser.add_argument("--batch-size", type=int, help="global batch in sequences")
+    parser.add_argument("--micro-batch-size", type=int, help="sequences per forward pass and process")
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--checkpoint-steps", help="comma-separated steps, e.g. 100,200,300")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--precision", help="fp32, bf16-autocast, bf16-pure")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set method.rank=64 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different config")
+
+
+def config_from_args(args: argparse.Namespace):
+    from rankscope.config import build_config, load_yaml
+
+    base = load_yaml(args.config) if args.config else {}
+    fields = {
+        "model.preset": args.preset, "method.name": args.method, "train.steps": args.steps,
+        "train.seed": args.seed, "data.source": args.data, "train.batch_size": args.batch_size,
+        "train.micro_batch_size": args.micro_batch_size, "data.seq_len": args.seq_len,
+        "optim.lr": args.lr, "train.eval_every": args.eval_every,
+        "train.checkpoint_every": args.checkpoint_every, "train.device": args.device,
+        "train.precision": args.precision,
+        "train.checkpoint_steps": args.checkpoint_steps,
+    }
+    if args.method and isinstance(base.get("method"), dict) and base["method"].get("name") not in (None, args.method):
+        # Settings in the file belong to the file's method; --method starts from the new one's defaults.
+        base = dict(base)
+        base["method"] = {}
+    return build_config(base, args.overrides, **fields)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rankscope.train import train
+
+    cfg = config_from_args(args)
+    out = args.out or f"runs/{cfg.method.name}-{cfg.model.preset}-s{cfg.train.seed}"
+    summary = train(cfg, out, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        initial = summary.get("initial_val_ppl")
+        before = f" (initial {initial:.2f})" if initial else ""
+        print(f"{out}: val loss {summary['val_loss']:.4f}, val ppl {summary['val_ppl']:.2f}{before}, "
+              f"{summary['steps']} steps, {summary['wall_time']:.1f}s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rankscope.data import prepare_data
+    from rankscope.export import save_hf
+    from rankscope.train import load_run_model
+
+    loaded = load_run_model(args.run_dir, args.step)
+    tokenizer = prepare_data(loaded.config.data).tokenizer  # cached after training
+    save_hf(loaded.model, tokenizer, args.out)
+    print(f"exported {args.run_dir} step {loaded.step} to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rankscope import methods
+    from rankscope.models import get_preset
+
+    if args.memory:
+        from rankscope.methods.memory_table import memory_table, print_memory_table
+
+        rows = memory_table(args.preset, methods.names() if args.methods == "all" else args.methods.split(","))
+        print_memory_table(rows, args.preset)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    model_cfg = get_preset(args.preset)
+    table = Table(title=f"rankscope methods (settings shown for preset {args.preset})")
+    table.add_column("method", style="bold")
+    table.add_column("description")
+    table.add_column("settings (defaults)")
+    for name in methods.names():
+        cls = methods.get(name)
+        settings = cls.default_settings(args.preset, model_cfg)
+        shown = ", ".join(f"{k}={v}" for k, v in vars(settings).items()) or "-"
+        opt = cls.optim_defaults(args.preset)
+        table.add_row(name, cls.description, f"{shown}; lr={opt.lr}, wd={opt.weight_decay}")
+    Console().print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# study, demo, eval
+
+
+def _print_results(out_dir) -> None:
+    from rankscope.report.collect import print_results_table
+
+    print_results_table(out_dir)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from rankscope.study import STAGES, run_study
+
+    stages = tuple(args.stage.split(",")) if args.stage else STAGES
+    out = args.out or f"studies-out/{Path(args.study_file).stem}"
+    result = run_study(args.study_file, out, stages)
+    if "report" in stages:
+        _print_results(out)
+    _print_study_end(result)
+    return 1 if result["failed"] and len(result["failed"]) == len(result["runs"]) else 0
+
+
+def _print_study_end(result: dict) -> None:
+    if result["failed"]:
+        print(f"{len(result['failed'])} of {len(result['runs'])} runs failed: {', '.join(result['failed'])} "
+              f"(reasons in {Path(result['out']) / 'status.json'} and the report)")
+    if result.get("report"):
+        print(f"report: {Path(result['report']).resolve()}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rankscope.demo import run_demo
+
+    result = run_demo(args.out, quick=args.quick, device=args.device)
+    _print_results(args.out)
+    print(f"demo finished in {result['wall_time'] / 60:.1f} min")
+    _print_study_end(result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rankscope.study import evaluate_run
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    result = evaluate_run(Path(args.run_dir), args.step, tasks, args.limit, args.batch_size, args.device)
+    for name, row in result["tasks"].items():
+        norm = f", acc_norm {row['acc_norm']:.4f}" if "acc_norm" in row else ""
+        print(f"{name}: acc {row.get('acc', float('nan')):.4f} ± {row.get('acc_stderr', float('nan')):.4f}{norm}")
+    for name, reason in result["unavailable"].items():
+        print(f"{name}: unavailable: {reason}")
+    print(f"mean acc {result['mean_acc']:.4f} (step {result['step']}, written to {args.run_dir}/eval/)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rankscope",
+        description="Low-rank pre-training of language models: train every method in one pipeline, "
+        "analyse what they learn beyond perplexity, report and benchmark.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (or resume) one run")
+    _add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face Llama model folder")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("methods", help="list the methods and their settings")
+    p.add_argument("--preset", default="tiny", help="preset whose defaults to show (default tiny)")
+    p.add_argument("--memory", action="store_true", help="parameter and optimizer-state memory of every method")
+    p.add_argument("--methods", default="all", help="comma-separated methods for --memory (default all)")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("study", help="run a study: train, analyze, eval, predict, report")
+    p.add_argument("study_file", help="study YAML (see studies/)")
+    p.add_argument("--out", help="study folder (default studies-out/<file name>)")
+    p.add_argument("--stage", help="comma-separated stages to run: train, analyze, eval, predict, report (default all)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("demo", help="the demo study: every method on the tiny preset, analysed and reported")
+    p.add_argument("--quick", action="store_true", help="a ~2-minute variant (fewer methods and steps)")
+    p.add_argument("--out", default="rankscope-demo", help="where the study and its report go (default ./rankscope-demo)")
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="zero-shot downstream accuracy of a checkpoint (lm-eval-harness)")
+    p.add_argument("run_dir")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: the study's suite; rankscope_local works offline)")
+    p.add_argument("--limit", type=int, default=0, help="items per task (default all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if not sys.stderr.isatty() else "%(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except RankscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""The method registry: the only place that knows which methods exist.
+
+A method is one file in this folder plus one line here; entries are imported on first use.
+"""
+
+from __future__ import annotations
+
+from rankscope.methods.base import Method
+from rankscope.registry import Registry
+
+REGISTRY: Registry[type[Method]] = Registry("method")
+REGISTRY.register("full", "rankscope.methods.full:FullRank")
+REGISTRY.register("lowrank", "rankscope.methods.lowrank:LowRank")
+REGISTRY.register("lora", "rankscope.methods.lora:LoRA")
+REGISTRY.register("relora", "rankscope.methods.relora:ReLoRA")
+REGISTRY.register("galore", "rankscope.methods.galore:GaLore")
+REGISTRY.register("fira", "rankscope.methods.fira:Fira")
+REGISTRY.register("sltrain", "rankscope.methods.sltrain:SLTrain")
+REGISTRY.register("cola", "rankscope.methods.cola:CoLA")
+REGISTRY.register("loro", "rankscope.methods.loro:LORO")
+REGISTRY.register("spectron", "rankscope.methods.spectron:Spectron")
+
+
+def names() -> list[str]:
+    return REGISTRY.names()
+
+
+def get(name: str) -> type[Method]:
+    return REGISTRY.get(name)

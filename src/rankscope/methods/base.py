@@ -1,0 +1,140 @@
+"""The method contract: everything a low-rank method may change, and nothing else.
+
+A method is one subclass of `Method` in its own file plus one registry line in
+`rankscope/methods/__init__.py`. The trainer only ever talks to this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rankscope.errors import ConfigError
+from rankscope.optim.schedules import cosine_with_warmup
+
+
+@dataclass(frozen=True)
+class OptimDefaults:
+    """The literature's optimizer settings for a method (used where the run config says None)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class ResolvedOptim:
+    """Optimizer and schedule settings after method defaults have filled the gaps."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    grad_clip: float
+    total_steps: int
+    warmup_steps: int
+    min_lr_ratio: float
+
+
+@dataclass
+class NoSettings:
+    """A method without settings of its own."""
+
+
+class Method:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
+
+    def __init__(self, settings: Any, model_config: Any, preset: str = "tiny"):
+        self.settings = settings
+        self.model_config = model_config
+        self.preset = preset
+
+    # -- configuration -------------------------------------------------------------------------
+    @classmethod
+    def default_settings(cls, preset: str, model_config: Any) -> Any:
+        return cls.Settings()
+
+    @classmethod
+    def optim_defaults(cls, preset: str) -> OptimDefaults:
+        return OptimDefaults()
+
+    @classmethod
+    def settings_help(cls) -> list[tuple[str, str, Any]]:
+        """(name, type, default) for every setting, for `rankscope methods`."""
+        out = []
+        for f in dataclasses.fields(cls.Settings):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
+            out.append((f.name, getattr(f.type, "__name__", str(f.type)), default))
+        return out
+
+    def validate(self) -> None:
+        """Raise ConfigError for bad settings, before any training starts."""
+
+    # -- model ---------------------------------------------------------------------------------
+    def parameterize(self, model: nn.Module) -> nn.Module:
+        """Replace the targeted linears in place; the default keeps the dense model."""
+        return model
+
+    # -- optimizer -----------------------------------------------------------------------------
+    def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            [{"params": params, "name": "all"}],
+            lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+        )
+
+    def lr_multiplier(self, step: int, optim: ResolvedOptim) -> float:
+        """Multiplier on each group's base lr for the update that makes `step + 1` steps."""
+        return cosine_with_warmup(step, optim.total_steps, optim.warmup_steps, optim.min_lr_ratio)
+
+    # -- periodic work -------------------------------------------------------------------------
+    def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called after every optimizer step with the number of completed steps."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors / plain values the method keeps outside model and optimizer (for resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def split_targeted(model: nn.Module, targeted: list[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters of the targeted modules, and all other trainable parameters."""
+    target_ids = {id(p) for module in targeted for p in module.parameters()}
+    inside = [p for m in targeted for p in m.parameters() if p.requires_grad]
+    outside = [p for p in model.parameters() if p.requires_grad and id(p) not in target_ids]
+    return inside, outside
+
+
+def check_param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every trainable parameter sits in exactly one param group; frozen ones in none."""
+    seen: dict[int, int] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    names = {id(p): n for n, p in model.named_parameters()}
+    twice = [names.get(i, "?") for i, count in seen.items() if count > 1]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and id(p) in seen]
+    foreign = [i for i in seen if i not in names]
+    if twice or missing or frozen or foreign:
+        raise AssertionError(
+            f"optimizer param groups must cover every trainable parameter once: "
+            f"in several groups {twice[:5]}, in none {missing[:5]}, frozen but optimized {frozen[:5]}, "
+            f"not in the model {len(foreign)}"
+        )
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

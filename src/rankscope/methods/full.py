@@ -1,0 +1,14 @@
+"""Full-rank baseline: the dense LLaMA trained with AdamW (the literature used Adam, wd 0)."""
+
+from __future__ import annotations
+
+from rankscope.methods.base import Method, OptimDefaults
+
+
+class FullRank(Method):
+    name = "full"
+    description = "Dense full-rank baseline: AdamW on every weight (lr 1e-3, wd 0)."
+
+    @classmethod
+    def optim_defaults(cls, preset: str) -> OptimDefaults:
+        return OptimDefaults(lr=1e-3, weight_decay=0.0, eps=1e-8, grad_clip=1.0)

@@ -1,0 +1,336 @@
+"""The training loop: one loop for every method, read top to bottom.
+
+Runs differ only in what the method contributes (its parameterization, optimizer, lr multiplier
+and periodic work); the loop itself never asks which method it is running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankscope.config import RunConfig, config_to_dict, save_config
+from rankscope.data import TrainStream, check_vocab, prepare_data
+from rankscope.errors import ConfigError, RankscopeError
+from rankscope.methods.base import check_param_groups
+from rankscope.methods.memory import account_memory
+from rankscope.models import token_losses
+from rankscope.train import checkpoint as ckpt
+from rankscope.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from rankscope.train.progress import ProgressLog
+from rankscope.train.setup import (
+    autocast_context,
+    build_run_model,
+    evaluate_loss,
+    resolve_device,
+    resolve_model_config,
+    resolve_optim,
+)
+
+log = logging.getLogger("rankscope.train")
+
+# Fields that change how a run is watched, not what it computes: they may differ on resume.
+_RESUME_NEUTRAL = {
+    ("train", "device"), ("train", "log_every"), ("train", "tensorboard"), ("train", "compile"),
+    ("train", "eval_batch_size"), ("train", "keep_last_checkpoints"), ("data", "cache_dir"),
+}
+
+
+class NonFiniteLossError(RankscopeError):
+    pass
+
+
+def _config_difference(old: dict, new: dict) -> str | None:
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b:
+                return f"{section}: {a!r} vs {b!r}"
+            continue
+        for key in sorted(set(a) | set(b)):
+            if (section, key) in _RESUME_NEUTRAL:
+                continue
+            if a.get(key) != b.get(key):
+                return f"{section}.{key}: {a.get(key)!r} in the run vs {b.get(key)!r} now"
+    return None
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, overwrite: bool) -> None:
+    """Create the run folder, or check that an existing one holds a run of the same config."""
+    config_path = run_dir / "config.yaml"
+    if run_dir.exists() and any(run_dir.iterdir()) and not config_path.is_file() and not overwrite:
+        raise ConfigError(f"{run_dir} exists and is not a rankscope run; choose another --out or pass --overwrite")
+    if config_path.is_file():
+        import yaml
+
+        old = yaml.safe_load(config_path.read_text()) or {}
+        difference = _config_difference(old, config_to_dict(cfg))
+        if difference and not overwrite:
+            raise ConfigError(
+                f"{run_dir} holds a run of a different config ({difference}); "
+                "pass --overwrite to replace it or choose another --out"
+            )
+        if difference and overwrite:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, config_path)
+
+
+def _checkpoint_steps(cfg: RunConfig) -> set[int]:
+    steps = set(cfg.train.checkpoint_steps)
+    every = cfg.train.checkpoint_every
+    if every:
+        steps.update(range(every, cfg.train.steps + 1, every))
+    steps.add(cfg.train.steps)  # the final model is always kept
+    return steps
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop log lines past the checkpoint we resume from, so the log has each step once."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or resume, or recognise as finished) the run in `run_dir`; returns its summary."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.train.device)
+    dist_info = init_distributed(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
+        return _train(cfg, run_dir, overwrite, device, dist_info)
+    finally:
+        shutdown(dist_info)
+
+
+def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device, dist_info: DistInfo) -> dict[str, Any]:
+    t = cfg.train
+    if t.batch_size % dist_info.world_size:
+        raise ConfigError(
+            f"train.batch_size {t.batch_size} must be divisible by the number of processes ({dist_info.world_size})"
+        )
+    local_batch = t.batch_size // dist_info.world_size
+    micro = t.micro_batch_size or local_batch
+    if local_batch % micro:
+        raise ConfigError(f"per-process batch {local_batch} is not a multiple of train.micro_batch_size {micro}")
+
+    # -- data, model, method, optimizer ----------------------------------------------------
+    data = prepare_data(cfg.data)
+    model_cfg = resolve_model_config(cfg, data.vocab_size)
+    check_vocab(data, model_cfg.vocab_size)
+    model, method = build_run_model(cfg, model_cfg)
+    if t.precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    model.to(device)
+    optim_settings = resolve_optim(cfg, type(method))
+    optimizer = method.build_optimizer(model, optim_settings)
+    check_param_groups(model, optimizer)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    stream = TrainStream(data.train, seed=t.seed, batch_size=t.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
+
+    if dist_info.is_main:
+        prepare_run_dir(cfg, run_dir, overwrite)
+        ckpt.clean_temp_dirs(run_dir)
+    barrier(dist_info)
+
+    # -- resume ------------------------------------------------------------------------------
+    summary_path = run_dir / "summary.json"
+    checkpoint_steps = _checkpoint_steps(cfg)
+    start_step = 0
+    existing = ckpt.list_checkpoints(run_dir)
+    if existing:
+        latest = existing[-1]
+        if latest.step >= t.steps and summary_path.is_file():
+            log.info("run %s is already complete (step %d)", run_dir, latest.step)
+            return json.loads(summary_path.read_text())
+        model.load_state_dict(ckpt.load_model_state(latest.path))
+        state = ckpt.load_training_state(latest.path)
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        method.load_state_dict(state["method"])
+        _set_rng_state(state["rng"])
+        start_step = latest.step
+        if dist_info.is_main:
+            log.info("resuming %s from step %d", run_dir, start_step)
+
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    forward_model = torch.compile(train_model) if t.compile else train_model
+
+    metrics_path = run_dir / "metrics.jsonl"
+    if dist_info.is_main:
+        _truncate_metrics(metrics_path, start_step)
+    writer = _tensorboard(run_dir) if (t.tensorboard and dist_info.is_main) else None
+    params_total = sum(p.numel() for p in model.parameters())
+    params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_loss(model, data.val, t.eval_batch_size, device, t.precision)
+
+    def meta_for(step: int, val: dict | None) -> dict[str, Any]:
+        return {
+            "method": cfg.method.name, "preset": cfg.model.preset, "seed": t.seed,
+            "tokens": step * t.batch_size * cfg.data.seq_len, "model_config": vars(model_cfg).copy(),
+            "data_fingerprint": data.fingerprint, "val_loss": None if val is None else val["loss"],
+        }
+
+    def save(step: int, val: dict | None) -> None:
+        if dist_info.is_main:
+            training_state = {
+                "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
+                "method": method.state_dict(), "rng": _rng_state(), "step": step,
+            }
+            ckpt.save_checkpoint(run_dir, step, model.state_dict(), training_state, meta_for(step, val))
+            ckpt.prune_checkpoints(run_dir, t.keep_last_checkpoints, protect=set(t.checkpoint_steps))
+        barrier(dist_info)
+
+    initial_val = None
+    if start_step == 0:
+        initial_val = evaluate()
+        if dist_info.is_main:
+            log.info("step 0: val loss %.4f, ppl %.2f", initial_val["loss"], initial_val["ppl"])
+            _append_metrics(metrics_path, {"step": 0, "tokens": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
+            (run_dir / "initial_eval.json").write_text(json.dumps(initial_val))
+
+    # -- the loop ----------------------------------------------------------------------------
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    started = time.perf_counter()
+    train_time = 0.0
+    skipped = 0
+    last_val: dict | None = None
+    progress = ProgressLog(total=t.steps, start=start_step, enabled=dist_info.is_main, log_every=t.log_every)
+    model.train()
+    with progress:
+        for step in range(start_step, t.steps):
+            step_start = time.perf_counter()
+            multiplier = method.lr_multiplier(step, optim_settings)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * multiplier
+
+            batch = stream.next_batch().to(device)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            n_micro = batch.shape[0] // micro
+            for index in range(n_micro):
+                micro_batch = batch[index * micro : (index + 1) * micro]
+                # Gradients are synchronised only on the last micro-batch of the step.
+                sync = nullcontext() if (index == n_micro - 1 or not dist_info.enabled) else train_model.no_sync()
+                with sync, autocast_context(device, t.precision):
+                    loss = token_losses(forward_model, micro_batch).mean()
+                    (loss / n_micro).backward()
+                loss_sum += loss.detach().double()
+            step_loss = all_reduce_sum(loss_sum / n_micro, dist_info) / dist_info.world_size
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad],
+                optim_settings.grad_clip if optim_settings.grad_clip > 0 else float("inf"),
+            )
+            finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+            if not finite:
+                last_good = ckpt.list_checkpoints(run_dir)
+                where = f"step_{last_good[-1].step:06d}" if last_good else "none yet"
+                if t.nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {step + 1} (loss {float(step_loss):.4g}); "
+                        f"stopped without saving it (last good checkpoint: {where}); lower optim.lr or set train.nonfinite=skip"
+                    )
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step + 1, skipped)
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_step(step + 1, model, optimizer)
+
+            done = step + 1
+            step_time = time.perf_counter() - step_start
+            train_time += step_time
+            record: dict[str, Any] = {
+                "step": done, "tokens": done * tokens_per_step, "loss": float(step_loss),
+                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm), "step_time": step_time,
+            }
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                last_val = evaluate()
+                record.update(val_loss=last_val["loss"], val_ppl=last_val["ppl"])
+            if dist_info.is_main and (done % t.log_every == 0 or "val_loss" in record or done == t.steps):
+                _append_metrics(metrics_path, record)
+                if writer is not None:
+                    for key in ("loss", "lr", "grad_norm", "val_loss"):
+                        if key in record:
+                            writer.add_scalar(f"train/{key}", record[key], done)
+            progress.update(done, record, tokens_per_step / step_time)
+            if done in checkpoint_steps:
+                save(done, last_val)
+
+    wall_time = time.perf_counter() - started
+    final_val = last_val if last_val is not None else evaluate()
+    if writer is not None:
+        writer.close()
+    summary: dict[str, Any] = {
+        "method": cfg.method.name, "preset": cfg.model.preset, "seed": t.seed,
+        "steps": t.steps, "tokens": t.steps * tokens_per_step,
+        "val_loss": final_val["loss"], "val_ppl": final_val["ppl"],
+        "val_loss_literature_protocol": final_val["literature_loss"], "val_tokens": final_val["tokens"],
+        "params": params_total, "trainable_params": params_trainable,
+        "wall_time": wall_time, "train_time": train_time,
+        "tokens_per_sec": (t.steps - start_step) * tokens_per_step / train_time if train_time > 0 else None,
+        "skipped_steps": skipped, "resumed_from": start_step, "world_size": dist_info.world_size,
+        "device": str(device), "memory": account_memory(model, optimizer, cfg.model.preset),
+    }
+    initial_path = run_dir / "initial_eval.json"
+    if initial_path.is_file():
+        initial = json.loads(initial_path.read_text())
+        summary.update(initial_val_loss=initial["loss"], initial_val_ppl=initial["ppl"])
+    if dist_info.is_main:
+        tmp = summary_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(summary_path)
+    barrier(dist_info)
+    return summary
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}) + "\n")
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install 'rankscope[tensorboard]'") from exc
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

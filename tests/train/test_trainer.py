@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rankscope.config import build_config
+from rankscope.errors import ConfigError
+from rankscope.train import checkpoint as ckpt
+from rankscope.train import trainer as trainer_module
+from rankscope.train.trainer import NonFiniteLossError, train
+
+
+def _cfg(tiny_overrides, *extra):
+    return build_config({}, tiny_overrides + list(extra))
+
+
+def _final_weights(run_dir):
+    return load_file(str(ckpt.list_checkpoints(run_dir)[-1].path / "model.safetensors"))
+
+
+def test_training_lowers_validation_loss_and_writes_the_run(tmp_path, tiny_overrides):
+    cfg = _cfg(tiny_overrides, "train.steps=40", "optim.lr=3e-3", "train.checkpoint_steps=20")
+    summary = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    assert summary["val_loss"] < summary["initial_val_loss"] - 0.5
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "val_loss" in records[0]
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "step_time"} <= set(records[-1])
+    assert records[-1]["val_loss"] == pytest.approx(summary["val_loss"])
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [20, 40]
+    for key in ("val_loss", "val_ppl", "tokens", "steps", "params", "wall_time"):
+        assert key in summary
+    state = ckpt.load_training_state(ckpt.list_checkpoints(run)[0].path)  # weights_only=True
+    assert state["step"] == 20
+
+
+def test_resume_is_bit_identical(tmp_path, tiny_overrides, monkeypatch):
+    cfg = _cfg(tiny_overrides, "train.steps=16", "train.checkpoint_steps=6")
+    train(cfg, tmp_path / "straight")
+
+    original_update = trainer_module.ProgressLog.update
+
+    def interrupt(self, step, record, tps):
+        if step == 9:
+            raise KeyboardInterrupt
+        return original_update(self, step, record, tps)
+
+    monkeypatch.setattr(trainer_module.ProgressLog, "update", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed")
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path / "resumed")] == [6]
+    monkeypatch.setattr(trainer_module.ProgressLog, "update", original_update)
+    summary = train(cfg, tmp_path / "resumed")
+    assert summary["resumed_from"] == 6
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # the log has each step once after the resume
+
+
+def test_finished_run_is_not_retrained(tmp_path, tiny_overrides):
+    cfg = _cfg(tiny_overrides, "train.steps=4")
+    first = train(cfg, tmp_path / "r")
+    again = train(cfg, tmp_path / "r")
+    assert again == first
+
+
+def test_a_run_dir_of_another_config_is_refused(tmp_path, tiny_overrides):
+    train(_cfg(tiny_overrides, "train.steps=4"), tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"different config \(train.steps: 4 in the run vs 5 now\).*--overwrite"):
+        train(_cfg(tiny_overrides, "train.steps=5"), tmp_path / "r")
+    summary = train(_cfg(tiny_overrides, "train.steps=5"), tmp_path / "r", overwrite=True)
+    assert summary["steps"] == 5
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch):
+    real = trainer_module.token_losses
+    seen = {"n": 0}
+
+    def poisoned(model, batch):
+        losses = real(model, batch)
+        if model.training:
+            seen["n"] += 1
+            if seen["n"] == 7:
+                return losses * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    cfg = _cfg(tiny_overrides, "train.steps=10", "train.checkpoint_every=3")
+    with pytest.raises(NonFiniteLossError, match="step 7.*last good checkpoint: step_000006"):
+        train(cfg, tmp_path / "r")
+    infos = ckpt.list_checkpoints(tmp_path / "r")
+    assert [c.step for c in infos] == [3, 6]
+    for tensor in ckpt.load_model_state(infos[-1].path).values():
+        assert torch.isfinite(tensor).all()
+
+
+def test_non_finite_loss_can_skip_the_step(tmp_path, tiny_overrides, monkeypatch):
+    real = trainer_module.token_losses
+    seen = {"n": 0}
+
+    def poisoned(model, batch):
+        losses = real(model, batch)
+        if model.training:
+            seen["n"] += 1
+            if seen["n"] == 3:
+                return losses * float("inf")
+        return losses
+
+    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    summary = train(_cfg(tiny_overrides, "train.steps=5", "train.nonfinite=skip"), tmp_path / "r")
+    assert summary["skipped_steps"] == 1
+    for tensor in _final_weights(tmp_path / "r").values():
+        assert torch.isfinite(tensor).all()
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_overrides):
+    whole = train(_cfg(tiny_overrides, "train.steps=3"), tmp_path / "whole")
+    accumulated = train(_cfg(tiny_overrides, "train.steps=3", "train.micro_batch_size=2"), tmp_path / "acc")
+    a, b = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "acc")
+    for key in a:
+        # Adam normalises tiny gradients, so summation-order noise shows up at ~1e-5 on a few entries.
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5)
+    assert accumulated["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-4)
