@@ -1,0 +1,28 @@
+"""Optimizers for low-rank pre-training: GaLore / Fira AdamW, LORO, Spectron, LR schedules.
+
+Every optimizer is a `torch.optim.Optimizer` built like `torch.optim.AdamW`; groups without
+method keys behave exactly as torch's AdamW; state is tensors only (checkpoints load with
+`torch.load(weights_only=True)` and resume bit-identically).
+"""
+
+from rankscope.optim._base import HyperparameterError, state_bytes
+from rankscope.optim.fira import FiraAdamW
+from rankscope.optim.galore import GaLoreAdamW
+from rankscope.optim.loro import LoroAdamW, exact_step
+from rankscope.optim.prune import prune_adam_state
+from rankscope.optim.schedules import cosine_with_warmup, jagged_cosine
+from rankscope.optim.spectron import Spectron, SpectronAdamW
+
+__all__ = [
+    "FiraAdamW",
+    "GaLoreAdamW",
+    "HyperparameterError",
+    "LoroAdamW",
+    "Spectron",
+    "SpectronAdamW",
+    "cosine_with_warmup",
+    "exact_step",
+    "jagged_cosine",
+    "prune_adam_state",
+    "state_bytes",
+]

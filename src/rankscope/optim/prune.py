@@ -1,0 +1,55 @@
+"""ReLoRA's optimizer-state pruning: zero most of the Adam moments of the re-initialised factors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from rankscope.optim._base import require
+
+PRUNE_MODES = ("random", "magnitude")
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@torch.no_grad()
+def _prune_tensor(tensor: torch.Tensor, ratio: float, mode: str, generator: torch.Generator | None) -> None:
+    if mode == "random":
+        # Draw on the generator's device (CPU by default) so a seeded run prunes the same entries
+        # wherever the state lives.
+        device = generator.device if generator is not None else tensor.device
+        keep = torch.rand(tensor.shape, generator=generator, device=device) >= ratio
+        tensor.mul_(keep.to(device=tensor.device, dtype=tensor.dtype))
+        return
+    # magnitude: zero every entry at or below the ratio-quantile of |state|. kthvalue instead of
+    # torch.quantile, which refuses tensors above 16M entries.
+    flat = tensor.detach().abs().flatten().float()
+    n_zeroed = int(ratio * flat.numel())
+    if n_zeroed == 0:
+        return
+    threshold = torch.kthvalue(flat, n_zeroed).values
+    tensor.mul_((tensor.abs().float() > threshold).to(tensor.dtype))
+
+
+def prune_adam_state(
+    optimizer: Optimizer,
+    params: Iterable[torch.Tensor],
+    ratio: float = 0.999,
+    mode: str = "random",
+    generator: torch.Generator | None = None,
+) -> None:
+    """Zero a `ratio` fraction of exp_avg and exp_avg_sq of each parameter in `params`.
+
+    mode "random": each entry is zeroed independently with probability `ratio`.
+    mode "magnitude": the floor(ratio * n) smallest-magnitude entries (and ties with them) are zeroed.
+    Parameters without optimizer state yet are skipped.
+    """
+    require(isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0,
+            f"invalid prune ratio {ratio!r}: use a number in [0, 1], e.g. 0.999")
+    require(mode in PRUNE_MODES, f"invalid prune mode {mode!r}: use 'random' or 'magnitude'")
+    for p in params:
+        state = optimizer.state.get(p, {})
+        for key in MOMENT_KEYS:
+            if key in state:
+                _prune_tensor(state[key], float(ratio), mode, generator)

@@ -1,0 +1,205 @@
+"""Contracts every rankscope optimizer keeps: validation, plain groups == torch AdamW, exact resume."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from rankscope.errors import ConfigError
+from rankscope.optim import FiraAdamW, GaLoreAdamW, HyperparameterError, LoroAdamW, Spectron, state_bytes
+
+OPTIMIZERS = {"galore": GaLoreAdamW, "fira": FiraAdamW, "loro": LoroAdamW, "spectron": Spectron}
+
+
+def matrix(*shape: int) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(*shape))
+
+
+def pair(d_out: int = 6, r: int = 2, d_in: int = 5) -> list[torch.nn.Parameter]:
+    return [matrix(d_out, r), matrix(r, d_in)]
+
+
+# ----------------------------------------------------------------------------- validation
+INVALID = [
+    ("negative lr", lambda: GaLoreAdamW([matrix(3, 3)], lr=-1e-3), "learning rate"),
+    ("beta1 = 1", lambda: FiraAdamW([matrix(3, 3)], betas=(1.0, 0.999)), "beta1"),
+    ("beta2 < 0", lambda: LoroAdamW([matrix(3, 3)], betas=(0.9, -0.1)), "beta2"),
+    ("betas not a pair", lambda: Spectron([matrix(3, 3)], betas=(0.9,)), "betas"),
+    ("negative eps", lambda: GaLoreAdamW([matrix(3, 3)], eps=-1.0), "eps"),
+    ("negative weight decay", lambda: FiraAdamW([matrix(3, 3)], weight_decay=-0.1), "weight_decay"),
+    ("group lr negative", lambda: GaLoreAdamW([{"params": [matrix(3, 3)], "lr": -1.0}]), "learning rate"),
+    ("galore rank 0", lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 0}]), "rank"),
+    ("galore rank float", lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 1.5}]), "rank"),
+    ("galore gap 0", lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 2, "update_proj_gap": 0}]),
+     "update_proj_gap"),
+    ("galore bad proj_type", lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 2, "proj_type": "diag"}]),
+     "proj_type"),
+    ("galore scale 0", lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 2, "scale": 0.0}]), "scale"),
+    ("galore 1-D param", lambda: GaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(4))], "rank": 2}]),
+     "2-D"),
+    ("galore reproject not bool",
+     lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 2, "reproject_moments": "yes"}]), "reproject"),
+    ("fira negative alpha", lambda: FiraAdamW([{"params": [matrix(4, 4)], "rank": 2, "alpha": -1.0}]), "alpha"),
+    ("fira full proj", lambda: FiraAdamW([{"params": [matrix(4, 4)], "rank": 2, "proj_type": "full"}]),
+     "proj_type"),
+    ("loro K < 1", lambda: LoroAdamW([{"params": pair(), "factor_pairs": True, "exact_every": 0}]),
+     "exact_every"),
+    ("loro negative rewarm", lambda: LoroAdamW([{"params": pair(), "factor_pairs": True, "rewarm_steps": -1}]),
+     "rewarm_steps"),
+    ("loro odd params", lambda: LoroAdamW([{"params": [*pair(), matrix(3, 2)], "factor_pairs": True}]),
+     "pairs"),
+    ("loro shapes", lambda: LoroAdamW([{"params": [matrix(6, 2), matrix(3, 5)], "factor_pairs": True}]),
+     "B (d_out x r)"),
+    ("loro lr_scale 0", lambda: LoroAdamW([{"params": pair(), "factor_pairs": True, "lr_scale": 0.0}]),
+     "lr_scale"),
+    ("loro both scales",
+     lambda: LoroAdamW([{"params": pair(), "factor_pairs": True, "lr_scale": 0.5, "d_model": 8}]), "both"),
+    ("loro d_model 0", lambda: LoroAdamW([{"params": pair(), "factor_pairs": True, "d_model": 0}]), "d_model"),
+    ("loro bad direction",
+     lambda: LoroAdamW([{"params": pair(), "factor_pairs": True, "exact_direction": "sgd"}]), "exact_direction"),
+    ("spectron momentum 1", lambda: Spectron([{"params": pair(), "factor_pairs": True, "momentum": 1.0}]),
+     "momentum"),
+    ("spectron ns_steps 0", lambda: Spectron([{"params": pair(), "factor_pairs": True, "ns_steps": 0}]),
+     "ns_steps"),
+]
+
+
+@pytest.mark.parametrize("build,needle", [(b, n) for _, b, n in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_hyperparameters_are_rejected(build: Callable, needle: str):
+    with pytest.raises(HyperparameterError) as info:
+        build()
+    assert needle in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, ConfigError)
+    assert "\n" not in str(info.value)
+
+
+def test_rejected_group_added_later_leaves_optimizer_unchanged():
+    optimizer = GaLoreAdamW([matrix(3, 3)])
+    with pytest.raises(HyperparameterError):
+        optimizer.add_param_group({"params": [matrix(4, 4)], "rank": 0})
+    assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_defaults_construct(name: str):
+    optimizer = OPTIMIZERS[name]([matrix(3, 3)])
+    assert optimizer.param_groups[0]["lr"] > 0
+
+
+# ------------------------------------------------------------- plain groups == torch AdamW
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_plain_groups_are_bitwise_torch_adamw(name: str):
+    torch.manual_seed(0)
+    mine = [matrix(5, 4), torch.nn.Parameter(torch.randn(7))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    initial = [p.detach().clone() for p in mine]
+    kwargs = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    ours = OPTIMIZERS[name](mine, **kwargs)
+    reference = torch.optim.AdamW(theirs, **kwargs)
+    for _ in range(6):
+        grads = [torch.randn_like(p) for p in mine]
+        for p, q, g in zip(mine, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        reference.step()
+    for p, q in zip(mine, theirs):
+        assert torch.equal(p, q)
+    assert all(not torch.equal(p, q) for p, q in zip(mine, initial))  # the weights really moved
+
+
+# -------------------------------------------------------------------- resume bit-identical
+def _setup(name: str, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+
+    def p(*shape: int) -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.randn(*shape, generator=g).to(dtype))
+
+    plain = [p(5), p(3, 4)]
+    if name in ("galore", "galore-reproject", "fira"):
+        special = [p(10, 6), p(5, 9)]
+        group = {"params": special, "rank": 2, "update_proj_gap": 3}
+        if name == "galore-reproject":
+            group["reproject_moments"] = True
+        cls = FiraAdamW if name == "fira" else GaLoreAdamW
+        optimizer = cls([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
+    else:
+        special = [p(8, 3) * 0.3, p(3, 6) * 0.3, p(5, 2) * 0.3, p(2, 7) * 0.3]
+        special = [torch.nn.Parameter(t.detach()) for t in special]
+        if name == "loro":
+            group = {"params": special, "factor_pairs": True, "exact_every": 3, "rewarm_steps": 2, "d_model": 8}
+            optimizer = LoroAdamW([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
+        else:
+            group = {"params": special, "factor_pairs": True}
+            optimizer = Spectron([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
+    return special + plain, optimizer
+
+
+def _grads(params, step: int) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+RESUME_CASES = [("galore", torch.float32), ("galore-reproject", torch.float32), ("fira", torch.float32),
+                ("loro", torch.float32), ("loro", torch.bfloat16), ("spectron", torch.float32),
+                ("spectron", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name,dtype", RESUME_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in RESUME_CASES])
+def test_resume_through_weights_only_load_is_bit_identical(name: str, dtype: torch.dtype):
+    total, split = 8, 4   # crosses projector refreshes (gap 3) and LORO exact steps (K 3) + re-warm
+    params, optimizer = _setup(name, dtype)
+    for step in range(total):
+        _grads(params, step)
+        optimizer.step()
+    uninterrupted = [p.detach().clone() for p in params]
+
+    params, optimizer = _setup(name, dtype)
+    for step in range(split):
+        _grads(params, step)
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "params": [p.detach() for p in params]}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    params, optimizer = _setup(name, dtype)
+    with torch.no_grad():
+        for p, value in zip(params, saved["params"]):
+            p.copy_(value)
+    optimizer.load_state_dict(saved["optimizer"])
+    for step in range(split, total):
+        _grads(params, step)
+        optimizer.step()
+    for a, b in zip(params, uninterrupted):
+        assert torch.equal(a, b)
+    initial, _ = _setup(name, dtype)
+    assert not torch.equal(initial[0], uninterrupted[0])
+
+
+def test_loro_counters_keep_their_dtype_through_load():
+    params, optimizer = _setup("loro", torch.bfloat16)
+    for step in range(4):
+        _grads(params, step)
+        optimizer.step()
+    fresh_params, fresh = _setup("loro", torch.bfloat16)
+    fresh.load_state_dict(optimizer.state_dict())
+    state = fresh.state[fresh_params[0]]
+    assert state["loro_step"].dtype == torch.int64 and int(state["loro_step"]) == 4
+    assert state["rewarm_count"].dtype == torch.int64 and int(state["rewarm_count"]) == 1
+    assert state["exp_avg"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- state bytes
+def test_state_bytes_counts_real_tensors():
+    weight = matrix(12, 8)          # tall: std projects on the right, moments 12 x 3, projector 3 x 8
+    vector = torch.nn.Parameter(torch.randn(5))
+    optimizer = GaLoreAdamW([{"params": [weight], "rank": 3}, {"params": [vector]}])
+    assert state_bytes(optimizer) == 0
+    weight.grad, vector.grad = torch.randn(12, 8), torch.randn(5)
+    optimizer.step()
+    expected = (2 * 12 * 3 + 3 * 8) * 4 + 4 + (2 * 5) * 4 + 4   # fp32 tensors + two fp32 step counters
+    assert state_bytes(optimizer) == expected
