@@ -93,7 +93,11 @@ class Method:
         )
 
     def lr_multiplier(self, step: int, optim: ResolvedOptim) -> float:
-        """Multiplier on each group's base lr for the update that makes `step + 1` steps."""
+        """Multiplier on each group's base lr for update number `step` (1-based).
+
+        Schedules are LambdaLR-style (multiplier 0 at index 0), so the first update gets the
+        first non-zero warmup value and update `total_steps` ends at `min_lr_ratio`.
+        """
         return cosine_with_warmup(step, optim.total_steps, optim.warmup_steps, optim.min_lr_ratio)
 
     # -- periodic work -------------------------------------------------------------------------

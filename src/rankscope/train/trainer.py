@@ -238,7 +238,7 @@ def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device,
     with progress:
         for step in range(start_step, t.steps):
             step_start = time.perf_counter()
-            multiplier = method.lr_multiplier(step, optim_settings)
+            multiplier = method.lr_multiplier(step + 1, optim_settings)  # 1-based update index
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
 
