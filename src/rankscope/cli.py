@@ -166,6 +166,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rankscope.report import build_report
+
+    out = build_report(args.study_dir)
+    print(f"report: {out / 'report.html'} (also report.md, figures/, tables/)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rankscope.study import evaluate_run
 
@@ -177,6 +185,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, reason in result["unavailable"].items():
         print(f"{name}: unavailable: {reason}")
     print(f"mean acc {result['mean_acc']:.4f} (step {result['step']}, written to {args.run_dir}/eval/)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# analyze
+
+
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise RankscopeError(f"{option} takes comma-separated integers like 100,200, got {text!r}") from None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from rankscope.analysis.pipeline import analyze_runs
+    from rankscope.analysis.settings import FAMILIES, AnalysisSettings
+
+    scopes = ("all", "blocks") if args.scope == "both" else tuple(args.scope.split(","))
+    settings = AnalysisSettings(
+        metrics=tuple(args.metrics.split(",")) if args.metrics else FAMILIES,
+        steps=_int_list(args.steps, "--steps"),
+        probe_size=args.probe_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        directions=args.directions,
+        grid_points=args.grid_points,
+        scopes=scopes,
+        filter_normalized=args.filter_normalized,
+        space=args.space,
+        direction_seed=args.direction_seed,
+        mask_padding=not args.no_mask_padding,
+    )
+    if args.singular_k_max is not None:
+        settings.singular_k_max = args.singular_k_max
+        settings.singular_ks = tuple(k for k in settings.singular_ks if k <= args.singular_k_max) or (args.singular_k_max,)
+    outputs = analyze_runs(args.run_dirs, args.reference, settings)
+    for run, path in outputs.items():
+        print(f"{run}: {path}")
     return 0
 
 
@@ -220,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("report", help="tables and figures of a study folder: report.md, report.html, figures/, tables/")
+    p.add_argument("study_dir", help="the --out folder of `rankscope study`")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("eval", help="zero-shot downstream accuracy of a checkpoint (lm-eval-harness)")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
@@ -228,6 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="landscape, interpolation, spectral and similarity metrics of every checkpoint")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders to analyse (results go to RUN_DIR/analysis/)")
+    p.add_argument("--reference", required=True, metavar="FULL_RANK_RUN_DIR",
+                   help="the full-rank run of the same scale and seed (similarity and IMBH partner)")
+    p.add_argument("--metrics", help="comma-separated: landscape,interpolation,spectral,similarity (default all)")
+    p.add_argument("--steps", help="comma-separated checkpoint steps (default every checkpoint)")
+    p.add_argument("--probe-size", type=int, help="probe sequences to use (default the whole probe set)")
+    p.add_argument("--directions", type=int, default=100, help="random landscape directions (default 100)")
+    p.add_argument("--grid-points", type=int, default=25, help="landscape grid points, odd (default 25)")
+    p.add_argument("--scope", default="all", help="perturbed parameters: all, blocks or both (default all)")
+    p.add_argument("--filter-normalized", action="store_true", help="also the filter-normalized random directions")
+    p.add_argument("--space", default="native", choices=["native", "dense"],
+                   help="landscape parameters: the method's own (default) or merged dense weights")
+    p.add_argument("--singular-k-max", type=int, help="singular directions k = 1..K (default 20)")
+    p.add_argument("--direction-seed", type=int, default=0, help="seed of the random directions (default 0)")
+    p.add_argument("--no-mask-padding", action="store_true", help="do not mask padding in similarity (as the study's code)")
+    p.add_argument("--batch-size", type=int, default=32, help="probe sequences per forward pass (default 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_analyze)
 
     return parser
 

@@ -163,6 +163,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [coerce(v, item_tp, key) for v in value]
+    if origin is tuple:
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(coerce(v, args[0], key) for v in value)
     if origin is dict or tp is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value) or {}

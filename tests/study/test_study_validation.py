@@ -1,0 +1,89 @@
+"""Bad study files fail with a clear message before anything is trained."""
+
+import pytest
+
+from rankscope.errors import ConfigError, RankscopeError
+from rankscope.study import load_study, plan_runs, run_study, study_from_dict
+
+
+def _spec(**grid):
+    base = {"grid": {"methods": ["full", "lowrank"], "presets": ["tiny"], "seeds": [0]}}
+    base["grid"].update(grid)
+    base["base"] = {"train": {"steps": 10}}
+    return base
+
+
+def test_the_grid_expands_to_one_run_per_cell():
+    runs = plan_runs(study_from_dict(_spec(seeds=[0, 1])))
+    assert [r.name for r in runs] == ["full-tiny-s0", "lowrank-tiny-s0", "full-tiny-s1", "lowrank-tiny-s1"]
+    assert runs[1].config.method.name == "lowrank" and runs[3].config.train.seed == 1
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(RankscopeError, match="unknown method 'galor'.*did you mean 'galore'"):
+        plan_runs(study_from_dict(_spec(methods=["full", "galor"])))
+
+
+def test_missing_full_rank_reference_is_refused():
+    with pytest.raises(ConfigError, match="no full-rank reference"):
+        plan_runs(study_from_dict(_spec(methods=["lowrank"])))
+
+
+def test_empty_grid_is_refused():
+    with pytest.raises(ConfigError, match="grid is empty"):
+        plan_runs(study_from_dict(_spec(seeds=[])))
+
+
+def test_checkpoint_steps_beyond_the_run_are_refused():
+    spec = _spec()
+    spec["base"]["train"]["checkpoint_steps"] = [5, 50]
+    with pytest.raises(ConfigError, match="study run full-tiny-s0: train.checkpoint_steps"):
+        plan_runs(study_from_dict(spec))
+
+
+def test_unknown_study_key_is_refused():
+    with pytest.raises(ConfigError, match="unknown config key 'study.gird'"):
+        study_from_dict({"gird": {}})
+
+
+def test_nothing_is_trained_when_the_study_is_invalid(tmp_path):
+    spec = study_from_dict(_spec(methods=["full", "cola"]))
+    spec.method_overrides = {"cola": {"method": {"rank": 100000}}}
+    with pytest.raises(RankscopeError):
+        run_study(None, tmp_path / "study", spec=spec)
+    assert not (tmp_path / "study" / "runs").exists() or not any((tmp_path / "study" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-quick.yaml", "beyond-perplexity.yaml"])
+def test_shipped_study_files_are_valid(name):
+    from rankscope.demo import STUDIES_DIR
+    from rankscope.study import analysis_settings
+
+    spec = load_study(STUDIES_DIR / name)
+    runs = plan_runs(spec)
+    assert len(runs) == len(spec.grid.methods) * len(spec.grid.presets) * len(spec.grid.seeds)
+    analysis_settings(spec)
+
+
+@pytest.mark.slow
+def test_the_literature_study_trains_a_few_steps_at_60m_on_cpu(tmp_path):
+    """The 60m cell of beyond-perplexity.yaml, on the embedded corpus instead of C4, 2 steps."""
+    from rankscope.demo import STUDIES_DIR
+
+    spec = load_study(STUDIES_DIR / "beyond-perplexity.yaml")
+    spec.grid.methods, spec.grid.presets, spec.grid.seeds = ["full"], ["60m"], [0]
+    spec.base["data"] = {"seq_len": 256, "val_sequences": 4, "probe_sequences": 4}
+    spec.base["train"].update(batch_size=2, micro_batch_size=1, precision="fp32", eval_every=0, device="cpu")
+    spec.preset_overrides["60m"]["train"] = {"steps": 2, "checkpoint_every": 2}
+    result = run_study(None, tmp_path / "bp", stages=("train",), spec=spec)
+    assert result["failed"] == []
+    import json
+
+    from dataclasses import replace
+
+    from rankscope.models import count_parameters, get_preset
+
+    summary = json.loads((tmp_path / "bp" / "runs" / "full-60m-s0" / "summary.json").read_text())
+    # The 60m shapes with the embedded tokenizer's 8192-token vocabulary instead of T5's.
+    assert summary["steps"] == 2
+    assert summary["params"] == count_parameters(replace(get_preset("60m"), vocab_size=8192))
