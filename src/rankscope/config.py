@@ -82,8 +82,6 @@ class TrainConfig:
     keep_last_checkpoints: int = 0  # 0 keeps every checkpoint (analysis needs them)
     nonfinite: str = "stop"  # stop | skip
     tensorboard: bool = False
-    # Emulate the literature's eval (mean of per-batch mean losses) next to the exact one.
-    literature_eval: bool = False
 
 
 @dataclass
