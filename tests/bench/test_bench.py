@@ -1,0 +1,243 @@
+"""Benchmarks: smoke runs of every sub-benchmark (outputs, one record per method, ratio 1.0 for
+full), FLOP counts against hand-computed values and torch's FlopCounterMode, the MFU formula.
+No test looks at how long anything took."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from rankscope.bench import make_config, run_benchmark
+from rankscope.bench.common import add_ratios, rotated, run_alternating, select_methods
+from rankscope.bench.flops import linear_flops, lookup_peak_tflops, mfu, model_flops
+from rankscope.bench.train import period_setting, split_periodic
+from rankscope.cli import main
+from rankscope.errors import ConfigError, RankscopeError
+from rankscope.models import LlamaConfig, build_model
+from rankscope.nn import ColaLinear, LoRALinear, LowRankLinear, SparsePlusLowRankLinear
+
+ONE_LAYER = {"num_layers": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # LAPACK's SVD with 2 threads on a shared 2-core machine can take ~500x longer than with
+    # one (threads spin while others hold the cores); one thread keeps the smoke runs short.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_outputs(out, name):
+    payload = json.loads((out / f"{name}.json").read_text())
+    with (out / f"{name}.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    png = (out / f"{name}.png").read_bytes()
+    return payload, rows, png
+
+
+def check_one_record_per_method(payload, rows, png, methods, ratio_key):
+    records = payload["records"]
+    assert [r["method"] for r in records] == methods
+    assert [r["method"] for r in rows] == methods
+    full = records[0]
+    assert full[ratio_key] == pytest.approx(1.0)
+    assert float(rows[0][ratio_key]) == pytest.approx(1.0)
+    assert all(r[ratio_key] is not None and r[ratio_key] > 0 for r in records)
+    assert png.startswith(PNG_MAGIC)
+
+
+# ---------------------------------------------------------------------------------------------
+# smoke runs
+
+
+def test_train_bench_writes_records_for_each_method(tmp_path):
+    result = run_benchmark("train", {
+        "methods": "galore", "batch_size": 2, "seq_len": 16, "steps": 4, "warmup_steps": 1, "repeats": 1,
+        "period": 2, "model_overrides": ONE_LAYER, "memory_steps": 1,
+    }, out_dir=tmp_path, show=False)
+    payload, rows, png = read_outputs(tmp_path, "train")
+    check_one_record_per_method(payload, rows, png, ["full", "galore"], "step_s_ratio")
+    full, galore = payload["records"]
+    assert full["peak_memory_bytes_ratio"] == pytest.approx(1.0)
+    assert full["peak_memory_bytes"] > full["idle_rss_bytes"] > 0  # a fresh process per method on CPU
+    # Same dense model: parameters equal; GaLore's moments live in the rank-r projection, plus
+    # its projectors, so its optimizer state differs from AdamW's.
+    assert galore["total_params"] == full["total_params"]
+    assert galore["optimizer_state_bytes"] != full["optimizer_state_bytes"]
+    assert galore["period_setting"] == "update_proj_gap" and galore["period_timed"] == 2
+    assert galore["period_literature"] == 200
+    assert galore["periodic_extra_s"] is not None and full["periodic_extra_s"] is None
+    assert full["model_flops_per_token"] == galore["model_flops_per_token"] > 0
+    assert full["mfu"] is None  # CPU without --peak-tflops: no peak to compare with
+    assert result.files["png"].exists()
+
+
+def test_infer_bench_grid_and_summary(tmp_path):
+    run_benchmark("infer", {"methods": "lowrank", "batch_sizes": [1, 2], "seq_lens": [8], "iters": 1,
+                            "warmup": 1, "repeats": 1, "model_overrides": ONE_LAYER}, out_dir=tmp_path, show=False)
+    payload, rows, png = read_outputs(tmp_path, "infer")
+    check_one_record_per_method(payload, rows, png, ["full", "lowrank"], "latency_geomean_s_ratio")
+    grid = payload["table_grid"]
+    assert len(grid) == 4  # 2 methods x 2 batch sizes x 1 length
+    assert all(r["latency_s_ratio"] == pytest.approx(1.0) for r in grid if r["method"] == "full")
+    full, lowrank = payload["records"]
+    assert full["form"] == "dense" and lowrank["form"] == "LowRankLinear"
+    assert lowrank["params"] < full["params"]
+    assert (tmp_path / "infer_grid.csv").exists()
+
+
+def test_optimizer_bench_against_references(tmp_path):
+    run_benchmark("optimizer", {"steps": 1, "warmup": 1, "repeats": 1, "model_overrides": ONE_LAYER,
+                                "loro_sizes": [16, 32], "loro_rank": 4}, out_dir=tmp_path, show=False)
+    payload, rows, png = read_outputs(tmp_path, "optimizer")
+    methods = ["full", "galore", "galore-ref", "fira", "fira-ref"]
+    check_one_record_per_method(payload, rows, png, methods, "step_s_ratio")
+    by_name = {r["method"]: r for r in payload["records"]}
+    assert by_name["galore"]["ours_over_reference_step"] > 0
+    assert by_name["galore"]["gap"] == 200
+    # Same projected moments (rank x n per weight) whoever implements them.
+    assert by_name["galore"]["state_bytes"] < by_name["full"]["state_bytes"]
+    loro = payload["table_loro_scaling"]
+    assert [r["d"] for r in loro] == [16, 32]
+    # The two retractions compute the same matrix: the benchmark compares equal work.
+    assert all(r["relative_difference"] < 1e-4 for r in loro)
+    assert (tmp_path / "optimizer_scaling.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_analysis_bench_point_costs(tmp_path):
+    run_benchmark("analysis", {"methods": "lowrank", "probe_sequences": 2, "seq_len": 8, "batch_size": 2,
+                               "repeats": 1, "point_repeats": 1, "model_overrides": ONE_LAYER},
+                  out_dir=tmp_path, show=False)
+    payload, rows, png = read_outputs(tmp_path, "analysis")
+    check_one_record_per_method(payload, rows, png, ["full", "lowrank"], "landscape_point_s_ratio")
+    full, lowrank = payload["records"]
+    assert full["spectral_rows_per_s_ratio"] == pytest.approx(1.0)
+    # One layer, 7 projections: 7 metrics per W + 8 per dW, per matrix plus the means.
+    assert full["spectral_rows"] == (7 + 1) * 7 + (7 + 1) * 8
+    assert lowrank["spectral_rows"] > full["spectral_rows"]  # factors A and B add rows
+    assert full["landscape_over_forward"] > 0
+
+
+def test_cli_bench_rejects_unknown_method(capsys):
+    assert main(["bench", "train", "--methods", "gallore"]) == 2
+    assert "did you mean 'galore'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+TINY = LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_heads=2, num_layers=1)
+
+
+def test_dense_model_flops_by_hand():
+    flops = model_flops(build_model(TINY), batch_size=1, seq_len=4)
+    # Multiply-adds per token: q,k,v,o 4*8*8 + gate,up 2*8*16 + down 16*8 + lm_head 8*64 = 1152.
+    assert flops.forward_per_token == pytest.approx(2 * 1152 + 4 * 4 * 8)  # + attention 4*T*d per token
+    assert flops.forward == 2 * 1152 * 4 + 4 * 1 * 4 * 4 * 8
+    assert flops.backward == 2 * flops.forward  # input and weight gradients of every matmul
+    assert flops.training_per_token == pytest.approx(6 * 1152 + 12 * 4 * 8)
+
+
+def test_lowrank_layer_in_model_flops_by_hand():
+    model = build_model(TINY)
+    attention = model.layers[0].self_attn
+    attention.q_proj = LowRankLinear(8, 8, rank=2)
+    flops = model_flops(model, batch_size=1, seq_len=4)
+    # q: 8*8 multiply-adds per token become 2*(8+8) through the rank-2 bottleneck.
+    assert flops.forward == 2 * (1152 - 64 + 32) * 4 + 4 * 4 * 4 * 8
+    layer = linear_flops(LowRankLinear(8, 16, rank=2), tokens=5)
+    assert (layer.forward, layer.backward) == (2 * 5 * 2 * 24, 4 * 5 * 2 * 24)
+
+
+def test_frozen_lora_weight_has_no_weight_gradient_flops():
+    base = nn.Linear(8, 16, bias=False)
+    layer = linear_flops(LoRALinear.from_linear(base, rank=2), tokens=3)
+    assert layer.forward == 2 * 3 * 8 * 16 + 2 * 3 * 2 * 24
+    assert layer.backward == 2 * 3 * 8 * 16 + 4 * 3 * 2 * 24
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "lora", "cola", "sltrain"])
+def test_layer_flops_match_torch_flop_counter(kind, tokens):
+    base = nn.Linear(12, 20, bias=False)
+    layer = {
+        "linear": lambda: base,
+        "lowrank": lambda: LowRankLinear(12, 20, rank=3),
+        "lora": lambda: LoRALinear.from_linear(base, rank=3),
+        "cola": lambda: ColaLinear.from_linear(base, rank=3),
+        "sltrain": lambda: SparsePlusLowRankLinear.from_linear(base, rank=3, density=0.1),
+    }[kind]()
+    counted = linear_flops(layer, tokens)
+    x = torch.randn(tokens, 12, requires_grad=True)
+    with FlopCounterMode(display=False) as forward:
+        y = layer(x)
+    with FlopCounterMode(display=False) as backward:
+        y.sum().backward()
+    assert counted.forward == forward.get_total_flops()
+    assert counted.backward == backward.get_total_flops()
+
+
+def test_mfu_formula_and_peak_lookup():
+    # 6e9 FLOPs per token at 1e5 tokens/s on a 989.5 TFLOP/s device.
+    assert mfu(6e9, 1e5, 989.5) == pytest.approx(6e14 / 989.5e12)
+    assert lookup_peak_tflops("NVIDIA H100 80GB HBM3") == 989.5
+    assert lookup_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert lookup_peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert lookup_peak_tflops("NVIDIA L40S") == 362.0 and lookup_peak_tflops("NVIDIA L4") == 121.0
+    assert lookup_peak_tflops("Tesla T4") is None
+    with pytest.raises(ConfigError):
+        mfu(1.0, 1.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def test_rotated_order_puts_every_method_in_every_slot():
+    names = ["full", "a", "b"]
+    orders = [rotated(names, r) for r in range(3)]
+    for slot in range(3):
+        assert sorted(order[slot] for order in orders) == sorted(names)
+    calls = []
+    run_alternating(names, 2, lambda name, repeat: calls.append((repeat, name)))
+    assert calls == [(0, "full"), (0, "a"), (0, "b"), (1, "a"), (1, "b"), (1, "full")]
+
+
+def test_ratios_to_full_and_method_selection():
+    records = [{"method": "lowrank", "t": 3.0}, {"method": "full", "t": 2.0}, {"method": "x", "t": None}]
+    add_ratios(records, ["t"])
+    assert [r["t_ratio"] for r in records] == [1.5, 1.0, None]
+    assert select_methods("lowrank,galore")[0] == "full"
+    assert select_methods("galore,full,galore") == ["full", "galore"]
+    with pytest.raises(RankscopeError):
+        select_methods("lorro")
+
+
+def test_periodic_phase_is_found_from_the_step_times():
+    # Steps 1, 4, 7, ... carry 0.5 s of periodic work on top of a 0.1 s step.
+    samples = [{"step": s, "total": 0.1 + (0.5 if s % 3 == 1 else 0.0)} for s in range(12)]
+    steady, periodic, phase = split_periodic(samples, 3)
+    assert phase == 1 and len(periodic) == 4 and len(steady) == 8
+    assert all(math.isclose(s["total"], 0.1) for s in steady)
+    assert split_periodic(samples, None) == (samples, [], None)
+
+
+def test_period_setting_and_config_plumbing():
+    from rankscope import methods
+    from rankscope.models import get_preset
+
+    galore = methods.get("galore").default_settings("tiny", get_preset("tiny"))
+    assert period_setting(galore) == ("update_proj_gap", galore.update_proj_gap)
+    assert period_setting(methods.get("full").Settings()) is None
+    config = make_config("infer", {"methods": "full", "steps": 9, "iters": None})
+    assert config.methods == "full" and config.iters == 5  # foreign keys and None skipped
