@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-# Two cores are shared by the suite; more intra-op threads only add contention on tiny shapes.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine extra threads
+# make small SVDs and matmuls many times slower (measured: 16x on a tiny forward).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

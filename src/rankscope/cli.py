@@ -230,6 +230,43 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# bench
+
+
+def _model_overrides(items: list[str]) -> dict:
+    from rankscope.config import parse_override
+
+    return dict(parse_override(item) for item in items)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from rankscope.bench import BENCHMARKS, run_benchmark
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RankscopeError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    options = {
+        "preset": args.preset, "methods": args.methods, "device": args.device, "repeats": args.repeats,
+        "steps": args.steps, "warmup_steps": args.warmup_steps, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "period": args.period, "precision": args.precision, "compile": args.compile or None,
+        "peak_tflops": args.peak_tflops, "memory": False if args.no_memory else None,
+        "batch_sizes": _int_list(args.batch_sizes, "--batch-sizes"), "seq_lens": _int_list(args.seq_lens, "--seq-lens"),
+        "iters": args.iters, "rank": args.rank, "loro_sizes": _int_list(args.loro_sizes, "--loro-sizes"),
+        "loro_rank": args.loro_rank, "probe_sequences": args.probe_sequences, "seed": args.seed,
+        "model_overrides": _model_overrides(args.model) or None,
+    }
+    names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
+    for name in names:
+        result = run_benchmark(name, options, out_dir=args.out)
+        for kind, path in result.files.items():
+            print(f"{name} {kind}: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +338,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="probe sequences per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("bench", help="cost of every method vs full-rank: train | infer | optimizer | analysis | all")
+    p.add_argument("benchmark", choices=["train", "infer", "optimizer", "analysis", "all"])
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--methods", default="all", help="comma-separated methods or all (full is always included)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu); cuda runs bf16")
+    p.add_argument("--out", default="bench-results", help="folder for <benchmark>.json/.csv/.png (default bench-results)")
+    p.add_argument("--repeats", type=int, help="alternating rounds over the methods (default 3)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's); 1 is steadier on a busy machine")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override, e.g. --model num_layers=2 (repeatable)")
+    p.add_argument("--steps", type=int, help="train: timed steps per method and round; optimizer: steps per sample")
+    p.add_argument("--warmup-steps", type=int, help="train: untimed steps first (default 3)")
+    p.add_argument("--batch-size", type=int, help="train: sequences per step; analysis: per forward")
+    p.add_argument("--seq-len", type=int, help="train / analysis: tokens per sequence (default 128)")
+    p.add_argument("--period", type=int, help="train: period of GaLore refresh / LORO exact step / ReLoRA merge while timing (default 4)")
+    p.add_argument("--precision", help="train: fp32, bf16-autocast, bf16-pure; infer: fp32, bf16 (default fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="train / infer: torch.compile the model")
+    p.add_argument("--peak-tflops", type=float, help="train: device peak for MFU (default: looked up for known GPUs)")
+    p.add_argument("--no-memory", action="store_true", help="train: skip the peak-memory pass")
+    p.add_argument("--batch-sizes", help="infer: comma-separated batch sizes (default 1,8 on CPU; 64,128 on CUDA)")
+    p.add_argument("--seq-lens", help="infer: comma-separated sequence lengths (default 64,256 on CPU; 128..1024 on CUDA)")
+    p.add_argument("--iters", type=int, help="infer: forwards per timing sample (default 5)")
+    p.add_argument("--rank", type=int, help="optimizer: projection rank (default the methods' rank for the preset)")
+    p.add_argument("--loro-sizes", help="optimizer: comma-separated d for the LORO scaling (default 64..1024 on CPU)")
+    p.add_argument("--loro-rank", type=int, help="optimizer: rank r of the LORO scaling (default 32)")
+    p.add_argument("--probe-sequences", type=int, help="analysis: probe-set size in sequences (default 16)")
+    p.set_defaults(func=cmd_bench)
 
     return parser
 
