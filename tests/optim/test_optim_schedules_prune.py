@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rankscope.optim import HyperparameterError, cosine_with_warmup, jagged_cosine, prune_adam_state
+from rankscope.optim import HyperparameterError, cosine_with_warmup, prune_adam_state
 
 
 def envelope(step: float, total: int = 100, warmup: int = 10, floor: float = 0.1) -> float:
@@ -28,31 +28,10 @@ def test_cosine_without_warmup_starts_at_one():
     assert cosine_with_warmup(50, 50, 0, 0.0) == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("step,expected", [
-    (5, 0.5),                          # first warmup
-    (20, envelope(20)),                # first cycle: plain envelope
-    (29, envelope(29)),
-    (30, 0.0),                         # reset: back to zero
-    (32, 2 / 5 * envelope(35)),        # climbing towards the envelope at the end of the re-warm
-    (35, envelope(35)),                # re-warm done
-    (61, 1 / 5 * envelope(65)),
-    (95, envelope(95)),
-])
-def test_jagged_cosine_known_values(step, expected):
-    assert jagged_cosine(step, 100, 10, 0.1, 30, 5) == pytest.approx(expected, abs=1e-12)
-
-
-def test_jagged_cosine_without_restart_warmup_is_the_cosine():
-    for step in range(0, 120, 7):
-        assert jagged_cosine(step, 100, 10, 0.1, 30, 0) == cosine_with_warmup(step, 100, 10, 0.1)
-
-
 @pytest.mark.parametrize("call", [
     lambda: cosine_with_warmup(1, 0, 0, 0.1),
     lambda: cosine_with_warmup(1, 10, 20, 0.1),
     lambda: cosine_with_warmup(1, 10, 2, 1.5),
-    lambda: jagged_cosine(1, 100, 10, 0.1, 0, 5),
-    lambda: jagged_cosine(1, 100, 10, 0.1, 30, 31),
 ])
 def test_schedule_arguments_are_validated(call):
     with pytest.raises(HyperparameterError):

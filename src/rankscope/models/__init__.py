@@ -23,7 +23,9 @@ def iter_target_linears(model: LlamaModel) -> Iterator[tuple[str, nn.Module, str
         for attr in TARGET_LINEARS:
             parent_name = "self_attn" if attr in _ATTENTION_LINEARS else "mlp"
             parent = getattr(block, parent_name)
-            yield f"layers.{index}.{parent_name}.{attr}", parent, attr, getattr(parent, attr)
+            module = getattr(parent, attr, None)
+            if module is not None:  # e.g. CoLA without the MLP gate has no gate_proj
+                yield f"layers.{index}.{parent_name}.{attr}", parent, attr, module
 
 
 def token_losses(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from rankscope.optim.fira import FiraAdamW
 from rankscope.optim.galore import GaLoreAdamW
 from rankscope.optim.loro import LoroAdamW, exact_step
 from rankscope.optim.prune import prune_adam_state
-from rankscope.optim.schedules import cosine_with_warmup, jagged_cosine
+from rankscope.optim.schedules import cosine_with_warmup
 from rankscope.optim.spectron import Spectron, SpectronAdamW
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "SpectronAdamW",
     "cosine_with_warmup",
     "exact_step",
-    "jagged_cosine",
     "prune_adam_state",
     "state_bytes",
 ]

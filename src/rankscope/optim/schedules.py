@@ -35,32 +35,3 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ra
     if step < warmup_steps:
         return step / warmup_steps
     return _cosine_envelope(step, total_steps, warmup_steps, min_lr_ratio)
-
-
-def jagged_cosine(
-    step: int,
-    total: int,
-    warmup: int,
-    min_ratio: float,
-    reset_every: int,
-    restart_warmup: int,
-) -> float:
-    """ReLoRA's jagged cosine: the cosine envelope, re-warmed after every reset.
-
-    Resets happen at steps reset_every, 2 * reset_every, ... At a reset the multiplier drops to
-    0 and climbs linearly over `restart_warmup` steps to the envelope's value at the end of that
-    re-warm (as the ReLoRA reference computes it), then follows the envelope again.
-    The first cycle has only the initial warmup.
-    """
-    _validate(total, warmup, min_ratio)
-    require(isinstance(reset_every, int) and reset_every >= 1,
-            f"invalid reset_every {reset_every!r}: use an integer >= 1")
-    require(isinstance(restart_warmup, int) and 0 <= restart_warmup <= reset_every,
-            f"invalid restart_warmup {restart_warmup!r}: use an integer in [0, reset_every={reset_every}]")
-    if step < warmup:
-        return step / warmup
-    since_reset = step % reset_every
-    if step >= reset_every and since_reset < restart_warmup:
-        target = _cosine_envelope(step - since_reset + restart_warmup, total, warmup, min_ratio)
-        return since_reset / restart_warmup * target
-    return _cosine_envelope(step, total, warmup, min_ratio)
