@@ -143,3 +143,21 @@ def test_several_seeds_report_mean_and_std_over_per_seed_fits():
 def test_missing_target_column_raises():
     with pytest.raises(ValueError, match="downstream_acc"):
         fit_predictors(_table().drop(columns="downstream_acc"))
+
+
+def test_a_feature_set_whose_rows_are_all_incomplete_is_reported_not_crashing():
+    import math
+
+    import pandas as pd
+
+    from rankscope.analysis.predictor import fit_predictors
+
+    table = pd.DataFrame({
+        "method": ["full", "lowrank", "full", "lowrank"], "scale": ["tiny"] * 4, "seed": [0, 0, 1, 1],
+        "val_loss": [3.0, 4.0, 3.1, 4.2], "downstream_acc": [0.4, 0.3, 0.41, 0.29],
+        "es_random": [math.nan] * 4,
+    })
+    result = fit_predictors(table, feature_sets={"geometry": ["es_random"]})
+    row = result.iloc[0]
+    assert row["n_rows"] == 0 and row["n_dropped"] == 4
+    assert math.isnan(row["r2_in_sample"])

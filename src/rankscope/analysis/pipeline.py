@@ -893,7 +893,8 @@ def plan_items(run: RunInfo, study: _Study, steps: Sequence[int]) -> list[Item]:
             base = {"settings": s.family_settings("interpolation"), "probe": probe_fp}
             if previous is not None:
                 items.append(Item(step, "interpolation:ccbh", settings_hash({**base, "previous": previous}), {"previous": previous}))
-            for other in study.others(run):
+            imbh_here = s.imbh_every_checkpoint or step == max(steps)
+            for other in (study.others(run) if imbh_here else []):
                 payload = {**base, "other": str(other.path.resolve())}
                 items.append(Item(step, f"interpolation:imbh:{other.name}", settings_hash(payload), {"other": other}))
         if "spectral" in s.metrics:
@@ -1041,6 +1042,10 @@ class _RunAnalysis:
         return cache[(here, there, step)]
 
     def _compute_pair(self, other: RunInfo, step: int) -> tuple[np.ndarray | None, str]:
+        if other.path.resolve() == self.run.path.resolve():
+            # A run against itself (the reference's own row): every point is the same model.
+            loss = self.probe.loss(self.study.models.get(self.run, step).model)
+            return np.full(self.settings.interpolation_points, loss), ""
         if step not in other.steps:
             return None, f"run {other.name} has no checkpoint at step {step} (it has {other.steps})"
         if other.model_config != self.run.model_config:

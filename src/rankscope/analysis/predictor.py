@@ -119,7 +119,7 @@ def _complete_rows(table: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.Data
 def _seed_replicates(table: pd.DataFrame) -> list[pd.DataFrame]:
     """The per-replicate tables (see the module docstring); empty when every run has one seed."""
     keys = [c for c in ("method", "scale") if c in table.columns]
-    if "seed" not in table.columns or not keys:
+    if table.empty or "seed" not in table.columns or not keys:
         return []
     if table.groupby(keys, dropna=False).size().max() < 2:
         return []

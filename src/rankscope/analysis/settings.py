@@ -50,6 +50,10 @@ class AnalysisSettings:
 
     # Interpolation (§2).
     interpolation_points: int = DEFAULT_INTERPOLATION_POINTS
+    # IMBH needs every pair of runs at a step; False computes it at each run's last analysed
+    # step only (the heat map and the predictor use that one), which cuts its cost by the
+    # number of checkpoints.
+    imbh_every_checkpoint: bool = True
 
     # Spectral (§3).
     spectral_threshold: float = DEFAULT_THRESHOLD

@@ -1,0 +1,363 @@
+"""`rankscope report` on synthetic study folders written in the documented formats
+(docs/internals.md "Analysis outputs" and "Study layout", the trainer's run folder).
+
+The numbers are made up but well formed; what is checked is what the report does with them:
+the table equals mean / std computed here, the Welch p-value equals scipy's on the same numbers,
+the HTML needs nothing outside itself, each method keeps its colour across figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from rankscope.report import ReportError, build_report, load_study
+from rankscope.report.collect import run_features
+from rankscope.report.figures import METHOD_COLORS, imbh_matrix, method_color, palette
+from rankscope.report.stats import bootstrap_difference_ci, compare_to_reference, mean_std
+
+STEPS = [20, 60, 100]  # three checkpoints keep the figures quick to draw (the study picks up to five)
+N_LAYERS = 2
+MATRICES = [f"layers.{i}.{part}" for i in range(N_LAYERS) for part in ("self_attn.q_proj", "mlp.up_proj")]
+TASKS = ["rs_cloze", "rs_word"]
+SINGULAR_K = [1, 5]  # the study default is 1, 5, 10, 20; two values keep the figures quick to draw
+# Per-method offsets, so methods differ clearly (and seeds only a little).
+OFFSET = {"full": 0.0, "galore": 0.4, "cola": 0.8, "fira": 0.2}
+
+
+def _keys(run: str, method: str, preset: str, seed: int, step: int) -> dict:
+    return {"run": run, "method": method, "preset": preset, "seed": seed, "step": step}
+
+
+def write_run(study: Path, method: str, preset: str, seed: int, all_runs: list[tuple[str, int]]) -> dict:
+    """One finished run folder with every file the report reads; returns its summary."""
+    run = f"{method}-{preset}-s{seed}"
+    run_dir = study / "runs" / run
+    rng = np.random.default_rng(zlib.crc32(run.encode()))
+    offset = OFFSET[method]
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "analysis").mkdir()
+    config = {"model": {"preset": preset}, "method": {"name": method}, "train": {"seed": seed, "steps": STEPS[-1]}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+    val_loss = 4.0 + offset + 0.05 * rng.standard_normal()
+    summary = {
+        "method": method, "preset": preset, "seed": seed, "steps": STEPS[-1], "tokens": 12800,
+        "val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": 4096,
+        "params": 1_000_000 - int(offset * 100_000), "trainable_params": 900_000,
+        "tokens_per_sec": 5000.0 + 100 * rng.standard_normal(), "wall_time": 10.0,
+        "memory": {"optimizer_state_bytes": int(8_000_000 * (1 - offset / 2)), "estimated_memory_bytes": 6_000_000},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    with open(run_dir / "metrics.jsonl", "w") as log:
+        log.write(json.dumps({"step": 0, "tokens": 0, "val_loss": 7.0, "val_ppl": math.exp(7.0)}) + "\n")
+        for step in range(5, STEPS[-1] + 1, 5):
+            record = {"step": step, "loss": 7.0 - 3.0 * step / STEPS[-1] + offset + 0.05 * rng.standard_normal(),
+                      "lr": 1e-3}
+            if step in STEPS:
+                record["val_loss"] = 7.0 - 3.0 * step / STEPS[-1] + offset
+            log.write(json.dumps(record) + "\n")
+    accuracies = {task: 0.5 - 0.05 * offset + 0.02 * rng.standard_normal() for task in TASKS}
+    evaluation = {"tasks": {t: {"acc": a, "acc_stderr": 0.01} for t, a in accuracies.items()},
+                  "mean_acc": float(np.mean(list(accuracies.values()))), "unavailable": {}}
+    (run_dir / "eval" / f"step_{STEPS[-1]:06d}.json").write_text(json.dumps(evaluation))
+    summary["downstream"] = evaluation
+
+    # landscape: quadratic profiles with method-dependent curvature
+    alphas = {"random": np.linspace(-0.003, 0.003, 25), "singular": np.linspace(-0.05, 0.05, 25)}
+    arrays = {f"alphas/{name}": grid for name, grid in alphas.items()}
+    rows = []
+    for step in STEPS:
+        curvature = (1 + offset) * 2e4 * (1 + step / 100) * (1 + 0.05 * rng.standard_normal())
+        random_profiles = curvature * (1 + 0.2 * rng.standard_normal((10, 1))) * alphas["random"] ** 2
+        singular_profiles = (30 + 10 * offset) * (1 + 0.1 * rng.standard_normal()) / np.arange(1, 21)[:, None] \
+            * alphas["singular"] ** 2
+        arrays[f"random/all/step_{step:06d}"] = random_profiles
+        arrays[f"singular/all/step_{step:06d}"] = singular_profiles
+        for name, profiles, ks in (("random", random_profiles, [None]), ("singular", singular_profiles, SINGULAR_K)):
+            for k in ks:
+                chosen = profiles if k is None else profiles[:k]
+                mean = chosen.mean(axis=0)
+                es = float(np.mean([(mean[12 + m] + mean[12 - m]) / 2 - mean[12] for m in range(1, 13)]))
+                dv = float(np.mean(chosen.var(axis=0)))
+                for metric, value in (("expected_sharpness", es), ("direction_variance", dv),
+                                      ("center_to_min", float(mean[12] - mean.min()))):
+                    rows.append({**_keys(run, method, preset, seed, step), "direction_set": name,
+                                 "k_max": k if k is not None else "", "scope": "all", "metric": metric, "value": value})
+    pd.DataFrame(rows).to_csv(run_dir / "analysis" / "landscape.csv", index=False)
+    np.savez(run_dir / "analysis" / "landscape_profiles.npz", **arrays)
+
+    # interpolation: CCBH between consecutive checkpoints, IMBH to every other run at the final step
+    rows = []
+    for step_a, step_b in zip(STEPS[:-1], STEPS[1:]):
+        barrier = (0.05 + 0.02 * offset) * 40 / step_b + 0.003 * rng.standard_normal()
+        rows.append({**_keys(run, method, preset, seed, step_b), "kind": "ccbh", "step_a": step_a, "step_b": step_b,
+                     "other_run": "", "other_method": "", "space": "native", "applicable": True, "reason": "",
+                     "barrier": barrier, "relative_barrier": barrier / 4.0, "loss_a": 4.1, "loss_b": 4.0})
+    for other_method, other_seed in all_runs:
+        other = f"{other_method}-{preset}-s{other_seed}"
+        applicable = "cola" not in (method, other_method)  # CoLA has no dense equivalent
+        # A run against itself (the pipeline writes that pair as a check) has barrier ~0.
+        barrier = 1e-8 if other == run else 0.1 + 0.1 * abs(OFFSET[other_method] - offset) + 0.01 * rng.standard_normal()
+        rows.append({**_keys(run, method, preset, seed, STEPS[-1]), "kind": "imbh", "step_a": STEPS[-1],
+                     "step_b": STEPS[-1], "other_run": other, "other_method": other_method, "space": "dense",
+                     "applicable": applicable, "reason": "" if applicable else "cola has no dense weight",
+                     "barrier": barrier if applicable else "", "relative_barrier": barrier / 4 if applicable else "",
+                     "loss_a": 4.0, "loss_b": 4.1})
+    pd.DataFrame(rows).to_csv(run_dir / "analysis" / "interpolation.csv", index=False)
+
+    # spectral: per matrix and the mean over matrices
+    rows = []
+    for step in STEPS:
+        for target in ("W", "dW"):
+            per_metric: dict[str, list[float]] = {}
+            for layer_matrix in MATRICES:
+                values = {"effective_rank": 50 - 10 * offset + step / 10 + rng.standard_normal(),
+                          "stable_rank": 10 - 2 * offset + 0.2 * rng.standard_normal(),
+                          "spectral_gap": 0.2 + 0.05 * offset + 0.01 * rng.standard_normal(),
+                          "count_above": 40 - 5 * offset + step / 20,
+                          "fro_norm": 5 + step / 50, "relative_fro_norm": 0.1 / (1 + step / 50)}
+                layer = int(layer_matrix.split(".")[1])
+                for metric, value in values.items():
+                    per_metric.setdefault(metric, []).append(value)
+                    rows.append({**_keys(run, method, preset, seed, step), "target": target, "matrix": layer_matrix,
+                                 "layer": layer, "metric": metric, "value": value})
+            for metric, values in per_metric.items():
+                rows.append({**_keys(run, method, preset, seed, step), "target": target, "matrix": "mean",
+                             "layer": -1, "metric": metric, "value": float(np.mean(values))})
+    pd.DataFrame(rows).to_csv(run_dir / "analysis" / "spectral.csv", index=False)
+
+    # similarity to the full-rank run of the same seed
+    rows = []
+    for step in STEPS:
+        for layer in range(N_LAYERS + 1):
+            drift = offset * (layer + 1) * step / 100
+            for metric, value in (("l2", 2 * drift), ("relative_l2", 0.2 * drift), ("cosine", 1 - 0.1 * drift),
+                                  ("cka", 1 - 0.05 * drift + 0.005 * rng.standard_normal())):
+                rows.append({**_keys(run, method, preset, seed, step), "reference_run": f"full-{preset}-s{seed}",
+                             "layer": layer, "metric": metric, "value": value, "applicable": True, "reason": ""})
+    pd.DataFrame(rows).to_csv(run_dir / "analysis" / "similarity.csv", index=False)
+    return summary
+
+
+def make_study(root: Path, methods=("full", "galore"), seeds=(0, 1), presets=("tiny",),
+               failed: dict[str, str] | None = None, predictor: bool = True) -> tuple[Path, dict[str, dict]]:
+    study = root / "study"
+    (study / "runs").mkdir(parents=True)
+    (study / "study.yaml").write_text(yaml.safe_dump({"methods": list(methods), "seeds": list(seeds)}))
+    summaries, status = {}, {}
+    for preset in presets:
+        all_runs = [(m, s) for m in methods for s in seeds]
+        for method, seed in all_runs:
+            run = f"{method}-{preset}-s{seed}"
+            summaries[run] = write_run(study, method, preset, seed, all_runs)
+            status[run] = {"stage": "done", "error": None}
+    for run, reason in (failed or {}).items():
+        status[run] = {"stage": "failed", "error": reason}
+    (study / "status.json").write_text(json.dumps(status))
+    if predictor:
+        pd.DataFrame([
+            {"feature_set": "val_loss", "features": "val_loss", "n_rows": 4, "n_dropped": 0, "r2_in_sample": 0.84,
+             "loso_pearson": float("nan"), "lomo_pearson": 0.86, "note": "LOSO cannot be computed: needs ≥ 2 scales"},
+            {"feature_set": "geometry", "features": "es_random", "n_rows": 4, "n_dropped": 0, "r2_in_sample": 0.56,
+             "loso_pearson": float("nan"), "lomo_pearson": -0.43, "note": ""},
+            {"feature_set": "val_loss+geometry", "features": "val_loss,es_random", "n_rows": 4, "n_dropped": 0,
+             "r2_in_sample": 0.91, "loso_pearson": float("nan"), "lomo_pearson": 0.9, "note": ""},
+        ]).to_csv(study / "predictor.csv", index=False)
+    return study, summaries
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    study, summaries = make_study(root, failed={"galore-tiny-s2": "CUDA out of memory at step 3 (lower train.micro_batch_size)"})
+    report = build_report(study)
+    return study, summaries, report
+
+
+EXPECTED_FIGURES = [
+    "training_loss_tiny", "val_ppl_tiny", "landscape_random_tiny", "landscape_singular_profiles_tiny",
+    "landscape_singular_summary_tiny", "ccbh_tiny", "imbh_tiny", "spectral_tiny", "similarity_tiny",
+    "downstream_tiny", "predictor",
+]
+
+
+def test_every_file_is_written(built):
+    study, _, report = built
+    assert report == study / "report"
+    for name in ("report.md", "report.html"):
+        assert (report / name).stat().st_size > 0
+    for name in EXPECTED_FIGURES:
+        path = report / "figures" / f"{name}.png"
+        assert path.is_file(), name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("results_tiny", "runs", "significance", "failed_runs", "predictor", "geometry_tiny"):
+        assert (report / "tables" / f"{name}.csv").is_file(), name
+    assert "Figure skipped" not in (report / "report.md").read_text()
+
+
+def test_results_table_equals_mean_and_std_by_hand(built):
+    _, summaries, report = built
+    table = pd.read_csv(report / "tables" / "results_tiny.csv").set_index("method")
+    for method in ("full", "galore"):
+        ppl = [summaries[f"{method}-tiny-s{seed}"]["val_ppl"] for seed in (0, 1)]
+        acc = [summaries[f"{method}-tiny-s{seed}"]["downstream"]["mean_acc"] for seed in (0, 1)]
+        assert table.loc[method, "val_ppl_mean"] == pytest.approx(sum(ppl) / 2, rel=1e-12)
+        assert table.loc[method, "val_ppl_std"] == pytest.approx(abs(ppl[0] - ppl[1]) / math.sqrt(2), rel=1e-9)
+        assert table.loc[method, "downstream_acc_mean"] == pytest.approx(sum(acc) / 2, rel=1e-12)
+        assert table.loc[method, "optimizer_state_bytes"] == summaries[f"{method}-tiny-s0"]["memory"]["optimizer_state_bytes"]
+        assert table.loc[method, "n_seeds"] == 2
+    markdown = (report / "report.md").read_text()
+    full_ppl = [summaries[f"full-tiny-s{seed}"]["val_ppl"] for seed in (0, 1)]
+    # The shown cell is the same mean with the formatting of the report (4 significant digits).
+    assert f"{np.mean(full_ppl):.{4 - 1 - int(math.floor(math.log10(np.mean(full_ppl))))}f} ±" in markdown
+
+
+def test_welch_p_value_equals_scipy(built):
+    _, summaries, report = built
+    table = pd.read_csv(report / "tables" / "significance.csv")
+    row = table[(table["metric"] == "val_ppl") & (table["method"] == "galore")].iloc[0]
+    galore = [summaries[f"galore-tiny-s{s}"]["val_ppl"] for s in (0, 1)]
+    full = [summaries[f"full-tiny-s{s}"]["val_ppl"] for s in (0, 1)]
+    expected = stats.ttest_ind(galore, full, equal_var=False)
+    assert row["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
+    assert row["t_statistic"] == pytest.approx(expected.statistic, rel=1e-9)
+    assert row["difference"] == pytest.approx(np.mean(galore) - np.mean(full), rel=1e-12)
+    assert row["ci_low"] <= row["difference"] <= row["ci_high"]
+    assert set(table["metric"]) >= {"val_loss", "downstream_acc", "es_random", "imbh_to_full", "cka_to_reference"}
+    markdown = (report / "report.md").read_text()
+    assert "**galore** vs full:" in markdown
+
+
+def test_html_is_self_contained(built):
+    _, _, report = built
+    text = (report / "report.html").read_text()
+    sources = re.findall(r"src=['\"]([^'\"]*)['\"]", text)
+    assert len(sources) == len(EXPECTED_FIGURES)
+    assert all(source.startswith("data:image/png;base64,") for source in sources)
+    assert "<link" not in text and "http://" not in text and "https://" not in text
+    assert "<table>" in text and "<style>" in text
+
+
+def _pixels_of(path: Path, color: str) -> int:
+    import matplotlib.colors
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)[..., :3]
+    target = np.array(matplotlib.colors.to_rgb(color))
+    return int((np.abs(image - target).max(axis=-1) < 0.02).sum())
+
+
+def test_each_method_keeps_its_colour_across_figures(built):
+    _, _, report = built
+    assert palette(["galore", "full"]) == {"galore": method_color("galore"), "full": method_color("full")}
+    assert METHOD_COLORS["full"] == method_color("full") == "#222222"
+    assert method_color("some_new_method") == method_color("some_new_method")
+    assert len({method_color(m) for m in METHOD_COLORS}) == len(METHOD_COLORS)
+    # The drawn pixels: galore's colour appears in both figures, fira's (not in the study) in neither.
+    for name in ("training_loss_tiny", "landscape_random_tiny", "downstream_tiny"):
+        path = report / "figures" / f"{name}.png"
+        assert _pixels_of(path, method_color("galore")) > 50, name
+        assert _pixels_of(path, method_color("fira")) == 0, name
+
+
+def test_failed_run_is_listed_with_its_reason(built):
+    _, _, report = built
+    results = pd.read_csv(report / "tables" / "results_tiny.csv").set_index("method")
+    assert results.loc["galore", "n_failed"] == 1
+    assert "CUDA out of memory at step 3" in results.loc["galore", "failed_runs"]
+    markdown = (report / "report.md").read_text()
+    assert "galore-tiny-s2" in markdown and "CUDA out of memory at step 3" in markdown
+    failed = pd.read_csv(report / "tables" / "failed_runs.csv")
+    assert failed["run"].tolist() == ["galore-tiny-s2"]
+    assert failed["seed"].tolist() == [2]
+
+
+def _drop_analysis(study: Path) -> None:
+    """Remove every run's analysis outputs (as if the analyze stage had not run)."""
+    for run_dir in (study / "runs").iterdir():
+        for path in (run_dir / "analysis").iterdir():
+            path.unlink()
+
+
+def test_one_seed_states_that_significance_cannot_be_assessed(tmp_path):
+    study, _ = make_study(tmp_path, seeds=(0,), predictor=False)
+    _drop_analysis(study)  # the statement depends on seeds only; fewer figures keep the test quick
+    report = build_report(study)
+    markdown = (report / "report.md").read_text()
+    assert "Significance cannot be assessed" in markdown
+    assert "needs ≥ 2 seeds per method" in markdown
+    table = pd.read_csv(report / "tables" / "significance.csv")
+    assert table["p_value"].isna().all() and (table["verdict"] == "cannot be assessed").all()
+    # Without predictor.csv the figure is skipped with a line, not a crash.
+    assert "no STUDY_DIR/predictor.csv" in markdown
+
+
+def test_missing_analysis_is_reported_not_fatal_through_the_cli(tmp_path, capsys):
+    from rankscope.cli import main
+
+    study, _ = make_study(tmp_path, predictor=False)
+    _drop_analysis(study)
+    assert main(["report", str(study)]) == 0
+    report = study / "report"
+    assert str(report / "report.html") in capsys.readouterr().out
+    markdown = (report / "report.md").read_text()
+    assert "no spectral.csv rows for preset tiny" in markdown
+    assert (report / "figures" / "training_loss_tiny.png").is_file()
+    assert not (report / "figures" / "spectral_tiny.png").exists()
+
+
+def test_imbh_matrix_symmetric_with_not_applicable_cells(tmp_path):
+    study, _ = make_study(tmp_path, methods=("full", "galore", "cola"), seeds=(0,), predictor=False)
+    loaded = load_study(study)
+    methods, values, state = imbh_matrix(loaded.tables["interpolation"])
+    assert methods == ["full", "cola", "galore"]
+    i, j = methods.index("full"), methods.index("galore")
+    assert values[i, j] == values[j, i] and state[i, j] == 1
+    c = methods.index("cola")
+    assert state[c, i] == 0 and state[i, c] == 0 and np.isnan(values[c, i])
+    assert state[i, i] == -1  # one seed: no same-method pair (the run-with-itself rows are not one)
+    features = run_features(loaded).set_index("run")
+    assert math.isnan(features.loc["full-tiny-s0", "imbh_to_full"])  # only the self pair: no value
+    assert math.isnan(features.loc["cola-tiny-s0", "imbh_to_full"])  # not applicable
+    galore_to_full = loaded.tables["interpolation"].query("run == 'galore-tiny-s0' and other_run == 'full-tiny-s0'")
+    assert features.loc["galore-tiny-s0", "imbh_to_full"] == pytest.approx(float(galore_to_full["barrier"].iloc[0]))
+
+
+def test_statistics_helpers_against_known_answers():
+    mean, std, n = mean_std([1.0, 2.0, 4.0, float("nan")])
+    assert (mean, n) == (pytest.approx(7 / 3), 3) and std == pytest.approx(np.std([1, 2, 4], ddof=1))
+    assert math.isnan(mean_std([3.0])[1])
+    low, high = bootstrap_difference_ci([5.0, 5.0, 5.0], [1.0, 1.0], n_boot=200)
+    assert low == high == pytest.approx(4.0)
+    frame = pd.DataFrame({"preset": ["p"] * 5, "method": ["full", "full", "full", "x", "x"],
+                          "m": [1.0, 1.1, 0.9, 3.0, 3.2]})
+    row = compare_to_reference(frame, ["m"], n_boot=500).iloc[0]
+    assert row["verdict"] == "exceeds seed variation"
+    assert row["p_value"] == pytest.approx(stats.ttest_ind([3.0, 3.2], [1.0, 1.1, 0.9], equal_var=False).pvalue)
+
+
+def test_not_a_study_folder_is_a_user_error(tmp_path):
+    with pytest.raises(ReportError, match="not a study folder"):
+        build_report(tmp_path)
+    with pytest.raises(ReportError, match="does not exist"):
+        build_report(tmp_path / "missing")
+    from rankscope.cli import main
+
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_checkpoint_choice_spreads_five_and_keeps_the_last():
+    from rankscope.report.figures import _pick_checkpoints
+
+    assert _pick_checkpoints(range(100, 1100, 100)) == [100, 300, 500, 800, 1000]
+    assert _pick_checkpoints([30, 10, 20]) == [10, 20, 30]
