@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "analyse what they learn beyond perplexity, report and benchmark.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; `demo` uses 1, "
+                        "which is fastest for the tiny model and robust on a busy machine)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train (or resume) one run")
@@ -382,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    threads = args.threads if args.threads is not None else (1 if args.command == "demo" else None)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     try:
         return int(args.func(args) or 0)
     except RankscopeError as exc:

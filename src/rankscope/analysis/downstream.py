@@ -469,15 +469,21 @@ def _quiet_lm_eval(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
+    import datasets
+
     loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar per task and split, 30 per run of a study
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 @contextlib.contextmanager

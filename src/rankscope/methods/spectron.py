@@ -27,10 +27,13 @@ class SpectronSettings:
     targets: list[str] = field(default_factory=lambda: list(TARGET_LINEARS))
 
 
-# lr sweep (tiny preset, default settings, 150 steps, batch 8 x seq 128, seed 0, embedded
-# corpus; one lr shared by the factor groups and the AdamW groups):
-#   see SPECTRON_LR_SWEEP below for the measured final validation perplexities.
-SPECTRON_LR = 3e-3
+# Default lr from our sweep (the paper's tuned values are not public). Tiny preset cut to 2
+# layers, rank 32, seq 32, batch 8, 100 steps (10% warmup, cosine to 0.1), seed 0, embedded
+# corpus, one lr shared by the factor group and the AdamW groups; final val ppl (initial 8492):
+#   lr 1e-3: 1050.0   3e-3: 962.9   1e-2: 855.1   3e-2: 716.2   1e-1: 688.7
+# 1e-1 is marginally better over 100 steps, but it also drives AdamW on the embeddings at 0.1 and
+# short sweeps favour large rates; 3e-2 keeps most of the gain with a safety margin.
+SPECTRON_LR = 3e-2
 
 
 class Spectron(NativeLowRankMethod):
