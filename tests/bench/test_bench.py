@@ -69,7 +69,8 @@ def test_train_bench_writes_records_for_each_method(tmp_path):
     check_one_record_per_method(payload, rows, png, ["full", "galore"], "step_s_ratio")
     full, galore = payload["records"]
     assert full["peak_memory_bytes_ratio"] == pytest.approx(1.0)
-    assert full["peak_memory_bytes"] > full["idle_rss_bytes"] > 0  # a fresh process per method on CPU
+    # A fresh process per method on CPU; a one-layer model can peak no higher than the imports do.
+    assert full["peak_memory_bytes"] >= full["idle_rss_bytes"] > 0
     # Same dense model: parameters equal; GaLore's moments live in the rank-r projection, plus
     # its projectors, so its optimizer state differs from AdamW's.
     assert galore["total_params"] == full["total_params"]
