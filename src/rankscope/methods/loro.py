@@ -12,6 +12,7 @@ re-warm 5 steps, r 128/256/256/512 at 60M/130M/350M/1B.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ class LoroSettings:
     targets: list[str] = field(default_factory=lambda: list(TARGET_LINEARS))
 
 
-class NativeLowRankMethod(Method):
+class NativeLowRankMethod(Method, abc.ABC):
     """Shared by LORO and Spectron: targeted linears become B·A, factor pairs form one group."""
 
     def validate(self) -> None:
@@ -58,8 +59,9 @@ class NativeLowRankMethod(Method):
         )
         return model
 
+    @abc.abstractmethod
     def factor_group_keys(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The optimizer-specific keys of the factor-pair param group."""
 
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
         pairs: list[nn.Parameter] = []

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
 from rankscope.errors import ConfigError
 
 
-class ParameterizedLinear(nn.Module):
+class ParameterizedLinear(nn.Module, abc.ABC):
     """A drop-in replacement for a bias-free ``nn.Linear(in_features, out_features)``.
 
     Subclasses store their own parameters (factors, frozen weights, sparse values) and implement
@@ -27,13 +29,13 @@ class ParameterizedLinear(nn.Module):
         self.out_features = out_features
         self.rank = rank
 
+    @abc.abstractmethod
     def effective_weight(self) -> torch.Tensor | None:
         """The dense ``out_features x in_features`` weight this layer computes, or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def factors(self) -> dict[str, torch.Tensor]:
         """The layer's low-rank factors by name, e.g. ``{"B": B, "A": A}``."""
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
