@@ -722,7 +722,7 @@ def inspect_run(run_dir: str | Path) -> RunInfo:
     if not path.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist; pass the folder `rankscope train --out` wrote")
     config = read_run_config(path)
-    checkpoints = ckpt.list_checkpoints(path)
+    checkpoints = ckpt.intact_checkpoints(path)  # a damaged checkpoint is skipped with a warning naming it
     if not checkpoints:
         raise CheckpointError(
             f"run {run_dir} has no complete checkpoint to analyse; train it with --checkpoint-every or --checkpoint-steps first"

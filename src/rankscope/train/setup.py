@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,19 +14,25 @@ import torch
 from torch import nn
 
 from rankscope import methods
-from rankscope.config import RunConfig, config_from_dict, load_yaml
+from rankscope.config import RunConfig, check_device_name, config_from_dict, load_yaml
 from rankscope.errors import CheckpointError, ConfigError
 from rankscope.methods.base import Method, ResolvedOptim
 from rankscope.models import LlamaConfig, build_model, get_preset, token_losses
 from rankscope.train import checkpoint as ckpt
 
+log = logging.getLogger("rankscope.train")
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    check_device_name(name, key)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use --device cpu")
+        raise ConfigError(f"{key}={name!r} but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}={name!r} but MPS is not available here; use --device cpu")
     return device
 
 
@@ -95,20 +102,38 @@ class LoadedRun:
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The run's config: config.yaml, or (when that is missing or damaged) the one its newest
+    checkpoint records."""
     path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a rankscope run (no config.yaml); train one with `rankscope train --out {run_dir}`")
-    return config_from_dict(load_yaml(path))
+    try:
+        if path.is_file():
+            return config_from_dict(load_yaml(path))
+        problem = ConfigError(f"{run_dir} is not a rankscope run (no config.yaml); train one with `rankscope train --out {run_dir}`")
+    except ConfigError as exc:
+        problem = exc
+    recorded = [c.meta["config"] for c in ckpt.list_checkpoints(run_dir) if isinstance(c.meta.get("config"), dict)]
+    if not recorded:
+        raise problem
+    log.warning("%s is missing or damaged; using the config recorded in the run's newest checkpoint", path)
+    return config_from_dict(recorded[-1])
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild a run's model (with its method's parameterization) and load a checkpoint into it."""
+    """Rebuild a run's model (with its method's parameterization) and load a checkpoint into it.
+
+    Without `step` the newest intact checkpoint is used (damaged newer ones are skipped with a
+    warning that names them); a damaged checkpoint asked for by step is an error.
+    """
     cfg = read_run_config(run_dir)
     available = ckpt.list_checkpoints(run_dir)
     if not available:
         raise CheckpointError(f"run {run_dir} has no complete checkpoint; train it (or let it reach a checkpoint step) first")
     if step is None:
-        info = available[-1]
+        info = ckpt.latest_intact_checkpoint(run_dir)
+        if info is None:
+            raise CheckpointError(
+                f"every checkpoint of run {run_dir} is damaged (see the warnings above); train it again with --overwrite"
+            )
     else:
         matches = [c for c in available if c.step == step]
         if not matches:
@@ -116,6 +141,7 @@ def load_run_model(run_dir: str | Path, step: int | None = None, device: str | t
                 f"run {run_dir} has no checkpoint at step {step}; available steps: {[c.step for c in available]}"
             )
         info = matches[0]
+        ckpt.verify_checkpoint(info.path, "ask for another step (without one, the newest intact checkpoint is used)")
     model_cfg = LlamaConfig(**info.meta["model_config"])
     model, method = build_run_model(cfg, model_cfg)
     state = ckpt.load_model_state(info.path)
