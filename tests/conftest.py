@@ -40,3 +40,33 @@ TINY_RUN = [
 @pytest.fixture
 def tiny_overrides():
     return list(TINY_RUN)
+
+
+@pytest.fixture
+def lock_holder():
+    """Start another process that takes a run folder's lock and keeps it until the test ends."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rankscope
+
+    holders = []
+
+    def start(run_dir) -> subprocess.Popen:
+        src = str(Path(rankscope.__file__).parents[1])
+        env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; from rankscope.train.lock import RunLock; "
+             "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)", str(run_dir)],
+            stdout=subprocess.PIPE, text=True, env=env,
+        )
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "held"
+        return holder
+
+    yield start
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()

@@ -1,4 +1,6 @@
 import json
+import logging
+import shutil
 
 import pytest
 import torch
@@ -72,10 +74,11 @@ def test_finished_run_is_not_retrained(tmp_path, tiny_overrides):
 
 def test_a_run_dir_of_another_config_is_refused(tmp_path, tiny_overrides):
     train(_cfg(tiny_overrides, "train.steps=4"), tmp_path / "r")
-    with pytest.raises(ConfigError, match=r"different config \(train.steps: 4 in the run vs 5 now\).*--overwrite"):
+    with pytest.raises(ConfigError, match=r"different config \(train.steps: 4 in checkpoint step_000004 vs 5 now\).*--overwrite"):
         train(_cfg(tiny_overrides, "train.steps=5"), tmp_path / "r")
     summary = train(_cfg(tiny_overrides, "train.steps=5"), tmp_path / "r", overwrite=True)
-    assert summary["steps"] == 5
+    assert summary["steps"] == 5 and summary["resumed_from"] == 0
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path / "r")] == [5]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch):
@@ -127,3 +130,22 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_overrides):
         # Adam normalises tiny gradients, so summation-order noise shows up at ~1e-5 on a few entries.
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5)
     assert accumulated["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-4)
+
+
+def test_resume_falls_back_past_a_checkpoint_with_a_flipped_byte(tmp_path, tiny_overrides, caplog):
+    """Issue case 4: same size, one bit changed in optim.pt: never resumed from, named in a warning."""
+    cfg = _cfg(tiny_overrides, "train.steps=6", "train.checkpoint_steps=3")
+    train(cfg, tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "damaged")
+    (tmp_path / "damaged" / "summary.json").unlink()
+    state_file = tmp_path / "damaged" / "checkpoints" / "step_000006" / "optim.pt"
+    data = bytearray(state_file.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    state_file.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="rankscope.train"):
+        summary = train(cfg, tmp_path / "damaged")
+    assert summary["resumed_from"] == 3
+    assert "step_000006 is damaged (optim.pt does not match its content hash" in caplog.text
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "damaged")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -6,11 +6,8 @@ and periodic work); the loop itself never asks which method it is running.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankscope.config import RunConfig, config_to_dict, save_config
+from rankscope.config import RunConfig
 from rankscope.data import TrainStream, check_vocab, prepare_data
+from rankscope.data.prepare import resolve_cache_dir
 from rankscope.errors import ConfigError, RankscopeError
 from rankscope.methods.base import check_param_groups
 from rankscope.methods.memory import account_memory
@@ -28,6 +26,16 @@ from rankscope.models import token_losses
 from rankscope.train import checkpoint as ckpt
 from rankscope.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from rankscope.train.progress import ProgressLog
+from rankscope.train.run_dir import normalized_config, open_run_dir
+from rankscope.train.sidefiles import (
+    INITIAL_EVAL_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    append_metrics,
+    read_json,
+    trim_metrics,
+    write_json,
+)
 from rankscope.train.setup import (
     autocast_context,
     build_run_model,
@@ -39,51 +47,9 @@ from rankscope.train.setup import (
 
 log = logging.getLogger("rankscope.train")
 
-# Fields that change how a run is watched, not what it computes: they may differ on resume.
-_RESUME_NEUTRAL = {
-    ("train", "device"), ("train", "log_every"), ("train", "tensorboard"), ("train", "compile"),
-    ("train", "eval_batch_size"), ("train", "keep_last_checkpoints"), ("data", "cache_dir"),
-}
-
 
 class NonFiniteLossError(RankscopeError):
     pass
-
-
-def _config_difference(old: dict, new: dict) -> str | None:
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section, {}), new.get(section, {})
-        if not isinstance(a, dict) or not isinstance(b, dict):
-            if a != b:
-                return f"{section}: {a!r} vs {b!r}"
-            continue
-        for key in sorted(set(a) | set(b)):
-            if (section, key) in _RESUME_NEUTRAL:
-                continue
-            if a.get(key) != b.get(key):
-                return f"{section}.{key}: {a.get(key)!r} in the run vs {b.get(key)!r} now"
-    return None
-
-
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, overwrite: bool) -> None:
-    """Create the run folder, or check that an existing one holds a run of the same config."""
-    config_path = run_dir / "config.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()) and not config_path.is_file() and not overwrite:
-        raise ConfigError(f"{run_dir} exists and is not a rankscope run; choose another --out or pass --overwrite")
-    if config_path.is_file():
-        import yaml
-
-        old = yaml.safe_load(config_path.read_text()) or {}
-        difference = _config_difference(old, config_to_dict(cfg))
-        if difference and not overwrite:
-            raise ConfigError(
-                f"{run_dir} holds a run of a different config ({difference}); "
-                "pass --overwrite to replace it or choose another --out"
-            )
-        if difference and overwrite:
-            shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, config_path)
 
 
 def _checkpoint_steps(cfg: RunConfig) -> set[int]:
@@ -113,28 +79,24 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop log lines past the checkpoint we resume from, so the log has each step once."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume, or recognise as finished) the run in `run_dir`; returns its summary."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.train.device)
+    resolve_cache_dir(cfg.data)  # a cache path that cannot work fails before the run folder is touched
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     try:
-        return _train(cfg, run_dir, overwrite, device, dist_info)
+        # Rank 0 checks, locks and prepares the run folder (held until training ends); the other
+        # ranks wait for it at the barrier after their own setup.
+        with open_run_dir(cfg, run_dir, overwrite) if dist_info.is_main else nullcontext():
+            return _train(cfg, run_dir, device, dist_info)
     finally:
         shutdown(dist_info)
 
 
-def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device, dist_info: DistInfo) -> dict[str, Any]:
+def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistInfo) -> dict[str, Any]:
     t = cfg.train
     if t.batch_size % dist_info.world_size:
         raise ConfigError(
@@ -160,21 +122,20 @@ def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device,
         group.setdefault("base_lr", group["lr"])
     stream = TrainStream(data.train, seed=t.seed, batch_size=t.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
 
-    if dist_info.is_main:
-        prepare_run_dir(cfg, run_dir, overwrite)
-        ckpt.clean_temp_dirs(run_dir)
     barrier(dist_info)
 
     # -- resume ------------------------------------------------------------------------------
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     checkpoint_steps = _checkpoint_steps(cfg)
     start_step = 0
     existing = ckpt.list_checkpoints(run_dir)
-    if existing:
-        latest = existing[-1]
-        if latest.step >= t.steps and summary_path.is_file():
-            log.info("run %s is already complete (step %d)", run_dir, latest.step)
-            return json.loads(summary_path.read_text())
+    if existing and existing[-1].step >= t.steps and summary_path.is_file():
+        log.info("run %s is already complete (step %d)", run_dir, existing[-1].step)
+        return read_json(summary_path, "delete it and re-run")  # checked by open_run_dir
+    latest = ckpt.latest_intact_checkpoint(run_dir) if existing else None
+    if existing and latest is None:
+        log.warning("no intact checkpoint in %s; starting from step 0", run_dir)
+    if latest is not None:
         model.load_state_dict(ckpt.load_model_state(latest.path))
         state = ckpt.load_training_state(latest.path)
         optimizer.load_state_dict(state["optimizer"])
@@ -192,9 +153,13 @@ def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device,
         )
     forward_model = torch.compile(train_model) if t.compile else train_model
 
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS_FILE
+    initial_path = run_dir / INITIAL_EVAL_FILE
+    initial = read_json(initial_path, "delete it") if (start_step > 0 and initial_path.is_file()) else None
     if dist_info.is_main:
-        _truncate_metrics(metrics_path, start_step)
+        # Lines past the checkpoint we resume from go (so the log has each step once); a fresh
+        # start logs step 0 again, so it keeps none.
+        trim_metrics(metrics_path, start_step if start_step > 0 else -1)
     writer = _tensorboard(run_dir) if (t.tensorboard and dist_info.is_main) else None
     params_total = sum(p.numel() for p in model.parameters())
     params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -207,6 +172,7 @@ def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device,
             "method": cfg.method.name, "preset": cfg.model.preset, "seed": t.seed,
             "tokens": step * t.batch_size * cfg.data.seq_len, "model_config": vars(model_cfg).copy(),
             "data_fingerprint": data.fingerprint, "val_loss": None if val is None else val["loss"],
+            "config": normalized_config(cfg),  # a resume must run under the same config
         }
 
     def save(step: int, val: dict | None) -> None:
@@ -224,8 +190,9 @@ def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device,
         initial_val = evaluate()
         if dist_info.is_main:
             log.info("step 0: val loss %.4f, ppl %.2f", initial_val["loss"], initial_val["ppl"])
-            _append_metrics(metrics_path, {"step": 0, "tokens": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
-            (run_dir / "initial_eval.json").write_text(json.dumps(initial_val))
+            append_metrics(metrics_path, {"step": 0, "tokens": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
+            write_json(initial_path, initial_val)
+        initial = initial_val
 
     # -- the loop ----------------------------------------------------------------------------
     tokens_per_step = t.batch_size * cfg.data.seq_len
@@ -287,7 +254,7 @@ def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device,
                 last_val = evaluate()
                 record.update(val_loss=last_val["loss"], val_ppl=last_val["ppl"])
             if dist_info.is_main and (done % t.log_every == 0 or "val_loss" in record or done == t.steps):
-                _append_metrics(metrics_path, record)
+                append_metrics(metrics_path, record)
                 if writer is not None:
                     for key in ("loss", "lr", "grad_norm", "val_loss"):
                         if key in record:
@@ -311,21 +278,12 @@ def _train(cfg: RunConfig, run_dir: Path, overwrite: bool, device: torch.device,
         "skipped_steps": skipped, "resumed_from": start_step, "world_size": dist_info.world_size,
         "device": str(device), "memory": account_memory(model, optimizer, cfg.model.preset),
     }
-    initial_path = run_dir / "initial_eval.json"
-    if initial_path.is_file():
-        initial = json.loads(initial_path.read_text())
+    if initial is not None:
         summary.update(initial_val_loss=initial["loss"], initial_val_ppl=initial["ppl"])
     if dist_info.is_main:
-        tmp = summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(summary_path)
+        write_json(summary_path, summary)
     barrier(dist_info)
     return summary
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}) + "\n")
 
 
 def _tensorboard(run_dir: Path):
