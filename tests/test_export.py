@@ -146,3 +146,37 @@ def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
     model = build_model(export_config(vocab_size=len(tokenizer) - 1))
     with pytest.raises(RankscopeError, match="vocab_size"):
         save_hf(model, tokenizer, tmp_path / "hf")
+
+
+def test_the_exported_model_keeps_training_its_eos_embedding(tmp_path):
+    """Our tokenizers pad with EOS; a pad_token_id would become HF's padding_idx and freeze that row."""
+    tokenizer = small_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # as rankscope's BPE tokenizers are built
+    torch.manual_seed(0)
+    save_hf(build_model(export_config(vocab_size=len(tokenizer))), tokenizer, tmp_path / "hf")
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert hf_model.config.pad_token_id is None and hf_model.model.embed_tokens.padding_idx is None
+    eos = tokenizer.eos_token_id
+    ids = torch.tensor([tokenizer("Made glorious summer")["input_ids"] + [eos] + tokenizer("by this sun")["input_ids"]])
+    hf_model(ids, labels=ids).loss.backward()
+    grad = hf_model.model.embed_tokens.weight.grad
+    assert grad[eos].abs().sum() > 0
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert reloaded.pad_token == tokenizer.eos_token  # batching still pads (attention masks it)
+
+
+def test_export_never_writes_over_existing_files(tmp_path):
+    model = build_model(export_config(vocab_size=300))
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "model.safetensors").write_bytes(b"an earlier export")
+    with pytest.raises(RankscopeError, match="already holds files"):
+        save_hf(model, None, earlier)
+    assert (earlier / "model.safetensors").read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]  # no temporary folder left
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_hf(model, None, empty)  # an empty folder is fine
+    assert (empty / "model.safetensors").is_file() and (empty / "config.json").is_file()

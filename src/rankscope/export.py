@@ -1,7 +1,15 @@
-"""Export a trained model as a Hugging Face `LlamaForCausalLM` folder (config.json + safetensors)."""
+"""Export a trained model as a Hugging Face `LlamaForCausalLM` folder (config.json + safetensors).
+
+The export goes to a new (or empty) folder only, never into a run's checkpoints/: it is written
+to a temporary sibling folder and renamed into place, so nothing existing is overwritten and an
+interrupted export leaves nothing that looks finished.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +19,7 @@ from safetensors.torch import save_file
 from rankscope.errors import ConfigError
 from rankscope.models.dense import dense_state_dict, unwrap_model
 from rankscope.models.llama import LlamaConfig
+from rankscope.paths import check_output_folder
 
 
 def hf_config(config: LlamaConfig, tokenizer: Any = None, dtype: torch.dtype = torch.float32) -> Any:
@@ -19,8 +28,13 @@ def hf_config(config: LlamaConfig, tokenizer: Any = None, dtype: torch.dtype = t
 
     special_ids = {
         f"{which}_token_id": getattr(tokenizer, f"{which}_token_id", None) if tokenizer is not None else None
-        for which in ("bos", "eos", "pad")
+        for which in ("bos", "eos")
     }
+    # No pad id: HF Llama builds its embedding with padding_idx = pad_token_id, whose row then never
+    # gets a gradient. Our tokenizers pad with EOS (a real token the model was trained on), so a
+    # pad id would freeze EOS if the exported model were trained further. Without one HF's
+    # attention masks still handle padding, and generate() falls back to the EOS id for it.
+    special_ids["pad_token_id"] = None
     return transformers.LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -71,10 +85,41 @@ def save_hf(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> Path
     if len(dtypes) != 1:
         raise ConfigError(f"model mixes parameter dtypes {sorted(map(str, dtypes))}; cast it to one dtype before export")
 
-    out_path = Path(out_dir)
-    out_path.mkdir(parents=True, exist_ok=True)
-    hf_config(config, tokenizer, dtype=dtypes.pop()).save_pretrained(out_path)
-    save_file(tensors, str(out_path / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_path)
+    out_path = check_export_target(out_dir)
+    tmp = out_path.parent / f".{out_path.name}.export-tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir(parents=True)
+    try:
+        hf_config(config, tokenizer, dtype=dtypes.pop()).save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_path)  # POSIX rename also replaces an empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_path
+
+
+def _inside_a_checkpoint_folder(path: Path) -> Path | None:
+    """The run checkpoint folder (RUN/checkpoints or one step in it) that `path` lies in, if any."""
+    from rankscope.train.checkpoint import CHECKPOINT_DIR, META_FILE
+    from rankscope.train.run_dir import is_run_dir
+
+    for folder in (path, *path.parents):
+        if folder.name == CHECKPOINT_DIR and (is_run_dir(folder.parent) or (folder.parent / "config.yaml").is_file()):
+            return folder
+        if folder.name.startswith("step_") and (folder / META_FILE).is_file():
+            return folder
+    return None
+
+
+def check_export_target(out_dir: str | Path) -> Path:
+    """ConfigError unless `out_dir` is a new or empty folder we can write, outside every run's checkpoints."""
+    path = Path(out_dir).expanduser().resolve()
+    inside = _inside_a_checkpoint_folder(path)
+    if inside is not None:
+        raise ConfigError(f"export --out {out_dir} lies inside the checkpoint folder {inside}; export to a folder outside it")
+    check_output_folder(path, "export --out")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"export --out {out_dir} already holds files; export to a new or empty folder")
+    return path
