@@ -1,5 +1,6 @@
 """The command line: help, and bad input that must give one clear error line and exit 2."""
 
+import json
 import os
 import subprocess
 import sys
@@ -54,19 +55,24 @@ def test_bad_input_gives_one_clear_error_line(argv, message, capsys, tmp_path):
     assert re.search(message, _error_line(capsys))
 
 
-def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", *TINY, "--steps", "4", "--checkpoint-steps", "2", "--out", str(run)]) == 0
-    capsys.readouterr()
-    # A truncated weights file of the latest checkpoint: the resume must refuse, not train over it.
+def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning_and_kept(tmp_path, capsys, caplog):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    argv = ["train", *TINY, "--steps", "4", "--checkpoint-steps", "2"]
+    assert main([*argv, "--out", str(straight)]) == 0
+    assert main([*argv, "--out", str(run)]) == 0
+    # A truncated weights file of the latest checkpoint: the resume must not use it.
     (run / "summary.json").unlink()
     weights = run / "checkpoints" / "step_000004" / "model.safetensors"
-    size = weights.stat().st_size
-    os.truncate(weights, size // 2)
-    assert main(["train", *TINY, "--steps", "4", "--checkpoint-steps", "2", "--out", str(run)]) == 2
-    assert "truncated or corrupt" in _error_line(capsys)
-    assert weights.stat().st_size == size // 2  # nothing destroyed or rewritten
-    assert (run / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+    os.truncate(weights, weights.stat().st_size // 2)
+    damaged = weights.read_bytes()
+    assert main([*argv, "--out", str(run)]) == 0
+    assert "checkpoints/step_000004 is damaged" in caplog.text
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] == 2
+    kept = list((run / "checkpoints").glob("step_000004.damaged-*"))
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").read_bytes() == damaged  # nothing destroyed
+    final = "checkpoints/step_000004/model.safetensors"
+    assert (run / final).read_bytes() == (straight / final).read_bytes()  # resumed bit for bit
 
 
 def test_train_then_export_round_trip(tmp_path, capsys):

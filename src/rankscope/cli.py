@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rankscope.errors import RankscopeError
+from rankscope.paths import check_output_folder
 
 log = logging.getLogger("rankscope")
 
@@ -41,7 +42,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", help="fp32, bf16-autocast, bf16-pure")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set method.rank=64 (repeatable)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different config")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again from step 0 when --out holds a run of a different config (removes only "
+                        "that run's own files; other folders are never cleared)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -84,9 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from rankscope.data import prepare_data
-    from rankscope.export import save_hf
+    from rankscope.export import check_export_target, save_hf
     from rankscope.train import load_run_model
 
+    check_export_target(args.out)  # before loading anything
     loaded = load_run_model(args.run_dir, args.step)
     tokenizer = prepare_data(loaded.config.data).tokenizer  # cached after training
     save_hf(loaded.model, tokenizer, args.out)
@@ -141,6 +145,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     stages = tuple(args.stage.split(",")) if args.stage else STAGES
     out = args.out or f"studies-out/{Path(args.study_file).stem}"
+    check_output_folder(out, "--out")
     result = run_study(args.study_file, out, stages)
     if "report" in stages:
         _print_results(out)
@@ -159,6 +164,7 @@ def _print_study_end(result: dict) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rankscope.demo import run_demo
 
+    check_output_folder(args.out, "--out")
     result = run_demo(args.out, quick=args.quick, device=args.device)
     _print_results(args.out)
     print(f"demo finished in {result['wall_time'] / 60:.1f} min")
@@ -175,9 +181,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from rankscope.analysis.downstream import _expand_task_names
+    from rankscope.config import check_device_name
     from rankscope.study import evaluate_run
 
+    # Everything checked before the model is loaded.
+    if args.limit < 0:
+        raise RankscopeError(f"--limit takes the number of items per task (0 = all), got {args.limit}")
+    if args.batch_size < 1:
+        raise RankscopeError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_device_name(args.device, "--device")
     tasks = args.tasks.split(",") if args.tasks else None
+    _expand_task_names(tasks)
     result = evaluate_run(Path(args.run_dir), args.step, tasks, args.limit, args.batch_size, args.device)
     for name, row in result["tasks"].items():
         norm = f", acc_norm {row['acc_norm']:.4f}" if "acc_norm" in row else ""
@@ -258,6 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "loro_rank": args.loro_rank, "probe_sequences": args.probe_sequences, "seed": args.seed,
         "model_overrides": _model_overrides(args.model) or None,
     }
+    check_output_folder(args.out, "--out")
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     for name in names:
         result = run_benchmark(name, options, out_dir=args.out)
@@ -384,15 +400,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
     threads = args.threads if args.threads is not None else (1 if args.command == "demo" else None)
     if threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)
     try:
         return int(args.func(args) or 0)
     except RankscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (permissions, a full disk): say where, not a traceback
+        if args.verbose:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; rerun with -v for the details", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

@@ -8,6 +8,9 @@ whose defaults depend on the model preset (e.g. the literature's rank per scale)
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -265,7 +268,13 @@ def resolve_method(cfg: RunConfig, method_overrides: dict | None = None) -> None
 
 def config_from_dict(data: dict) -> RunConfig:
     data = dict(data or {})
-    method_data = dict(data.pop("method", None) or {})
+    method_data = data.pop("method", None) or {}
+    if not isinstance(method_data, dict):
+        raise ConfigError(
+            f"config key 'method' must be a mapping with the method's name and settings, got {method_data!r}; "
+            f"write it as `method: {{name: {method_data}}}`"
+        )
+    method_data = dict(method_data)
     cfg = dataclass_from_dict(RunConfig, data, "")
     cfg.method.name = str(method_data.pop("name", cfg.method.name))
     resolve_method(cfg, method_data)
@@ -330,7 +339,12 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}".splitlines()[0]) from None
     if data is None:
@@ -345,7 +359,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the config as YAML, atomically (a crash leaves the old file or the new one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str, key: str) -> None:
+    """ConfigError unless `name` is a device rankscope can run on (availability is checked later)."""
+    if not DEVICE_PATTERN.match(str(name)):
+        raise ConfigError(f"{key}: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -373,15 +400,24 @@ def validate(cfg: RunConfig) -> None:
             f"train.checkpoint_steps {bad} fall outside 1..{t.steps} (train.steps); drop them or raise --steps"
         )
     o = cfg.optim
-    if o.lr is not None and o.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {o.lr}")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    if not 0.0 <= o.warmup_ratio < 1.0:
-        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
-    for key in ("beta1", "beta2"):
-        if not 0.0 <= getattr(o, key) < 1.0:
-            raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(o, key)}")
+    # Written as `not (x > 0)` so that NaN, which fails every comparison, is refused too.
+    for key, value, rule, ok in (
+        ("optim.lr", o.lr, "a positive number", lambda v: v > 0),
+        ("optim.weight_decay", o.weight_decay, "a number >= 0", lambda v: v >= 0),
+        ("optim.eps", o.eps, "a positive number", lambda v: v > 0),
+        ("optim.grad_clip", o.grad_clip, "a number >= 0 (0 turns clipping off)", lambda v: v >= 0),
+        ("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+        ("optim.warmup_ratio", o.warmup_ratio, "in [0, 1)", lambda v: 0.0 <= v < 1.0),
+        ("optim.beta1", o.beta1, "in [0, 1)", lambda v: 0.0 <= v < 1.0),
+        ("optim.beta2", o.beta2, "in [0, 1)", lambda v: 0.0 <= v < 1.0),
+    ):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"{key} must be {rule}, got {value}")
+    for key in ("optim.warmup_steps", "data.max_train_tokens", "train.seed"):
+        value = flat[key]
+        if value is not None and value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    check_device_name(t.device, "train.device (--device)")
     from rankscope.models import PRESETS
 
     if cfg.model.preset not in PRESETS:
@@ -389,6 +425,9 @@ def validate(cfg: RunConfig) -> None:
     from rankscope.models import LlamaConfig
 
     valid_model_keys = [f.name for f in dataclasses.fields(LlamaConfig)]
-    for key in cfg.model.overrides:
+    for key, value in cfg.model.overrides.items():
         if key not in valid_model_keys:
             raise ConfigError(f"unknown config key 'model.overrides.{key}'{did_you_mean(key, valid_model_keys)}")
+        # Every LlamaConfig field is a size or a positive constant.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"model.overrides.{key} must be a positive number, got {value!r}")

@@ -312,7 +312,13 @@ def load_local_task_dataset(**kwargs: Any):
 
 
 def _expand_task_names(tasks: Sequence[str] | str | None) -> list[str]:
-    """The requested names with `rankscope_local` expanded, duplicates dropped, order kept."""
+    """The requested names with `rankscope_local` expanded, duplicates dropped, order kept.
+
+    An unknown name is a DownstreamError, so callers can check a task list before any work (a
+    study does, before training). Names in rankscope's own namespace (`rs_`, `rankscope`) are
+    checked at once; others against lm-eval's task index, which reads only the study suite's
+    folders for its names and all of lm-eval's tasks (10+ s) for any other.
+    """
     if tasks is None:
         tasks = DEFAULT_TASKS
     if isinstance(tasks, str):
@@ -324,6 +330,15 @@ def _expand_task_names(tasks: Sequence[str] | str | None) -> list[str]:
                 names.append(expanded)
     if not names:
         raise DownstreamError("no tasks given; use e.g. tasks=['rankscope_local']")
+    for name in names:
+        if name.startswith(("rs_", "rankscope")) and name not in LOCAL_TASKS:
+            raise DownstreamError(f"unknown local task {name!r}{did_you_mean(name, LOCAL_TASKS + [LOCAL_GROUP])}")
+    if any(name not in LOCAL_TASKS for name in names):
+        index = _manager_for(names).task_index
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            hint = did_you_mean(unknown[0], LOCAL_TASKS + [LOCAL_GROUP] + DEFAULT_TASKS)
+            raise DownstreamError(f"unknown lm-eval task {unknown[0]!r}{hint}")
     return names
 
 
@@ -426,15 +441,7 @@ def available_tasks(tasks: Sequence[str] | str | None = None) -> tuple[list[str]
     downloaded). Returns `(available, {name: reason})`; an unknown name raises DownstreamError.
     """
     names = _expand_task_names(tasks)
-    # `rs_` is rankscope's namespace: a typo there needs no (slow) scan of lm-eval's task index
-    for name in names:
-        if name.startswith("rs_") and name not in LOCAL_TASKS:
-            raise DownstreamError(f"unknown local task {name!r}{did_you_mean(name, LOCAL_TASKS + [LOCAL_GROUP])}")
     manager = _manager_for(names)
-    unknown = [n for n in names if n not in manager.task_index]
-    if unknown:
-        hint = did_you_mean(unknown[0], LOCAL_TASKS + [LOCAL_GROUP] + DEFAULT_TASKS)
-        raise DownstreamError(f"unknown lm-eval task {unknown[0]!r}{hint}")
     available: list[str] = []
     unavailable: dict[str, str] = {}
     online: bool | None = None

@@ -8,6 +8,7 @@ the files against it, and skips tokenization entirely.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ from rankscope.data import shards as shards_module
 from rankscope.data import tokenizer as tokenizer_module
 from rankscope.data.shards import TokenShards, file_lock, read_meta, token_dtype, token_stream, write_meta
 from rankscope.data.sources import Source, open_source
-from rankscope.errors import DataError
+from rankscope.errors import ConfigError, DataError
+from rankscope.paths import check_output_folder
 
 log = logging.getLogger("rankscope.data")
 
@@ -50,9 +52,16 @@ class PreparedData:
 
 
 def resolve_cache_dir(cfg: DataConfig) -> Path:
-    """`data.cache_dir`, else $RANKSCOPE_CACHE, else ~/.cache/rankscope."""
-    raw = cfg.cache_dir or os.environ.get("RANKSCOPE_CACHE") or "~/.cache/rankscope"
-    return Path(raw).expanduser()
+    """`data.cache_dir`, else $RANKSCOPE_CACHE, else ~/.cache/rankscope; DataError if it cannot be a folder.
+
+    Writability is not required here: a read-only cache that already holds the shards serves.
+    """
+    env = os.environ.get("RANKSCOPE_CACHE")
+    what = "data.cache_dir" if cfg.cache_dir else ("RANKSCOPE_CACHE" if env else "the default cache folder")
+    try:
+        return check_output_folder(cfg.cache_dir or env or "~/.cache/rankscope", what, writable=False)
+    except ConfigError as exc:
+        raise DataError(f"{exc} (the token cache)") from None
 
 
 def load_tokenizer(cfg: DataConfig, source: Source, cache_dir: Path):
@@ -86,9 +95,14 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     vocab_size = len(tokenizer)
     key = shard_key(cfg, source, tokenizer_module.tokenizer_identity(tokenizer, tokenizer_name))
     folder = cache_dir / "shards" / key[:24]
-    folder.mkdir(parents=True, exist_ok=True)
-
-    with file_lock(folder.parent / (folder.name + ".lock")):
+    with contextlib.ExitStack() as held:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            held.enter_context(file_lock(folder.parent / (folder.name + ".lock")))
+        except OSError as exc:
+            raise DataError(
+                f"cannot write the token cache {cache_dir} ({exc.strerror}); set RANKSCOPE_CACHE to a folder you can write to"
+            ) from None
         meta = read_meta(folder)
         if meta is None:
             meta = _build_shards(cfg, source, tokenizer, eos_id, token_dtype(vocab_size), folder, key)
