@@ -143,3 +143,21 @@ def test_damaged_side_file_errors_name_the_file(finished, tmp_path, tiny_overrid
     (run / "summary.json").unlink()
     with pytest.raises(CheckpointError, match=r"initial_eval.json is damaged \(not the expected record\); delete it"):
         train(_cfg(tiny_overrides), run)
+
+
+def test_a_start_again_from_step_zero_logs_each_step_once(tmp_path, tiny_overrides, monkeypatch):
+    """A crash before the first checkpoint: the rerun starts from 0 and must not log step 0 twice."""
+    from rankscope.train import trainer as trainer_module
+
+    def crash(self, step, record, tps):
+        raise KeyboardInterrupt
+
+    cfg = _cfg(tiny_overrides)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.ProgressLog, "update", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "run")
+    assert _metrics_steps(tmp_path / "run") == [0] and not ckpt.list_checkpoints(tmp_path / "run")
+    train(cfg, tmp_path / "run")
+    steps = _metrics_steps(tmp_path / "run")
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 4
