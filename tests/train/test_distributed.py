@@ -35,6 +35,8 @@ def test_two_processes_match_one(tmp_path, tiny_overrides):
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=2e-4)
+    assert (tmp_path / "ddp" / ".rankscope-run.json").is_file()  # rank 0 set the folder up
+    assert not (tmp_path / "ddp" / ".rankscope-lock").exists()  # and released its lock
     ddp_summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp_summary["world_size"] == 2
     assert ddp_summary["val_loss"] == pytest.approx(single["val_loss"], rel=2e-4)
