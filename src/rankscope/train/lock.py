@@ -24,6 +24,11 @@ from pathlib import Path
 
 from rankscope.errors import RankscopeError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - no flock on Windows: the record alone decides
+    fcntl = None
+
 log = logging.getLogger("rankscope.train")
 
 LOCK_FILE = ".rankscope-lock"
@@ -83,11 +88,11 @@ class RunLock:
         )
 
     def acquire(self) -> None:
-        import fcntl
-
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
+                if fcntl is None:
+                    raise OSError(errno.ENOSYS, "flock is not available")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 record = _read_record(fd)
