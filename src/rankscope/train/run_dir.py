@@ -111,20 +111,18 @@ def check_run_target(run_dir: Path, overwrite: bool) -> None:
     enclosing = _enclosing_run(run_dir)
     if enclosing is not None:
         raise ConfigError(f"--out {run_dir} lies inside the run folder {enclosing}; choose a folder outside it")
-    if not run_dir.is_dir() or not _user_entries(run_dir) or is_run_dir(run_dir):
-        nested = _nested_runs(run_dir) if (overwrite and run_dir.is_dir()) else []
-        if nested:
-            raise ConfigError(
-                f"--out {run_dir} holds other runs ({', '.join(str(p.relative_to(run_dir)) for p in nested[:3])}); "
-                "--overwrite replaces one run: name that run's own folder"
-            )
+    if not run_dir.is_dir() or not _user_entries(run_dir):
+        return  # new or empty: it becomes a run folder
+    is_run = is_run_dir(run_dir)
+    nested = _nested_runs(run_dir) if (overwrite or not is_run) else []
+    names = ", ".join(str(p.relative_to(run_dir)) for p in nested[:3])
+    if is_run and nested:
+        raise ConfigError(f"--out {run_dir} holds other runs ({names}); --overwrite replaces one run: name that run's own folder")
+    if is_run:
         return
-    nested = _nested_runs(run_dir)
     if nested:
-        names = ", ".join(str(p.relative_to(run_dir)) for p in nested[:3])
         raise ConfigError(
-            f"--out {run_dir} is not a run folder but holds runs ({names}); name the run folder itself, "
-            f"e.g. --out {nested[0]}"
+            f"--out {run_dir} is not a run folder but holds runs ({names}); name the run folder itself, e.g. --out {nested[0]}"
         )
     raise ConfigError(
         f"--out {run_dir} is not empty and is not a rankscope run folder (no {MARKER_FILE}); "
