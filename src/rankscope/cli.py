@@ -125,7 +125,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         settings = cls.default_settings(args.preset, model_cfg)
         shown = ", ".join(f"{k}={v}" for k, v in vars(settings).items()) or "-"
         opt = cls.optim_defaults(args.preset)
-        table.add_row(name, cls.description, f"{shown}; lr={opt.lr}, wd={opt.weight_decay}")
+        table.add_row(name, cls.description, f"{shown}; lr={opt.lr}, wd={opt.weight_decay} ({opt.weight_decay_scope}), "
+                      f"eps={opt.eps}, clip={opt.grad_clip or 'off'}")
     Console().print(table)
     return 0
 

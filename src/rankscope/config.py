@@ -59,6 +59,9 @@ class OptimConfig:
     # None means "the method's default" (each method declares the literature's values).
     lr: float | None = None
     weight_decay: float | None = None
+    # Which parameters decay: "all" (every trainable tensor) or "matrices" (not norm gains, biases
+    # or scalar scales). None = the method's official harness (see docs/methods.md).
+    weight_decay_scope: str | None = None
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float | None = None
@@ -400,6 +403,13 @@ def validate(cfg: RunConfig) -> None:
             f"train.checkpoint_steps {bad} fall outside 1..{t.steps} (train.steps); drop them or raise --steps"
         )
     o = cfg.optim
+    from rankscope.methods.base import WEIGHT_DECAY_SCOPES
+
+    if o.weight_decay_scope is not None and o.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
+        raise ConfigError(
+            f"optim.weight_decay_scope: {o.weight_decay_scope!r} is not one of {', '.join(WEIGHT_DECAY_SCOPES)}"
+            f"{did_you_mean(str(o.weight_decay_scope), WEIGHT_DECAY_SCOPES)}"
+        )
     # Written as `not (x > 0)` so that NaN, which fails every comparison, is refused too.
     for key, value, rule, ok in (
         ("optim.lr", o.lr, "a positive number", lambda v: v > 0),

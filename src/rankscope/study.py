@@ -58,6 +58,8 @@ class StudySpec:
     base: dict[str, Any] = field(default_factory=dict)  # a run config applied to every run
     method_overrides: dict[str, Any] = field(default_factory=dict)  # method -> run config mapping
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # preset -> run config mapping
+    # method -> preset -> run config mapping, for what an official harness fixes per scale
+    method_preset_overrides: dict[str, Any] = field(default_factory=dict)
     analysis: dict[str, Any] = field(default_factory=dict)  # AnalysisSettings fields
     eval: EvalSpec = field(default_factory=EvalSpec)
     predictor: PredictorSpec = field(default_factory=PredictorSpec)
@@ -110,6 +112,10 @@ def plan_runs(spec: StudySpec) -> list[PlannedRun]:
     for name in spec.method_overrides:
         if name not in grid.methods:
             raise ConfigError(f"method_overrides names {name!r}, which is not in grid.methods {grid.methods}")
+    for name, per_preset in spec.method_preset_overrides.items():
+        if name not in grid.methods or not isinstance(per_preset, dict):
+            raise ConfigError(f"method_preset_overrides names {name!r}: use a method of grid.methods {grid.methods} "
+                              "mapping presets to run config mappings")
     if REFERENCE_METHOD not in grid.methods:
         raise ConfigError(
             f"the study has no full-rank reference: add {REFERENCE_METHOD!r} to grid.methods "
@@ -123,6 +129,7 @@ def plan_runs(spec: StudySpec) -> list[PlannedRun]:
             for method in grid.methods:
                 tree = _merge(spec.base, spec.preset_overrides.get(preset, {}))
                 tree = _merge(tree, spec.method_overrides.get(method, {}))
+                tree = _merge(tree, spec.method_preset_overrides.get(method, {}).get(preset, {}))
                 tree = _merge(tree, {"model": {"preset": preset}, "train": {"seed": seed}})
                 tree["method"] = _merge(tree.get("method", {}) or {}, {"name": method})
                 name = run_name(method, preset, seed)

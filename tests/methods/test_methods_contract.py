@@ -80,6 +80,7 @@ def test_builds_with_full_param_group_coverage_and_right_shapes(name):
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_effective_weight_reproduces_each_layer(name):
     _, model, _, _ = _small_model(name)
+    model.eval()  # adapter dropout (LoRA, ReLoRA) acts in training only; analysis runs in eval mode
     torch.manual_seed(1)
     for module in model.modules():
         if not isinstance(module, ParameterizedLinear):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ FACTORIZED = ["loro", "spectron"]
 FREQUENT = {
     "galore": ["method.update_proj_gap=4"],
     "fira": ["method.update_proj_gap=4"],
-    "loro": ["method.exact_every=4"],
+    "loro": ["method.exact_every=4", "method.rewarm_steps=2"],
     "spectron": [],
 }
 SHORT_RUN = ["data.seq_len=32", "train.batch_size=4", "data.val_sequences=16", "train.steps=20"]
@@ -50,7 +51,8 @@ def _method(name, **changes):
 def _optim(cls):
     d = cls.optim_defaults("tiny")
     return ResolvedOptim(lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.999), eps=d.eps,
-                         grad_clip=d.grad_clip, total_steps=10, warmup_steps=1, min_lr_ratio=0.1)
+                         grad_clip=d.grad_clip, total_steps=10, warmup_steps=1, min_lr_ratio=0.1,
+                         weight_decay_scope=d.weight_decay_scope)
 
 
 def _built(name, **changes):
@@ -100,7 +102,9 @@ def test_builds_with_the_right_output_shape_and_param_groups(name):
     tokens = torch.randint(0, cfg.vocab_size, (2, 9))
     assert model(tokens).shape == (2, 9, cfg.vocab_size)
     check_param_groups(model, optimizer)
-    special, plain = optimizer.param_groups
+    special, *rest = optimizer.param_groups
+    plain = {"params": [p for group in rest for p in group["params"]]}
+    assert all(not group.get("factor_pairs", False) and "rank" not in group for group in rest)
     targets = [module for _, _, _, module in iter_target_linears(model)]
     assert len(targets) == 2 * len(TARGET_LINEARS)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -117,10 +121,13 @@ def test_builds_with_the_right_output_shape_and_param_groups(name):
         expected = [id(p) for m in targets for p in (m.B, m.A)]
         assert [id(p) for p in special["params"]] == expected
         if name == "loro":
-            assert (special["exact_every"], special["rewarm_steps"], special["d_model"]) == (500, 5, cfg.hidden_size)
+            assert (special["exact_every"], special["refresh"], special["refresh_every"], special["d_model"]) == (
+                500, "all", 500, cfg.hidden_size)
         else:
-            assert special["momentum"] == 0.9
-    assert "rank" not in plain and not plain.get("factor_pairs", False)
+            assert (special["momentum"], special["ns_coefficients"], special["power_side"]) == (0.9, "quintic", "long")
+            # Weight decay: the factors and the embedding / head matrices decay, the norm gains not.
+            no_decay = [p for group in rest if group["weight_decay"] == 0.0 for p in group["params"]]
+            assert sorted(names[id(p)] for p in no_decay) == sorted(n for n in names.values() if "norm" in n)
     plain_names = sorted(names[id(p)] for p in plain["params"])
     assert "embed_tokens.weight" in plain_names and "lm_head.weight" in plain_names
     assert all("proj" not in n for n in plain_names)
@@ -160,10 +167,22 @@ BAD_SETTINGS = [
     ("loro", {"exact_every": 0}, "exact_every"),
     ("loro", {"rank": 128}, "below min"),
     ("loro", {"rewarm_steps": -1}, "rewarm_steps"),
+    ("loro", {"rewarm_steps": 600}, "rewarm_steps"),
+    ("loro", {"refresh": "lrk"}, "refresh"),
+    ("loro", {"refresh_every": 0}, "refresh_every"),
+    ("loro", {"schedule": "cosine"}, "schedule"),
+    ("loro", {"lr_adjust_ratio": 0.2}, "lr_adjust_ratio"),
+    ("loro", {"mlp_rank": 400}, "mlp_rank"),
+    ("loro", {"init": "orthogonal"}, "init"),
     ("loro", {"exact_direction": "newton"}, "exact_direction"),
     ("loro", {"targets": []}, "empty"),
     ("spectron", {"momentum": 1.0}, "momentum"),
     ("spectron", {"ns_steps": 0}, "ns_steps"),
+    ("spectron", {"ns_steps": 3}, "multiple of 5"),
+    ("spectron", {"ns_coefficients": "polar"}, "ns_coefficients"),
+    ("spectron", {"ns_precision": "fp16"}, "ns_precision"),
+    ("spectron", {"power_iterations": 0}, "power_iterations"),
+    ("spectron", {"power_side": "left"}, "power_side"),
     ("spectron", {"targets": ["layers.9.mlp.up_proj"]}, "layers"),
 ]
 
@@ -246,3 +265,79 @@ def test_trains_saves_loads_and_resumes_bit_identically(name, tmp_path, tiny_ove
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# --------------------------------------------------------------------------------------------
+# LORO against its official scripts
+
+
+def test_loro_schedule_is_the_official_cosine_restart_stepped_after_each_update():
+    from rankscope.optim.schedules import loro_cosine_restart
+
+    method = _method("loro", exact_every=5)
+    optim = ResolvedOptim(lr=0.01, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-6, grad_clip=0.0,
+                          total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    for k in range(1, 101):  # run_c4.py: update k runs at the scheduler's step k - 1, restart every 5
+        expected = loro_cosine_restart(k - 1, 100, 10, 0.1, restart_every=5, restart_warmup=5, adjust_steps=-10)
+        assert method.lr_multiplier(k, optim) == expected, k
+    assert method.lr_multiplier(1, optim) == pytest.approx(0.1)
+    assert method.lr_multiplier(6, optim) == pytest.approx(1e-6)  # the update after the first refresh
+    ours = _method("loro", exact_every=5, schedule="ours", rewarm_steps=2)
+    from rankscope.optim.schedules import cosine_with_warmup
+
+    assert ours.lr_multiplier(6, optim) == pytest.approx(cosine_with_warmup(6, 100, 10, 0.1) / 2)
+    assert ours.lr_multiplier(7, optim) == cosine_with_warmup(7, 100, 10, 0.1)
+
+
+@pytest.mark.slow
+def test_loro_refresh_zeroes_every_adam_state_and_the_lr_rewarms_every_group(tmp_path, tiny_overrides):
+    """--loro_refresh all: after the exact step at update 8 every tensor's Adam state restarts,
+    the embeddings', norms' and head's included, and the next update runs every param group at
+    the schedule's restart value (~0): run_c4.py's cosine_restart re-warms all of them."""
+    cfg = _run_config("loro", tiny_overrides, "train.steps=40", "train.checkpoint_steps=8,9")
+    train(cfg, tmp_path / "run")
+    checkpoints = {c.step: c.path for c in ckpt.list_checkpoints(tmp_path / "run")}
+    refreshed = ckpt.load_training_state(checkpoints[8])["optimizer"]
+    assert len(refreshed["state"]) == sum(len(g["params"]) for g in refreshed["param_groups"])
+    for state in refreshed["state"].values():
+        assert int(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    after = ckpt.load_training_state(checkpoints[9])["optimizer"]["param_groups"]
+    assert len(after) >= 2 and all(g["lr"] == pytest.approx(0.01 * 1e-6) for g in after)
+
+
+def test_loro_separate_mlp_rank_and_xavier_normal_factors():
+    method, model, optimizer = _built("loro", mlp_rank=16)
+    block = model.layers[0]
+    assert block.self_attn.q_proj.rank == method.settings.rank == 32 and block.mlp.up_proj.rank == 16
+    check_param_groups(model, optimizer)
+    # LORO-main's LowRankLinear "xavier" is xavier_normal: N(0, 2 / (fan_in + fan_out)) per factor.
+    torch.manual_seed(0)
+    layer = LowRankLinear(512, 1376, 128, "xavier_normal")
+    for factor in (layer.B, layer.A):
+        expected_std = (2.0 / sum(factor.shape)) ** 0.5
+        assert abs(factor.std().item() / expected_std - 1) < 0.02
+        assert abs(factor.abs().max().item() / expected_std) > 3.5  # normal tails, not uniform's √3 cap
+
+
+def test_loro_slim_mlp_recipe_builds_a_dense_narrow_mlp_beside_low_rank_attention(tiny_overrides):
+    cfg = build_config({}, tiny_overrides + ["method.name=loro", "method.targets=q_proj,k_proj,v_proj,o_proj",
+                                             "model.overrides={num_layers: 2, intermediate_size: 32}"])
+    model_cfg = dataclasses.replace(get_preset("tiny"), num_layers=2, intermediate_size=32)
+    model, method = build_run_model(cfg, model_cfg)
+    block = model.layers[0]
+    assert isinstance(block.self_attn.q_proj, LowRankLinear) and isinstance(block.mlp.up_proj, torch.nn.Linear)
+    assert block.mlp.up_proj.weight.shape == (32, 128)
+
+
+def test_spectron_starts_from_the_truncated_svd_of_the_dense_init():
+    """NVIDIA Spectron._initialize_state: A = U_r √S_r, B = V_r √S_r of the dense parameter."""
+    torch.manual_seed(0)
+    dense = build_model(_tiny_config())
+    _, model, _ = _built("spectron")
+    for (_, _, _, linear), (_, _, _, layer) in zip(iter_target_linears(dense), iter_target_linears(model)):
+        u, s, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+        r = layer.rank
+        best = (u[:, :r] * s[:r]) @ vh[:r]
+        torch.testing.assert_close(layer.effective_weight().detach().double(), best, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer.B.T.double() @ layer.B.double(), layer.A.double() @ layer.A.T.double(),
+                                   rtol=1e-4, atol=1e-6)  # balanced

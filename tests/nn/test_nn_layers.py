@@ -347,3 +347,26 @@ def test_sparse_under_autocast_matches_fp32() -> None:
         want = reference_grads[name].grad
         assert param.grad.dtype == torch.float32
         assert ((param.grad - want).norm() / want.norm()).item() < 0.03, name
+
+
+def test_lowrank_dense_svd_init_is_the_balanced_truncated_svd_of_the_linear() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(IN, OUT, bias=False)
+    layer = LowRankLinear.from_linear(linear, RANK, "dense_svd")
+    u, s, vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+    torch.testing.assert_close(layer.effective_weight().detach().double(), (u[:, :RANK] * s[:RANK]) @ vh[:RANK],
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.linalg.svdvals(layer.B.detach().double()), s[:RANK].sqrt(), rtol=1e-5, atol=0)
+    with pytest.raises(ConfigError, match="from_linear"):
+        LowRankLinear(IN, OUT, RANK, "dense_svd")
+
+
+def test_lora_zero_initial_a_and_dropout_validation() -> None:
+    layer = LoRALinear(IN, OUT, RANK, initial_a="zero")
+    assert not layer.A.any() and not layer.B.any()
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)
+    with pytest.raises(ConfigError, match="dropout"):
+        LoRALinear(IN, OUT, RANK, dropout=1.0)
+    with pytest.raises(ConfigError, match="initial A"):
+        LoRALinear(IN, OUT, RANK, initial_a="orthogonal")

@@ -78,3 +78,62 @@ def test_prune_rejects_bad_arguments():
         prune_adam_state(optimizer, [pruned], ratio=1.5)
     with pytest.raises(HyperparameterError):
         prune_adam_state(optimizer, [pruned], mode="lottery")
+
+
+def test_magnitude_pruning_threshold_is_torch_quantile_at_any_size():
+    """ReLoRA keeps |x| > torch.quantile(|x|, ratio) (linear interpolation). Where ratio·(n - 1)
+    is a whole number the quantile is an entry itself and one more entry is zeroed than
+    floor(ratio·n) would give; tensors above torch.quantile's 16M limit take the same path."""
+    from rankscope.optim.prune import quantile_threshold
+
+    g = torch.Generator().manual_seed(5)
+    for n, ratio in ((11, 0.9), (1000, 0.999), (1001, 0.75), (40 * 25, 0.75)):
+        values = torch.rand(n, generator=g)
+        assert quantile_threshold(values, ratio) == torch.quantile(values, ratio)
+    optimizer, pruned, _ = _adam_with_state(1, 11)
+    original = optimizer.state[pruned]["exp_avg"].clone()
+    prune_adam_state(optimizer, [pruned], ratio=0.9, mode="magnitude")
+    kept = optimizer.state[pruned]["exp_avg"] != 0
+    assert torch.equal(kept, original.abs() > torch.quantile(original.abs().flatten(), 0.9))
+    assert kept.sum().item() == 1  # the quantile sits on the 10th of 11 entries: only the largest survives
+
+
+# -------------------------------------------------------------------- LORO's cosine_restart
+def _loro_60m(step: int) -> float:
+    """scripts/loro_c4/llama_60m.sh: 10k steps, warmup 1000, cycle 500, re-warm 5, lr_adjust -1000."""
+    from rankscope.optim.schedules import loro_cosine_restart
+
+    return loro_cosine_restart(step, 10_000, 1_000, 0.1, restart_every=500, restart_warmup=5, adjust_steps=-1_000)
+
+
+def _cos(progress: float) -> float:
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def test_loro_cosine_restart_known_values_of_the_60m_script():
+    peak = 0.5 * (1 + math.cos(math.pi * 1000 / 9000))   # the displaced cosine at the end of warmup
+    assert _loro_60m(0) == pytest.approx(0.1)             # warmup starts at min_lr_ratio, not 0
+    assert _loro_60m(250) == pytest.approx(0.25 * (peak - 0.1) + 0.1)
+    assert _loro_60m(500) == pytest.approx(1e-6)           # a restart inside the warmup
+    target = 0.5 * (peak - 0.1) + 0.1
+    assert _loro_60m(502) == pytest.approx(2 / 5 * (target - 1e-6) + 1e-6)
+    assert _loro_60m(505) == pytest.approx(0.505 * (peak - 0.1) + 0.1)
+    assert _loro_60m(1000) == pytest.approx(_cos(-1000 / 9000))   # no restart: shifted step 0
+    assert _loro_60m(1500) == pytest.approx(1e-6)
+    assert _loro_60m(1503) == pytest.approx(3 / 5 * (_cos(-500 / 9000) - 1e-6) + 1e-6)
+    assert _loro_60m(2005) == pytest.approx(_cos(5 / 9000))   # the cosine peaks at step 2W
+    assert _loro_60m(9999) == pytest.approx(_cos(7999 / 9000))
+    assert _loro_60m(9999) == pytest.approx(0.127, abs=5e-4)   # the run ends at 0.127, not 0.1
+    # Against rankscope's cosine (10% warmup, update k at step k): outside the re-warm windows the
+    # multipliers differ by up to 0.156 (at update 6000); inside them the official lr drops to ~0.
+    gaps = {k: abs(_loro_60m(k - 1) - cosine_with_warmup(k, 10_000, 1_000, 0.1)) for k in range(1, 10_001)}
+    smooth = [gap for k, gap in gaps.items() if (k - 1) % 500 >= 5]
+    assert max(smooth) == pytest.approx(0.1564, abs=1e-3)
+    assert max(gaps.values()) > 0.99
+
+
+def test_loro_cosine_restart_refuses_a_warmup_past_the_run():
+    from rankscope.optim.schedules import loro_cosine_restart
+
+    with pytest.raises(HyperparameterError, match="warmup"):
+        loro_cosine_restart(0, 100, 100, 0.1, restart_every=10, restart_warmup=2, adjust_steps=0)

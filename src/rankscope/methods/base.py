@@ -17,14 +17,24 @@ from rankscope.errors import ConfigError
 from rankscope.optim.schedules import cosine_with_warmup
 
 
+# Which parameters weight decay acts on. "all": every trainable parameter, as torch.optim.AdamW
+# over model.parameters() in the official harnesses of GaLore, SLTrain, ReLoRA, CoLA and LORO.
+# "matrices": every weight of a linear map or embedding (factors, sparse values and adapters
+# included) but not norm gains, biases or scalar scales, as nanoGPT and the HF Trainer do.
+WEIGHT_DECAY_SCOPES = ("all", "matrices")
+
+
 @dataclass(frozen=True)
 class OptimDefaults:
-    """The literature's optimizer settings for a method (used where the run config says None)."""
+    """A method's optimizer settings from its official harness (used where the run config says None)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.0
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    # The official harnesses clip only when asked (GaLore / SLTrain / LORO / CoLA default 0.0);
+    # ReLoRA's default is 1.0. 0 turns clipping off.
+    grad_clip: float = 0.0
+    weight_decay_scope: str = "all"
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class ResolvedOptim:
     total_steps: int
     warmup_steps: int
     min_lr_ratio: float
+    weight_decay_scope: str = "all"
 
 
 @dataclass
@@ -87,9 +98,9 @@ class Method:
     # -- optimizer -----------------------------------------------------------------------------
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
+        groups = scope_weight_decay([{"params": params, "name": "all"}], model, optim.weight_decay_scope)
         return torch.optim.AdamW(
-            [{"params": params, "name": "all"}],
-            lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+            groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
         )
 
     def lr_multiplier(self, step: int, optim: ResolvedOptim) -> float:
@@ -102,7 +113,13 @@ class Method:
 
     # -- periodic work -------------------------------------------------------------------------
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Called after every optimizer step with the number of completed steps."""
+        """Periodic work that follows update number `step` (ReLoRA's merges).
+
+        The trainer writes a checkpoint due at `step` *before* calling this, so a checkpoint holds
+        what the update produced (ReLoRA's adapters before their merge, as the official code
+        saves them), and a run resumed from it replays `after_step(step)` first. So this must be
+        a deterministic function of the saved state (model, optimizer, `state_dict()`).
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors / plain values the method keeps outside model and optimizer (for resume)."""
@@ -118,6 +135,43 @@ def split_targeted(model: nn.Module, targeted: list[nn.Module]) -> tuple[list[nn
     inside = [p for m in targeted for p in m.parameters() if p.requires_grad]
     outside = [p for p in model.parameters() if p.requires_grad and id(p) not in target_ids]
     return inside, outside
+
+
+def no_decay_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters the "matrices" scope leaves undecayed: norm gains, biases, scalars."""
+    exempt: set[int] = set()
+    for module in model.modules():
+        is_norm = type(module).__name__.endswith("Norm")
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or name == "bias" or p.numel() == 1:
+                exempt.add(id(p))
+    return exempt
+
+
+def scope_weight_decay(groups: list[dict[str, Any]], model: nn.Module, scope: str) -> list[dict[str, Any]]:
+    """Param groups with weight decay restricted to `scope` (see WEIGHT_DECAY_SCOPES).
+
+    "all" returns the groups unchanged. "matrices" moves each group's exempt parameters into a
+    copy of the group with weight_decay 0 (named "<name>_no_decay"); groups with method keys
+    (factor pairs, projections) must hold matrices only, since splitting them would change
+    what the optimizer does with them.
+    """
+    require(scope in WEIGHT_DECAY_SCOPES,
+            f"optim.weight_decay_scope = {scope!r} is unknown; use one of {', '.join(WEIGHT_DECAY_SCOPES)}")
+    if scope == "all":
+        return groups
+    exempt = no_decay_parameters(model)
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        decayed = [p for p in group["params"] if id(p) not in exempt]
+        free = [p for p in group["params"] if id(p) in exempt]
+        if free and (set(group) - {"params", "name"}):
+            raise AssertionError(f"param group {group.get('name')!r} has method keys but holds non-matrix parameters")
+        if decayed:
+            out.append({**group, "params": decayed})
+        if free:
+            out.append({**group, "params": free, "weight_decay": 0.0, "name": f"{group.get('name', 'group')}_no_decay"})
+    return out
 
 
 def check_param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

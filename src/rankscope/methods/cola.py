@@ -1,9 +1,11 @@
 """CoLA: every targeted linear becomes y = B·σ(A·x), a nonlinearity inside the rank-r bottleneck.
 
-There is no dense equivalent (`effective_weight()` is None). The MLP keeps its outer SwiGLU gate
-at 60M/130M; the official 350M+ configs drop it, which `mlp_gate: false` reproduces by swapping
-each block's MLP for `UngatedColaMLP`: down(up(x)) whose only nonlinearities are the σ inside
-the two CoLA bottlenecks.
+There is no dense equivalent (`effective_weight()` is None). The MLP keeps all three projections,
+each a CoLA bottleneck, and computes down(act(gate(x)) · up(x)). The official ColaMLP applies the
+outer SiLU on the gate only when `only_lr_act` is false: the 60M and 130M configs say so, the
+350M / 1B / 7B configs leave the class default (true), so from 350M up the MLP is
+down(gate(x) · up(x)): still gated, but its only activations are the σ inside the bottlenecks.
+`outer_activation` is that switch (= not only_lr_act), defaulting per preset as the configs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rankscope.methods._targets import literature_rank
@@ -20,33 +23,41 @@ from rankscope.models import LlamaConfig
 from rankscope.nn import ColaLinear, replace_linears
 from rankscope.nn.cola import COLA_ACTIVATIONS
 
-# CoLA's lr per scale (official configs: 6e-3 / 3e-3 / 3e-3 / 2e-3 at 60M / 130M / 350M / 1B);
+# CoLA's lr per scale (official scripts: 6e-3 / 3e-3 / 3e-3 / 2e-3 at 60M / 130M / 350M / 1B);
 # tiny and 20m use the 60M value, 7B keeps the 1B value.
 COLA_LR = {"130m": 3e-3, "350m": 3e-3, "1b": 2e-3, "7b": 2e-3}
-# Presets whose official config drops the MLP gate (350M and up).
-UNGATED_PRESETS = ("350m", "1b", "7b")
+# Presets whose official config keeps only_lr_act at its default (true): no outer activation.
+NO_OUTER_ACTIVATION_PRESETS = ("350m", "1b", "7b")
 
 
-class UngatedColaMLP(nn.Module):
-    """The MLP of CoLA's 350M+ configs: down_proj(up_proj(x)) without the SiLU gate.
+class ColaMLP(nn.Module):
+    """The MLP of CoLA's models: down(act(gate(x)) · up(x)), act = SiLU or, with
+    `outer_activation=False` (official only_lr_act), the identity.
 
-    Keeps the `up_proj` / `down_proj` names so checkpoints read like the gated model's, minus
-    `gate_proj`."""
+    Keeps the `gate_proj` / `up_proj` / `down_proj` names, so checkpoints read like LLaMA's."""
 
-    def __init__(self, up_proj: nn.Module, down_proj: nn.Module) -> None:
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, outer_activation: bool) -> None:
         super().__init__()
+        self.gate_proj = gate_proj
         self.up_proj = up_proj
         self.down_proj = down_proj
+        self.outer_activation = outer_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.up_proj(x))
+        gate = self.gate_proj(x)
+        if self.outer_activation:
+            gate = F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+    def extra_repr(self) -> str:
+        return f"outer_activation={self.outer_activation}"
 
 
 @dataclass
 class CoLASettings:
     rank: int = 128
     activation: str = "silu"
-    mlp_gate: bool = True
+    outer_activation: bool = True
     targets: list[str] = field(default_factory=default_targets)
 
 
@@ -57,11 +68,14 @@ class CoLA(Method):
 
     @classmethod
     def default_settings(cls, preset: str, model_config: LlamaConfig) -> CoLASettings:
-        return CoLASettings(rank=literature_rank(preset, model_config), mlp_gate=preset not in UNGATED_PRESETS)
+        return CoLASettings(
+            rank=literature_rank(preset, model_config), outer_activation=preset not in NO_OUTER_ACTIVATION_PRESETS
+        )
 
     @classmethod
     def optim_defaults(cls, preset: str) -> OptimDefaults:
-        # CoLA's official configs: AdamW wd 0.01, grad clip 0.5, lr by scale (COLA_LR).
+        # CoLA's scripts: torch AdamW over every trainable parameter, wd 0.01, grad clip 0.5, lr by
+        # scale (COLA_LR), eps torch's 1e-8.
         return OptimDefaults(lr=COLA_LR.get(preset, 6e-3), weight_decay=0.01, eps=1e-8, grad_clip=0.5)
 
     def validate(self) -> None:
@@ -71,25 +85,23 @@ class CoLA(Method):
             s.activation in COLA_ACTIVATIONS,
             f"method.activation {s.activation!r} is unknown; use one of {', '.join(COLA_ACTIVATIONS)}",
         )
-        if not s.mlp_gate:
-            # Without the gate the bottleneck σ is the MLP's only nonlinearity: both halves of
-            # every block need it (the short names, which target every block).
+        if not s.outer_activation:
+            # Without the outer SiLU the bottleneck σ inside the MLP projections is the MLP's only
+            # nonlinearity: all three must be CoLA layers, in every block (the short names).
             require(
-                "up_proj" in s.targets and "down_proj" in s.targets,
-                "method.mlp_gate=false needs up_proj and down_proj in method.targets (their bottleneck "
-                "SiLU is the MLP's only nonlinearity); add them or set method.mlp_gate=true",
+                all(t in s.targets for t in ("gate_proj", "up_proj", "down_proj")),
+                "method.outer_activation=false needs gate_proj, up_proj and down_proj in method.targets (their "
+                "bottleneck activation is then the MLP's only nonlinearity); add them or set method.outer_activation=true",
             )
 
     def parameterize(self, model: nn.Module) -> nn.Module:
         s = self.settings
-        # No layer for a gate that is about to be dropped.
-        targets = [t for t in s.targets if s.mlp_gate or not t.endswith("gate_proj")]
         replace_linears(
-            model, lambda name, linear: ColaLinear.from_linear(linear, s.rank, s.activation, name=name), targets
+            model, lambda name, linear: ColaLinear.from_linear(linear, s.rank, s.activation, name=name), s.targets
         )
-        if not s.mlp_gate:
-            for block in model.layers:
-                block.mlp = UngatedColaMLP(block.mlp.up_proj, block.mlp.down_proj)
+        for block in model.layers:
+            mlp = block.mlp
+            block.mlp = ColaMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, s.outer_activation)
         return model
 
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:

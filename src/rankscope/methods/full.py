@@ -11,4 +11,6 @@ class FullRank(Method):
 
     @classmethod
     def optim_defaults(cls, preset: str) -> OptimDefaults:
-        return OptimDefaults(lr=1e-3, weight_decay=0.0, eps=1e-8, grad_clip=1.0)
+        # GaLore's harness (torchrun_main.py, whose full-rank numbers the LORO paper reprints):
+        # torch Adam (= AdamW at wd 0), --grad_clipping default 0.0.
+        return OptimDefaults(lr=1e-3, weight_decay=0.0, eps=1e-8, grad_clip=0.0)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rankscope.methods._targets import check_rank_fits, check_targets, literature_rank, targeted_linears
-from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, split_targeted
+from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, scope_weight_decay, split_targeted
 from rankscope.models import TARGET_LINEARS
 from rankscope.optim import GaLoreAdamW
 from rankscope.optim.projector import PROJ_TYPES
@@ -66,7 +66,7 @@ class ProjectedGradientMethod(Method):
         projected, rest = split_targeted(model, modules)
         groups = [{"params": projected, "name": self.name, **self.projected_group_keys()}]
         if rest:
-            groups.append({"params": rest, "name": "adamw"})
+            groups += scope_weight_decay([{"params": rest, "name": "adamw"}], model, optim.weight_decay_scope)
         return self.optimizer_class(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                     weight_decay=optim.weight_decay)
 

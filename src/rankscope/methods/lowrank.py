@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rankscope.methods._targets import check_rank_fits, check_targets, literature_rank
-from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, split_targeted
+from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, scope_weight_decay, split_targeted
 from rankscope.models import TARGET_LINEARS, LlamaConfig
 from rankscope.nn import LowRankLinear, ParameterizedLinear, replace_linears
 
@@ -52,7 +52,7 @@ def two_group_adamw(
         {"params": outside, "name": "other"},
         *(extra_groups or []),
     ]
-    groups = [g for g in groups if g["params"]]
+    groups = scope_weight_decay([g for g in groups if g["params"]], model, optim.weight_decay_scope)
     return torch.optim.AdamW(
         groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
     )
@@ -75,9 +75,10 @@ class LowRank(Method):
 
     @classmethod
     def optim_defaults(cls, preset: str) -> OptimDefaults:
-        # LORO paper's low-rank baseline: the GaLore-era harness, AdamW lr 1e-3, wd 0, clip 1.0.
-        # The same lr trains the tiny preset (checked with 300-step runs).
-        return OptimDefaults(lr=1e-3, weight_decay=0.0, eps=1e-8, grad_clip=1.0)
+        # The LORO paper reprints GaLore's low-rank numbers; GaLore's harness (torchrun_main.py:
+        # --grad_clipping default 0.0, no script sets it) and LORO's own (run_c4.py, same default)
+        # do not clip. AdamW lr 1e-3, wd 0; the same lr trains the tiny preset.
+        return OptimDefaults(lr=1e-3, weight_decay=0.0, eps=1e-8, grad_clip=0.0)
 
     def validate(self) -> None:
         validate_targets_and_rank(self.settings.targets, self.settings.rank, self.model_config)

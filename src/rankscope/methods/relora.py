@@ -1,21 +1,30 @@
 """ReLoRA: LoRA with periodic merges, so a sum of rank-r updates can build a high-rank weight.
 
-W = W0 + s·B·A (s = α/r), W0 frozen. Every `reset_every` steps: W0 += s·B·A, A re-drawn
-Kaiming-uniform, B = 0 (the model's function is unchanged), and the Adam moments of A and B are
-pruned (random 99.9% by default) so the fresh adapters are not pushed along the old directions.
-The LR is a jagged cosine: after every reset it re-warms linearly over `restart_warmup` updates
-to the cosine envelope. Unlike the official code (A = B = 0 at start, so the first cycle gets no
-gradient), A starts Kaiming-uniform and B at zero.
+W = W0 + s·B·A (s = α/r, or tanh(c) with `trainable_scaling`), W0 frozen, dropout on the
+adapter input. Defaults reproduce the official harness (Guitaricet/relora torchrun_main.py
+@176f376, peft_pretraining/relora.py, training_utils.py); every setting and its source is listed
+in docs/methods.md. Two periods:
 
-Optional full-rank warm start (`warm_start_steps` > 0). W0 is trainable from the start, in its
-own param group ("warm_start_dense"), together with the adapters and the dense parameters: for
-the first `warm_start_steps` updates the model trains as a dense model (A and B add nothing the
-dense W0 could not, and they are merged at the switch). After update number `warm_start_steps`
-`after_step` switches to ReLoRA: W0 is frozen (requires_grad False, so it gets no gradient and
-AdamW skips it), its Adam state is deleted, and the switch counts as a reset (merge, re-init,
-state pruning, LR re-warm). Later resets follow every `reset_every` steps after the switch.
-The W0 group stays in the optimizer (empty of state) so the param-group layout, and hence
-checkpoints, are the same before and after the switch; on resume `load_state_dict` re-freezes W0.
+- `reset_every` (official --relora): merge W0 += s·B·A, A re-drawn Kaiming-uniform, B = 0.
+- `cycle_length` (official --cycle_length, default = reset_every): the LR re-warms linearly over
+  `restart_warmup` steps, and the Adam moments of A and B are pruned (random 99.9% by default).
+
+Timing (`schedule="official"`): the harness steps its scheduler after each update, so update k
+uses the scheduler value λ(k - 1). λ is 0 at every restart point p = m·cycle_length, so updates
+1 and p + 1 run at lr 0, and the merge / pruning of point p follows update p + 1. No merge follows
+the last update, so the final checkpoint holds trained adapters, as the official one does.
+`schedule="shifted"` is rankscope's earlier variant: update k uses λ(k) with the restart point
+keeping the envelope's lr, and the work of point p follows update p (no update is spent at lr 0).
+
+Initial A: the official wrapper zeroes A (`initial_a="zero"`), so A and B get no gradient until
+the first merge re-draws A; `initial_a="kaiming"` trains the adapters from the start.
+
+Optional full-rank warm start (`warm_start_steps` > 0, a rankscope option: the official code
+warm-starts from a separate full-rank run). W0 is trainable from the start, in its own param
+group ("warm_start_dense"); the switch to ReLoRA is restart point `warm_start_steps`: W0 is
+frozen (requires_grad False, so AdamW skips it), its Adam state is deleted, and the adapters are
+merged, re-drawn and pruned. Later points follow every reset_every / cycle_length steps after
+it. The W0 group stays in the optimizer (empty of state) so checkpoints have one layout.
 
 Every random draw in `after_step` (the re-init of A and the random pruning) comes from a
 torch.Generator seeded from the run's seed and the step, never from global state, so a resumed
@@ -32,19 +41,20 @@ from torch import nn
 
 from rankscope.methods._targets import literature_rank
 from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require
-from rankscope.methods.lora import LORA_ALPHA, lora_parameterize, validate_lora
+from rankscope.methods.lora import LORA_ALPHA, LORA_DROPOUT, lora_parameterize, validate_lora
 from rankscope.methods.lowrank import default_targets, two_group_adamw
 from rankscope.models import LlamaConfig
 from rankscope.nn import LoRALinear
 from rankscope.optim import prune_adam_state
 from rankscope.optim.prune import PRUNE_MODES
-from rankscope.optim.schedules import cosine_with_warmup
+from rankscope.optim.schedules import jagged_cosine
 
 # The geometric study's reset periods (1000 / 5000 / 5000 steps at 60M / 130M / 350M); 1B and 7B
 # keep the 350M value, 20m the 60M value. Tiny runs are a few hundred steps: reset every 100.
 RESET_EVERY = {"tiny": 100, "20m": 1000, "60m": 1000, "130m": 5000, "350m": 5000, "1b": 5000, "7b": 5000}
-# ReLoRA's restart warmup is 100 steps at every scale; tiny re-warms over 10 (10% of its cycle).
+# ReLoRA's restart warmup is 100 steps in its scripts; tiny re-warms over 10 (10% of its cycle).
 RESTART_WARMUP = {"tiny": 10}
+RELORA_SCHEDULES = ("official", "shifted")
 
 
 @dataclass
@@ -52,9 +62,15 @@ class ReLoRASettings:
     rank: int = 128
     alpha: float = LORA_ALPHA
     reset_every: int = 1000
+    # Steps between LR re-warms and optimizer-state pruning; None = reset_every (as the scripts).
+    cycle_length: int | None = None
     restart_warmup: int = 100
     prune_ratio: float = 0.999
     prune_mode: str = "random"
+    initial_a: str = "zero"
+    dropout: float = LORA_DROPOUT
+    trainable_scaling: bool = False
+    schedule: str = "official"
     warm_start_steps: int = 0
     targets: list[str] = field(default_factory=default_targets)
 
@@ -69,6 +85,7 @@ class ReLoRA(Method):
         self._layers: list[LoRALinear] = []
         self._seed = 0  # drawn in parameterize from the seeded global RNG; saved for resume
         self._steps_done = 0
+        self._total_steps: int | None = None  # known once the optimizer is built
 
     @classmethod
     def default_settings(cls, preset: str, model_config: LlamaConfig) -> ReLoRASettings:
@@ -81,7 +98,7 @@ class ReLoRA(Method):
     @classmethod
     def optim_defaults(cls, preset: str) -> OptimDefaults:
         # Geometric study / ReLoRA paper: lr 1e-3 at 60M and 130M, 5e-4 from 350M up (1B and 7B
-        # keep the 350M value); wd 0, clip 1.0 as ReLoRA's script. Tiny trains well with 1e-3.
+        # keep the 350M value); wd 0; ReLoRA's torchrun_main --clip_grad_norm default 1.0.
         lr = 5e-4 if preset in ("350m", "1b", "7b") else 1e-3
         return OptimDefaults(lr=lr, weight_decay=0.0, eps=1e-8, grad_clip=1.0)
 
@@ -89,13 +106,21 @@ class ReLoRA(Method):
         s = self.settings
         validate_lora(s, self.model_config)
         require(s.reset_every >= 1, f"method.reset_every {s.reset_every} must be at least 1; e.g. 1000")
+        require(s.cycle_length is None or s.cycle_length >= 1,
+                f"method.cycle_length {s.cycle_length} must be at least 1 (or null = reset_every)")
         require(
-            0 <= s.restart_warmup <= s.reset_every,
-            f"method.restart_warmup {s.restart_warmup} must be in [0, reset_every={s.reset_every}]; e.g. 100",
+            0 <= s.restart_warmup <= self.cycle_length,
+            f"method.restart_warmup {s.restart_warmup} must be in [0, cycle_length={self.cycle_length}]; e.g. 100",
         )
         require(0.0 <= s.prune_ratio <= 1.0, f"method.prune_ratio {s.prune_ratio} must be in [0, 1]; e.g. 0.999")
         require(s.prune_mode in PRUNE_MODES, f"method.prune_mode {s.prune_mode!r} must be one of {', '.join(PRUNE_MODES)}")
+        require(s.schedule in RELORA_SCHEDULES,
+                f"method.schedule {s.schedule!r} must be one of {', '.join(RELORA_SCHEDULES)}")
         require(s.warm_start_steps >= 0, f"method.warm_start_steps {s.warm_start_steps} must be >= 0 (0 = no warm start)")
+
+    @property
+    def cycle_length(self) -> int:
+        return self.settings.cycle_length or self.settings.reset_every
 
     # -- model and optimizer -----------------------------------------------------------------
     def parameterize(self, model: nn.Module) -> nn.Module:
@@ -109,69 +134,80 @@ class ReLoRA(Method):
         return model
 
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
+        self._total_steps = optim.total_steps
         extra = []
         if self.settings.warm_start_steps > 0:
             dense = [m.weight for m in model.modules() if isinstance(m, LoRALinear)]
             extra.append({"params": dense, "name": "warm_start_dense"})
         return two_group_adamw(model, optim, extra)
 
-    # -- schedule ----------------------------------------------------------------------------
-    def _first_reset(self) -> int:
-        warm = self.settings.warm_start_steps
-        return warm if warm > 0 else self.settings.reset_every
+    # -- timing ---------------------------------------------------------------------------------
+    @property
+    def _offset(self) -> int:
+        """Update k uses scheduler step k - offset, and the work of point p follows update p + offset."""
+        return 1 if self.settings.schedule == "official" else 0
+
+    def _latest_point(self, index: int, period: int) -> int | None:
+        """The last point (restart or merge) at or before scheduler step `index`: the warm-start
+        switch, then every `period` steps after it (every `period` steps from 0 without one)."""
+        origin = self.settings.warm_start_steps
+        first = origin if origin > 0 else period
+        if index < first:
+            return None
+        return origin + (index - origin) // period * period
+
+    def _is_point(self, index: int, period: int) -> bool:
+        return self._latest_point(index, period) == index
 
     def is_reset_step(self, steps_done: int) -> bool:
-        """Whether a reset (merge + re-init + pruning) follows the update that completes `steps_done`."""
-        first = self._first_reset()
-        return steps_done >= first and (steps_done - first) % self.settings.reset_every == 0
-
-    def _last_reset_before(self, update: int) -> int | None:
-        """The last reset that happened before update number `update` (1-based), or None."""
-        first = self._first_reset()
-        done = update - 1  # updates completed before this one
-        if done < first:
-            return None
-        return first + (done - first) // self.settings.reset_every * self.settings.reset_every
+        """Whether a merge (and re-init of A and B) follows the update that completes `steps_done`."""
+        if self._total_steps is not None and steps_done >= self._total_steps:
+            return False  # never after the last update: the final checkpoint keeps its adapters
+        return self._is_point(steps_done - self._offset, self.settings.reset_every)
 
     def lr_multiplier(self, step: int, optim: ResolvedOptim) -> float:
-        """Multiplier for update number `step` (1-based): the cosine with warmup, re-warmed after
-        every reset. A reset R happens in after_step(R), after update R; updates R + j for
-        j = 1 .. restart_warmup get j / restart_warmup of the envelope's value at R + restart_warmup,
-        then the envelope resumes. This is ReLoRA's jagged cosine aligned with the trainer's 1-based update index: update R
-        itself keeps the envelope's lr (the reference's schedule would zero it, wasting the last
-        update before the merge) and the first update
-        after the merge gets the first non-zero re-warm value, as the first update of a run gets
-        1 / warmup_steps. With a warm start the resets follow the switch."""
-        envelope = cosine_with_warmup(step, optim.total_steps, optim.warmup_steps, optim.min_lr_ratio)
-        rewarm = self.settings.restart_warmup
-        last = self._last_reset_before(step)
-        if step < optim.warmup_steps or last is None or step - last >= rewarm:
-            return envelope
-        target = cosine_with_warmup(last + rewarm, optim.total_steps, optim.warmup_steps, optim.min_lr_ratio)
-        return (step - last) / rewarm * target
+        """Multiplier for update number `step` (1-based): ReLoRA's jagged cosine (see the module
+        docstring for which scheduler step an update uses)."""
+        index = step - self._offset
+        return jagged_cosine(
+            index, optim.total_steps, optim.warmup_steps, optim.min_lr_ratio,
+            restart=self._latest_point(index, self.cycle_length), restart_warmup=self.settings.restart_warmup,
+            zero_at_restart=self.settings.schedule == "official",
+        )
 
     # -- periodic work -------------------------------------------------------------------------
     def reset_generator(self, steps_done: int) -> torch.Generator:
         # Mix seed and step (golden-ratio multiplier) so nearby seeds and steps give unrelated streams.
         return torch.Generator().manual_seed((self._seed + steps_done * 0x9E3779B97F4A7C15) % 2**63)
 
+    def _switch_step(self) -> int | None:
+        warm = self.settings.warm_start_steps
+        return warm + self._offset if warm > 0 else None
+
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self._steps_done = step
-        if not self.is_reset_step(step):
+        if self._total_steps is not None and step >= self._total_steps:
+            return
+        index = step - self._offset
+        merge = self._is_point(index, self.settings.reset_every)
+        prune = self._is_point(index, self.cycle_length)
+        if not (merge or prune):
             return
         layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-        if self.settings.warm_start_steps > 0 and step == self.settings.warm_start_steps:
+        if step == self._switch_step():
             self._end_warm_start(layers, optimizer)
         generator = self.reset_generator(step)
-        for layer in layers:
-            layer.merge_and_reinit(generator)
-        prune_adam_state(
-            optimizer,
-            [p for layer in layers for p in (layer.A, layer.B)],
-            ratio=self.settings.prune_ratio,
-            mode=self.settings.prune_mode,
-            generator=generator,
-        )
+        if merge:
+            for layer in layers:
+                layer.merge_and_reinit(generator)
+        if prune:
+            prune_adam_state(
+                optimizer,
+                [p for layer in layers for p in (layer.A, layer.B)],
+                ratio=self.settings.prune_ratio,
+                mode=self.settings.prune_mode,
+                generator=generator,
+            )
 
     @staticmethod
     def _end_warm_start(layers: list[LoRALinear], optimizer: torch.optim.Optimizer | None) -> None:
@@ -187,7 +223,7 @@ class ReLoRA(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._seed = int(state["seed"])
         self._steps_done = int(state["steps_done"])
-        warm = self.settings.warm_start_steps
-        if warm > 0 and self._steps_done >= warm:
+        switch = self._switch_step()
+        if switch is not None and self._steps_done >= switch:
             # The optimizer state loaded from the checkpoint already lacks W0's moments.
             self._end_warm_start(self._layers, None)

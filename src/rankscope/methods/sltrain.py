@@ -21,10 +21,12 @@ from rankscope.models import LlamaConfig
 from rankscope.nn import SparsePlusLowRankLinear, replace_linears
 from rankscope.nn.sparse import support_size
 
-# SLTrain's α per scale (paper / official configs: 32/16/16/8 at 60M/130M/350M/1B). Smaller
-# presets use 32 like 60M; 7B keeps the 1B value.
+# SLTrain's α and sparsity per scale (andyjm3/SLTrain scripts/llm_pretrain/sltrain*.sh:
+# --lora_alpha 32/16/16/8/8, --sp_ratio 0.03 up to 1B and 0.05 at 7B). Smaller presets use the
+# 60M values.
 SLTRAIN_ALPHA = {"60m": 32.0, "130m": 16.0, "350m": 16.0, "1b": 8.0, "7b": 8.0}
 SLTRAIN_DENSITY = 0.03
+SLTRAIN_DENSITY_BY_PRESET = {"7b": 0.05}
 
 
 @dataclass
@@ -32,6 +34,8 @@ class SLTrainSettings:
     rank: int = 128
     alpha: float = 32.0
     density: float = SLTRAIN_DENSITY
+    # s = tanh(c) with a trained scalar c starting at 1 instead of α/r (SLTrain's --train_scaling).
+    trainable_scaling: bool = False
     targets: list[str] = field(default_factory=default_targets)
 
 
@@ -42,13 +46,17 @@ class SLTrain(Method):
 
     @classmethod
     def default_settings(cls, preset: str, model_config: LlamaConfig) -> SLTrainSettings:
-        return SLTrainSettings(rank=literature_rank(preset, model_config), alpha=SLTRAIN_ALPHA.get(preset, 32.0))
+        return SLTrainSettings(
+            rank=literature_rank(preset, model_config),
+            alpha=SLTRAIN_ALPHA.get(preset, 32.0),
+            density=SLTRAIN_DENSITY_BY_PRESET.get(preset, SLTRAIN_DENSITY),
+        )
 
     @classmethod
     def optim_defaults(cls, preset: str) -> OptimDefaults:
-        # SLTrain paper: AdamW lr 3e-3 at every scale, wd 0, clip 1.0 (GaLore-era harness);
-        # 3e-3 also trains the tiny preset.
-        return OptimDefaults(lr=3e-3, weight_decay=0.0, eps=1e-8, grad_clip=1.0)
+        # SLTrain's harness (torchrun_main.py + scripts): torch AdamW lr 3e-3 at every scale, wd 0,
+        # --grad_clipping default 0.0 (only the 7B script clips, at 1.0); 3e-3 trains tiny too.
+        return OptimDefaults(lr=3e-3, weight_decay=0.0, eps=1e-8, grad_clip=1.0 if preset == "7b" else 0.0)
 
     def validate(self) -> None:
         s = self.settings
@@ -70,7 +78,9 @@ class SLTrain(Method):
         replace_linears(
             model,
             # generator=None: supports and values come from the seeded global RNG.
-            lambda name, linear: SparsePlusLowRankLinear.from_linear(linear, s.rank, s.alpha, s.density, name=name),
+            lambda name, linear: SparsePlusLowRankLinear.from_linear(
+                linear, s.rank, s.alpha, s.density, trainable_scaling=s.trainable_scaling, name=name
+            ),
             s.targets,
         )
         return model

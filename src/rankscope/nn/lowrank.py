@@ -10,7 +10,13 @@ from rankscope.errors import ConfigError
 
 from .base import ParameterizedLinear, check_from_linear, seeded_init_
 
-LOWRANK_INITS = ("xavier",)
+# How the factors start:
+#   xavier_normal   each factor N(0, 2 / (fan_in + fan_out)): LORO-main's LowRankLinear ("xavier").
+#   xavier_uniform  each factor U(±√(6 / (fan_in + fan_out))): the same variance, uniform.
+#   xavier          rankscope's earlier name for xavier_uniform (kept so older run configs load).
+#   dense_svd       the balanced rank-r truncated SVD of the dense layer's own init,
+#                   B = U_r·√Σ_r, A = √Σ_r·V_rᵀ: NVIDIA Spectron's _initialize_state.
+LOWRANK_INITS = ("xavier_normal", "xavier_uniform", "xavier", "dense_svd")
 
 
 class LowRankLinear(ParameterizedLinear):
@@ -25,8 +31,9 @@ class LowRankLinear(ParameterizedLinear):
         in_features: int,
         out_features: int,
         rank: int,
-        init: str = "xavier",
+        init: str = "xavier_uniform",
         *,
+        dense_weight: torch.Tensor | None = None,
         name: str = "",
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
@@ -38,30 +45,48 @@ class LowRankLinear(ParameterizedLinear):
         self.init = init
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.reset_parameters(generator)
+        if init == "dense_svd":
+            if dense_weight is None:
+                raise ConfigError("the dense_svd init factorizes a dense weight; build the layer with "
+                                  "LowRankLinear.from_linear(linear, rank, 'dense_svd')")
+            self.init_from_dense(dense_weight)
+        else:
+            self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        # Xavier-uniform on each factor, as the LORO paper's low-rank baseline and LORO itself.
-        seeded_init_(self.B, nn.init.xavier_uniform_, generator)
-        seeded_init_(self.A, nn.init.xavier_uniform_, generator)
+        """Xavier init of both factors (B first), normal or uniform per `init`."""
+        draw = nn.init.xavier_normal_ if self.init == "xavier_normal" else nn.init.xavier_uniform_
+        seeded_init_(self.B, draw, generator)
+        seeded_init_(self.A, draw, generator)
+
+    @torch.no_grad()
+    def init_from_dense(self, weight: torch.Tensor) -> None:
+        """B = U_r·√Σ_r, A = √Σ_r·V_rᵀ from the SVD of `weight` (computed in fp32 or wider)."""
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        u, sigma, vh = torch.linalg.svd(weight.to(compute), full_matrices=False)
+        root = sigma[: self.rank].sqrt()
+        self.B.copy_(u[:, : self.rank] * root)
+        self.A.copy_(root.unsqueeze(1) * vh[: self.rank])
 
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
         rank: int,
-        init: str = "xavier",
+        init: str = "xavier_uniform",
         *,
         name: str = "",
         generator: torch.Generator | None = None,
     ) -> "LowRankLinear":
-        """A fresh layer with the shape, device and dtype of ``linear`` (its values are not used)."""
+        """A fresh layer with the shape, device and dtype of ``linear``; its values are used only by
+        the dense_svd init."""
         check_from_linear(linear)
         return cls(
             linear.in_features,
             linear.out_features,
             rank,
             init,
+            dense_weight=linear.weight.detach() if init == "dense_svd" else None,
             name=name,
             generator=generator,
             device=linear.weight.device,

@@ -94,13 +94,15 @@ class _SparsePlusLowRankMatmul(torch.autograd.Function):
 
 
 def support_size(density: float, in_features: int, out_features: int) -> int:
-    return round(density * in_features * out_features)
+    """SLTrain's int(sp_ratio · out · in): the product rounded down."""
+    return int(density * in_features * out_features)
 
 
 class SparsePlusLowRankLinear(ParameterizedLinear):
-    """SLTrain's layer: y = x·(s·B·A + S)ᵀ, s = α/r.
+    """SLTrain's layer: y = x·(s·B·A + S)ᵀ, s = α/r, or s = tanh(c) for a trained scalar c that
+    starts at 1 with ``trainable_scaling`` (SLTrain's --train_scaling).
 
-    S lives on a fixed, uniformly random support of round(δ·out·in) positions drawn without
+    S lives on a fixed, uniformly random support of int(δ·out·in) positions drawn without
     replacement at init. The flattened positions are the persistent buffer ``sparse_index``
     (int32 below 2^31 entries, so a checkpoint restores the same support); only
     ``sparse_values`` train. A starts Kaiming-uniform, B at zero, values U(±1/√in).
@@ -114,6 +116,7 @@ class SparsePlusLowRankLinear(ParameterizedLinear):
         alpha: float = 32.0,
         density: float = 0.03,
         *,
+        trainable_scaling: bool = False,
         name: str = "",
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
@@ -140,6 +143,9 @@ class SparsePlusLowRankLinear(ParameterizedLinear):
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
         self.sparse_values = nn.Parameter(torch.empty(n_support, device=device, dtype=dtype))
+        self.scaling = (
+            nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if trainable_scaling else None
+        )
         index_dtype = torch.int32 if n_entries < 2**31 else torch.int64
         self.register_buffer(
             "sparse_index", torch.empty(n_support, dtype=index_dtype, device=device), persistent=True
@@ -169,6 +175,7 @@ class SparsePlusLowRankLinear(ParameterizedLinear):
         alpha: float = 32.0,
         density: float = 0.03,
         *,
+        trainable_scaling: bool = False,
         name: str = "",
         generator: torch.Generator | None = None,
     ) -> "SparsePlusLowRankLinear":
@@ -180,17 +187,36 @@ class SparsePlusLowRankLinear(ParameterizedLinear):
             rank,
             alpha,
             density,
+            trainable_scaling=trainable_scaling,
             name=name,
             generator=generator,
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # A checkpoint's support is data, so its size wins: runs saved before rankscope followed
+        # SLTrain's int(δ·out·in) drew round(δ·out·in) positions. The tensors are resized in
+        # place, so an optimizer built on this layer keeps pointing at its parameters.
+        index = state_dict.get(prefix + "sparse_index")
+        if index is not None and index.numel() != self.sparse_index.numel():
+            self.sparse_index = torch.empty(index.shape, dtype=index.dtype, device=self.sparse_index.device)
+            self.sparse_values.data = self.sparse_values.data.new_empty(index.numel())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _scaled_A(self) -> tuple[torch.Tensor, float]:
+        """(A, s) for the product s·B·A; a trainable scale is folded into A, as SLTrain does."""
+        if self.scaling is None:
+            return self.A, self.scale
+        return self.A * self.scaling.tanh(), 1.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SparsePlusLowRankMatmul.apply(x, self.A, self.B, self.sparse_values, self.sparse_index, self.scale)
+        A, scale = self._scaled_A()
+        return _SparsePlusLowRankMatmul.apply(x, A, self.B, self.sparse_values, self.sparse_index, scale)
 
     def effective_weight(self) -> torch.Tensor:
-        dense = self.scale * (self.B @ self.A)
+        A, scale = self._scaled_A()
+        dense = scale * (self.B @ A)
         flat = dense.reshape(-1).index_add(0, self.sparse_index, self.sparse_values.to(dense.dtype))
         return flat.view(self.out_features, self.in_features)
 

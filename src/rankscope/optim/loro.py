@@ -1,33 +1,39 @@
 """LORO: low-rank Riemannian optimizer (seeds/003, Proposition 4 and Algorithm 2).
 
 W = B @ A with B (d_out x r) and A (r x d_in) are trained on the manifold of rank-r matrices.
+The official implementation is LORO-main's LOROAdamW (loro_torch/loro_optim.py); this one is
+the same optimizer, step for step.
 
 `exact_step` is the exact Riemannian step W' = SVD_r(W - lr * P_T(grad W)), computed from B, A
 and their gradients only: QR of B and Aᵀ, the tangent step assembled without any d x d matrix,
 an SVD of a 2r x 2r matrix, and a balanced retraction (B'ᵀB' = A'A'ᵀ = Σ).
 
-`LoroAdamW` runs Adam on the factors and, every K steps, the exact step:
+`LoroAdamW`, per step, with lr the group's lr and t each tensor's bias-correction step:
 
-- approximate steps (paper eq. 11, "B <- B - lr (r/d) grad_B, A <- A - lr (r/d) grad_A", with
-  the gradients replaced by their Adam-normalized form as the paper's Algorithm 1 and official
-  code do):
-      X <- X * (1 - lr_eff * weight_decay)
-      X <- X - lr_eff * c * sqrt(1 - beta2^t) / (1 - beta1^t) * m_X / (sqrt(v_X) + eps)
-  with lr_eff = group lr * rewarm multiplier and c = `lr_scale` if given, else r / `d_model`
-  if given, else r / max(d_out, d_in) of the pair (the official code's fallback).
-- exact steps, at optimizer steps K, 2K, ... (counted from 1): the moments are updated with the
-  step's gradient, then `exact_step` is applied with directions D_X = m_X / (sqrt(v_X) + eps)
-  (`exact_direction="adam"`, the official code) or the raw gradients (`"grad"`, the paper's
-  Algorithm 2), and lr = lr_eff * exact_lr_scale * sqrt(1 - beta2^t) / (1 - beta1^t) for "adam",
-  lr_eff * exact_lr_scale for "grad". No c and no weight decay on the exact step. Afterwards
-  every factor of the group has its Adam moments and bias-correction step zeroed, and the
-  group's lr is re-warmed linearly: the next `rewarm_steps` steps use multipliers
-  1/R, 2/R, ..., 1 (R = rewarm_steps), on top of whatever lr the scheduler set.
+- every tensor's Adam moments advance HF-style: m <- β1 m + (1-β1) g, v <- β2 v + (1-β2) g²,
+  N = m / (sqrt(v) + eps), step size η_t = lr * sqrt(1 - β2^t) / (1 - β1^t) (eps sits outside
+  the bias correction, as in the official optimizer).
+- plain groups (embeddings, norms, head): p <- p - η_t N, then p <- p - lr * weight_decay * p.
+- factor groups (`factor_pairs=True`), approximate steps (paper eq. 11, with the gradients
+  replaced by their Adam-normalized form as Algorithm 1 and the official code do):
+      X <- X - η_t * c * N_X,   then X <- X - η_t * weight_decay * X
+  with c = `lr_scale` if given, else r / `d_model` if given, else r / max(d_out, d_in).
+- factor groups, exact steps at the group's steps K, 2K, ... (counted from 1, K = exact_every):
+  `exact_step` with directions D_X = N_X and lr η_t * exact_lr_scale (`exact_direction="adam"`,
+  the official code) or the raw gradients and lr * exact_lr_scale (`"grad"`, the paper's
+  Algorithm 2). No c and no weight decay on the exact step.
+- refresh, after the group's steps R, 2R, ... (R = refresh_every, default K): the Adam moments
+  and bias-correction steps are zeroed for the tensors named by `refresh`: "all" (every tensor
+  the optimizer holds, as the official scripts' --loro_refresh all), "factors" (this group's:
+  official "lrk"), "dense" (the plain groups': official "reg") or "none".
+
+The learning-rate re-warm after a refresh belongs to the schedule (the official cosine_restart
+re-warms every group), so it lives in `rankscope.optim.schedules`, not here.
 
 Group keys for factor groups: factor_pairs=True, params ordered [B0, A0, B1, A1, ...];
-exact_every (K, int >= 1, default 500); rewarm_steps (int >= 0, default 5); lr_scale or d_model;
-exact_lr_scale (default 1.0); exact_direction ("adam" | "grad", default "adam").
-Other groups are torch.optim.AdamW.
+exact_every (K, int >= 1, default 500); refresh ("all" | "factors" | "dense" | "none", default
+"all"); refresh_every (int >= 1, default K); lr_scale or d_model; exact_lr_scale (default 1.0);
+exact_direction ("adam" | "grad", default "adam").
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from rankscope.optim._base import (
 )
 
 EXACT_DIRECTIONS = ("adam", "grad")
+REFRESH_SCOPES = ("all", "factors", "dense", "none")
 
 
 def exact_step(
@@ -108,9 +115,9 @@ def validate_factor_group(group: dict[str, Any], method: str) -> None:
 
 
 class LoroAdamW(RankscopeOptimizer):
-    """LORO for groups with `factor_pairs=True`; torch.optim.AdamW for the other groups."""
+    """LORO for groups with `factor_pairs=True`; LORO's own Adam for the other groups."""
 
-    _preserved_state_keys: ClassVar[dict[str, str]] = {"loro_step": "cpu", "rewarm_count": "cpu"}
+    _preserved_state_keys: ClassVar[dict[str, str]] = {"loro_step": "cpu"}
 
     def __init__(
         self,
@@ -126,12 +133,15 @@ class LoroAdamW(RankscopeOptimizer):
         if not group.get("factor_pairs", False):
             return False
         group.setdefault("exact_every", 500)
-        group.setdefault("rewarm_steps", 5)
+        group.setdefault("refresh", "all")
         group.setdefault("exact_lr_scale", 1.0)
         group.setdefault("exact_direction", "adam")
         validate_factor_group(group, "LORO")
         validate_int(group, "exact_every", 1)
-        validate_int(group, "rewarm_steps", 0)
+        group.setdefault("refresh_every", group["exact_every"])
+        validate_int(group, "refresh_every", 1)
+        require(group["refresh"] in REFRESH_SCOPES,
+                f"invalid refresh {group['refresh']!r}: use one of {', '.join(REFRESH_SCOPES)}")
         validate_float(group, "exact_lr_scale", 0.0)
         require(group["exact_direction"] in EXACT_DIRECTIONS,
                 f"invalid exact_direction {group['exact_direction']!r}: use 'adam' or 'grad'")
@@ -159,71 +169,89 @@ class LoroAdamW(RankscopeOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        refreshing = []
         for group in self.param_groups:
             if group.get("factor_pairs", False):
-                self._factor_group_step(group)
+                if self._factor_group_step(group):
+                    refreshing.append(group)
             else:
-                self._plain_adamw_step(group)
+                self._dense_group_step(group)
+        for group in refreshing:  # after every group has stepped, as the official loop refreshes
+            self._refresh(group)
         return loss
 
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def _state(self, p: torch.Tensor, factor: bool) -> dict[str, Any]:
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = new_step_counter()          # bias-correction step, reset by exact steps
-            state["loro_step"] = torch.tensor(0, dtype=torch.int64)   # steps taken, decides exact steps
-            # No re-warm before the first exact step: the scheduler's own warmup covers the start.
-            state["rewarm_count"] = torch.tensor(group["rewarm_steps"], dtype=torch.int64)
+            state["step"] = new_step_counter()  # bias-correction step, zeroed by a refresh
+            if factor:
+                state["loro_step"] = torch.tensor(0, dtype=torch.int64)  # steps taken: decides exact steps
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _factor_group_step(self, group: dict[str, Any]) -> None:
+    def _dense_group_step(self, group: dict[str, Any]) -> None:
+        """The official optimizer's regular step (HF AdamW form, decay after the update)."""
         beta1, beta2 = group["betas"]
-        rewarm_steps = group["rewarm_steps"]
-        exact_happened = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self._state(p, factor=False)
+            state["step"] += 1
+            normalized = update_adam_moments(state, p.grad, beta1, beta2, group["eps"])
+            p.add_(normalized, alpha=-bias_corrected_step_size(group["lr"], beta1, beta2, int(state["step"])))
+            if group["weight_decay"] > 0.0:
+                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def _factor_group_step(self, group: dict[str, Any]) -> bool:
+        """Approximate or exact steps of every pair; True when the group's refresh is due."""
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        refresh_due = False
         for b, a in factor_pairs(group):
             if b.grad is None or a.grad is None:
                 continue
-            state_b, state_a = self._init_state(b, group), self._init_state(a, group)
+            state_b, state_a = self._state(b, factor=True), self._state(a, factor=True)
             for state in (state_b, state_a):
                 state["loro_step"] += 1
-                state["rewarm_count"].clamp_(max=max(rewarm_steps - 1, 0)).add_(1)
                 state["step"] += 1
-            rewarm = int(state_b["rewarm_count"])
-            multiplier = min(1.0, rewarm / rewarm_steps) if rewarm_steps > 0 else 1.0
-            lr_eff = group["lr"] * multiplier
-            step = int(state_b["step"])
-            step_size = bias_corrected_step_size(lr_eff, beta1, beta2, step)
+            taken = int(state_b["loro_step"])
+            step_size = bias_corrected_step_size(lr, beta1, beta2, int(state_b["step"]))
             norm_b = update_adam_moments(state_b, b.grad, beta1, beta2, group["eps"])
             norm_a = update_adam_moments(state_a, a.grad, beta1, beta2, group["eps"])
+            refresh_due |= taken % group["refresh_every"] == 0
 
-            if int(state_b["loro_step"]) % group["exact_every"] == 0:
+            if taken % group["exact_every"] == 0:
                 if group["exact_direction"] == "adam":
-                    direction_b, direction_a, lr = norm_b, norm_a, step_size
+                    direction_b, direction_a, exact_lr = norm_b, norm_a, step_size
                 else:
-                    direction_b, direction_a, lr = b.grad, a.grad, lr_eff
-                new_b, new_a = exact_step(b, a, direction_b, direction_a, lr * group["exact_lr_scale"])
+                    direction_b, direction_a, exact_lr = b.grad, a.grad, lr
+                new_b, new_a = exact_step(b, a, direction_b, direction_a, exact_lr * group["exact_lr_scale"])
                 b.copy_(new_b)
                 a.copy_(new_a)
-                exact_happened = True
                 continue
 
             c = self.approximate_scale(group, b, a)
             for factor, normalized in ((b, norm_b), (a, norm_a)):
-                if group["weight_decay"] > 0.0:
-                    factor.mul_(1.0 - lr_eff * group["weight_decay"])
                 factor.add_(normalized, alpha=-step_size * c)
+                if group["weight_decay"] > 0.0:
+                    factor.add_(factor, alpha=-step_size * group["weight_decay"])
+        return refresh_due
 
-        if exact_happened:
-            self._refresh_factor_states(group)
-
-    def _refresh_factor_states(self, group: dict[str, Any]) -> None:
-        """Zero the Adam moments and bias-correction step of every factor, restart the lr re-warm."""
-        for p in group["params"]:
-            state = self.state[p]
-            if len(state) == 0:
+    def _refresh(self, group: dict[str, Any]) -> None:
+        """Zero the Adam moments and bias-correction steps of the tensors `group["refresh"]` names."""
+        scope = group["refresh"]
+        if scope == "none":
+            return
+        if scope == "factors":
+            tensors = list(group["params"])
+        else:
+            tensors = [p for g in self.param_groups
+                       if scope == "all" or not g.get("factor_pairs", False) for p in g["params"]]
+        for p in tensors:
+            state = self.state.get(p)
+            if not state:
                 continue
             state["step"].zero_()
             state["exp_avg"].zero_()
             state["exp_avg_sq"].zero_()
-            state["rewarm_count"].zero_()

@@ -13,23 +13,37 @@ PRUNE_MODES = ("random", "magnitude")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def quantile_threshold(values: torch.Tensor, ratio: float) -> torch.Tensor:
+    """torch.quantile(values, ratio) with its default linear interpolation, for any size.
+
+    torch.quantile refuses inputs above 16M entries; the two order statistics around the
+    quantile's position ratio·(n - 1) come from kthvalue instead.
+    """
+    flat = values.flatten().float()
+    position = ratio * (flat.numel() - 1)
+    below = int(position)
+    low = torch.kthvalue(flat, below + 1).values
+    if below + 1 >= flat.numel():
+        return low
+    high = torch.kthvalue(flat, below + 2).values
+    return torch.lerp(low, high, position - below)
+
+
 @torch.no_grad()
 def _prune_tensor(tensor: torch.Tensor, ratio: float, mode: str, generator: torch.Generator | None) -> None:
     if mode == "random":
-        # Draw on the generator's device (CPU by default) so a seeded run prunes the same entries
+        # ReLoRA's random_pruning keeps an entry where a uniform draw exceeds the ratio. Drawn on
+        # the generator's device (CPU by default), so a seeded run prunes the same entries
         # wherever the state lives.
         device = generator.device if generator is not None else tensor.device
-        keep = torch.rand(tensor.shape, generator=generator, device=device) >= ratio
+        keep = torch.rand(tensor.shape, generator=generator, device=device) > ratio
         tensor.mul_(keep.to(device=tensor.device, dtype=tensor.dtype))
         return
-    # magnitude: zero every entry at or below the ratio-quantile of |state|. kthvalue instead of
-    # torch.quantile, which refuses tensors above 16M entries.
-    flat = tensor.detach().abs().flatten().float()
-    n_zeroed = int(ratio * flat.numel())
-    if n_zeroed == 0:
-        return
-    threshold = torch.kthvalue(flat, n_zeroed).values
-    tensor.mul_((tensor.abs().float() > threshold).to(tensor.dtype))
+    # magnitude: ReLoRA's magnitude_pruning keeps entries strictly above the ratio-quantile of
+    # |state| (torch.quantile in fp32, cast back to the state's dtype).
+    magnitude = tensor.abs()
+    threshold = quantile_threshold(magnitude, ratio).to(tensor.dtype)
+    tensor.mul_((magnitude > threshold).to(tensor.dtype))
 
 
 def prune_adam_state(
@@ -42,7 +56,7 @@ def prune_adam_state(
     """Zero a `ratio` fraction of exp_avg and exp_avg_sq of each parameter in `params`.
 
     mode "random": each entry is zeroed independently with probability `ratio`.
-    mode "magnitude": the floor(ratio * n) smallest-magnitude entries (and ties with them) are zeroed.
+    mode "magnitude": entries whose magnitude is at or below the ratio-quantile are zeroed.
     Parameters without optimizer state yet are skipped.
     """
     require(isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0,

@@ -66,6 +66,7 @@ def resolve_optim(cfg: RunConfig, method_cls: type[Method]) -> ResolvedOptim:
     return ResolvedOptim(
         lr=pick(o.lr, defaults.lr),
         weight_decay=pick(o.weight_decay, defaults.weight_decay),
+        weight_decay_scope=pick(o.weight_decay_scope, defaults.weight_decay_scope),
         betas=(o.beta1, o.beta2),
         eps=pick(o.eps, defaults.eps),
         grad_clip=pick(o.grad_clip, defaults.grad_clip),

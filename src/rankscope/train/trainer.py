@@ -143,6 +143,9 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         method.load_state_dict(state["method"])
         _set_rng_state(state["rng"])
         start_step = latest.step
+        if state.get("after_step_pending", False):
+            # The checkpoint was written between the update and the method's periodic work.
+            method.after_step(start_step, model, optimizer)
         if dist_info.is_main:
             log.info("resuming %s from step %d", run_dir, start_step)
 
@@ -175,11 +178,12 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
             "config": normalized_config(cfg),  # a resume must run under the same config
         }
 
-    def save(step: int, val: dict | None) -> None:
+    def save(step: int, val: dict | None, after_step_pending: bool) -> None:
         if dist_info.is_main:
             training_state = {
                 "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
                 "method": method.state_dict(), "rng": _rng_state(), "step": step,
+                "after_step_pending": after_step_pending,
             }
             ckpt.save_checkpoint(run_dir, step, model.state_dict(), training_state, meta_for(step, val))
             ckpt.prune_checkpoints(run_dir, t.keep_last_checkpoints, protect=set(t.checkpoint_steps))
@@ -241,7 +245,6 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                method.after_step(step + 1, model, optimizer)
 
             done = step + 1
             step_time = time.perf_counter() - step_start
@@ -261,7 +264,11 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
                             writer.add_scalar(f"train/{key}", record[key], done)
             progress.update(done, record, tokens_per_step / step_time)
             if done in checkpoint_steps:
-                save(done, last_val)
+                save(done, last_val, after_step_pending=finite)
+            if finite:
+                # After the checkpoint, so it holds what the update produced (ReLoRA's adapters
+                # before their merge, as the official code saves them); resume replays it.
+                method.after_step(done, model, optimizer)
 
     wall_time = time.perf_counter() - started
     final_val = last_val if last_val is not None else evaluate()
