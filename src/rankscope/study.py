@@ -113,9 +113,10 @@ def plan_runs(spec: StudySpec) -> list[PlannedRun]:
         if name not in grid.methods:
             raise ConfigError(f"method_overrides names {name!r}, which is not in grid.methods {grid.methods}")
     for name, per_preset in spec.method_preset_overrides.items():
-        if name not in grid.methods or not isinstance(per_preset, dict):
-            raise ConfigError(f"method_preset_overrides names {name!r}: use a method of grid.methods {grid.methods} "
-                              "mapping presets to run config mappings")
+        # Entries for methods outside the grid are allowed: a study file may be run narrowed.
+        if name not in known or not isinstance(per_preset, dict):
+            raise ConfigError(f"method_preset_overrides names {name!r}{did_you_mean(name, known)}: use a registered "
+                              "method mapping presets to run config mappings")
     if REFERENCE_METHOD not in grid.methods:
         raise ConfigError(
             f"the study has no full-rank reference: add {REFERENCE_METHOD!r} to grid.methods "

@@ -311,12 +311,11 @@ def test_loro_separate_mlp_rank_and_xavier_normal_factors():
     assert block.self_attn.q_proj.rank == method.settings.rank == 32 and block.mlp.up_proj.rank == 16
     check_param_groups(model, optimizer)
     # LORO-main's LowRankLinear "xavier" is xavier_normal: N(0, 2 / (fan_in + fan_out)) per factor.
-    torch.manual_seed(0)
-    layer = LowRankLinear(512, 1376, 128, "xavier_normal")
-    for factor in (layer.B, layer.A):
-        expected_std = (2.0 / sum(factor.shape)) ** 0.5
-        assert abs(factor.std().item() / expected_std - 1) < 0.02
-        assert abs(factor.abs().max().item() / expected_std) > 3.5  # normal tails, not uniform's √3 cap
+    layer = block.self_attn.q_proj
+    samples = torch.cat([layer.B.detach().flatten() / (2.0 / sum(layer.B.shape)) ** 0.5,
+                         layer.A.detach().flatten() / (2.0 / sum(layer.A.shape)) ** 0.5])
+    assert abs(samples.std().item() - 1) < 0.03
+    assert samples.abs().max().item() > 3.0  # normal tails; Xavier-uniform stops at √3
 
 
 def test_loro_slim_mlp_recipe_builds_a_dense_narrow_mlp_beside_low_rank_attention(tiny_overrides):
