@@ -20,8 +20,8 @@ from rankscope.methods.base import ResolvedOptim, check_param_groups
 from rankscope.methods.cola import ColaMLP
 from rankscope.models import NotDenseError, build_model, dense_state_dict, get_preset, token_losses
 from rankscope.nn import ColaLinear, LoRALinear, LowRankLinear, SparsePlusLowRankLinear
-from rankscope.optim.schedules import cosine_with_warmup
 from rankscope.nn.sparse import support_size
+from rankscope.optim.schedules import cosine_with_warmup
 from rankscope.train import checkpoint as ckpt
 from rankscope.train import trainer as trainer_module
 from rankscope.train.setup import build_method, build_run_model, resolve_optim

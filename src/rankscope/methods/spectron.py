@@ -21,9 +21,9 @@ from rankscope.methods._targets import literature_rank
 from rankscope.methods.base import OptimDefaults, require
 from rankscope.methods.loro import NativeLowRankMethod
 from rankscope.models import TARGET_LINEARS
+from rankscope.optim import HyperparameterError
 from rankscope.optim import Spectron as SpectronOptimizer
 from rankscope.optim.spectron import NS_COEFFICIENTS, NS_PRECISIONS, POWER_SIDES, check_ns_steps
-from rankscope.optim._base import HyperparameterError
 
 
 @dataclass
