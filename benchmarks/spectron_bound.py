@@ -18,7 +18,7 @@ from rankscope.optim import Spectron
 from rankscope.optim.spectron import newton_schulz
 
 
-def _top_singular(left: torch.Tensor, right: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+def top_singular(left: torch.Tensor, right: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     """(σ₁, u₁, v₁) of left @ right without forming it: two QRs and a small SVD, float64."""
     q_left, r_left = torch.linalg.qr(left.double())
     q_right, r_right = torch.linalg.qr(right.double().T)
@@ -26,23 +26,32 @@ def _top_singular(left: torch.Tensor, right: torch.Tensor) -> tuple[float, torch
     return sigma[0].item(), q_left @ u[:, 0], q_right @ vh[0]
 
 
+def factor_pair(d_out: int, d_in: int, rank: int, scale: float, generator: torch.Generator):
+    """Balanced trainable factors B (d_out x r), A (r x d_in) with σ_i(B·A) = scale / √i."""
+    U = torch.linalg.qr(torch.randn(d_out, rank, generator=generator, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(d_in, rank, generator=generator, dtype=torch.float64))[0]
+    root = (scale / torch.arange(1, rank + 1, dtype=torch.float64).sqrt()).sqrt()
+    return torch.nn.Parameter((U * root).float()), torch.nn.Parameter((root[:, None] * V.T).float())
+
+
+def worst_case_gradient(B: torch.Tensor, A: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """-1e-3 along the top singular pair of B·A, plus 1e-4 Gaussian noise: LLM-sized and aligned."""
+    _, u, v = top_singular(B, A)
+    return -1e-3 * torch.outer(u, v).float() + 1e-4 * torch.randn(B.shape[0], A.shape[1], generator=generator)
+
+
 def measure(d_out: int, d_in: int, rank: int, scale: float, steps: int = 24, lr: float = 1e-2, **keys) -> tuple[float, float, float]:
     g = torch.Generator().manual_seed(d_out + int(scale))
-    U = torch.linalg.qr(torch.randn(d_out, rank, generator=g, dtype=torch.float64))[0]
-    V = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=torch.float64))[0]
-    root = (scale / torch.arange(1, rank + 1, dtype=torch.float64).sqrt()).sqrt()
-    B = torch.nn.Parameter((U * root).float())
-    A = torch.nn.Parameter((root[:, None] * V.T).float())
+    B, A = factor_pair(d_out, d_in, rank, scale, g)
     optimizer = Spectron([{"params": [B, A], "factor_pairs": True, **keys}], lr=lr, weight_decay=0.0)
     group = optimizer.param_groups[0]
     cold, warm, orthogonal = [], [], []
     for step in range(steps):
         B0, A0 = B.detach().clone(), A.detach().clone()
-        _, u, v = _top_singular(B0, A0)
-        G = -1e-3 * torch.outer(u, v).float() + 1e-4 * torch.randn(d_out, d_in, generator=g)
+        G = worst_case_gradient(B0, A0, g)
         B.grad, A.grad = G @ A0.T, B0.T @ G
         optimizer.step()
-        delta, _, _ = _top_singular(torch.cat([B.detach(), -B0], 1), torch.cat([A.detach(), A0], 0))
+        delta, _, _ = top_singular(torch.cat([B.detach(), -B0], 1), torch.cat([A.detach(), A0], 0))
         (cold if step < 3 else warm).append(delta / lr)
         if step in (0, steps - 1):
             for p in (B, A):

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -102,13 +105,14 @@ def test_defaults_are_nvidias():
         "quintic", "bf16", 1, "long")
 
 
-def _low_rank_svd(left: torch.Tensor, right: torch.Tensor):
-    """(σ₁, u₁, v₁) of left @ right for thin left (m x k) and flat right (k x n), from two QRs
-    and a k x k SVD in float64: exact, without forming the m x n product."""
-    q_left, r_left = torch.linalg.qr(left.double())
-    q_right, r_right = torch.linalg.qr(right.double().T)
-    u, sigma, vh = torch.linalg.svd(r_left @ r_right.T)
-    return sigma[0].item(), q_left @ u[:, 0], q_right @ vh[0]
+def _bound_scenario():
+    """benchmarks/spectron_bound.py: the same factor pairs and gradients, so the figures it prints
+    and the checks here cannot drift apart."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "spectron_bound.py"
+    spec = importlib.util.spec_from_file_location("spectron_bound", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("d_out,d_in,rank", [(512, 512, 128), (1376, 512, 128)])
@@ -122,19 +126,15 @@ def test_the_update_of_w_stays_within_lr_to_newton_schulz_precision(d_out, d_in,
     is ||ΔW||₂ <= lr·o·(σ_A + σ_B + ρo) / (σ̂_A + σ̂_B + 1), o = max ||O_X||₂, σ̂ the power-iteration
     estimates: once the warm-started vectors have converged (σ̂ = σ to 1e-3) that is lr·o, with o
     within NVIDIA's quintic band. Measured per step with exact spectral norms."""
+    scenario = _bound_scenario()
     g = torch.Generator().manual_seed(d_out + int(scale))
-    U = torch.linalg.qr(torch.randn(d_out, rank, generator=g, dtype=torch.float64))[0]
-    V = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=torch.float64))[0]
-    root = (scale / torch.arange(1, rank + 1, dtype=torch.float64).sqrt()).sqrt()
-    B = torch.nn.Parameter((U * root).float())
-    A = torch.nn.Parameter((root[:, None] * V.T).float())
+    B, A = scenario.factor_pair(d_out, d_in, rank, scale, g)
     lr = 1e-2
     optimizer = Spectron([{"params": [B, A], "factor_pairs": True}], lr=lr, weight_decay=0.0)
     ratios, ideal = [], []
     for step in range(24):
         B0, A0 = B.detach().clone(), A.detach().clone()
-        _, u, v = _low_rank_svd(B0, A0)
-        G = -1e-3 * torch.outer(u, v).float() + 1e-4 * torch.randn(d_out, d_in, generator=g)
+        G = scenario.worst_case_gradient(B0, A0, g)
         B.grad, A.grad = G @ A0.T, B0.T @ G
         optimizer.step()
         if step % 4 and step < 20:
@@ -148,7 +148,7 @@ def test_the_update_of_w_stays_within_lr_to_newton_schulz_precision(d_out, d_in,
         sigma_a, sigma_b = spectral_norm(A0), spectral_norm(B0)
         used = lr / rho - 1.0  # σ̂_A + σ̂_B
         assert used <= (sigma_a + sigma_b) * (1 + 1e-5)  # power iteration never overestimates
-        delta, _, _ = _low_rank_svd(torch.cat([B.detach(), -B0], 1), torch.cat([A.detach(), A0], 0))
+        delta, _, _ = scenario.top_singular(torch.cat([B.detach(), -B0], 1), torch.cat([A.detach(), A0], 0))
         ratio = delta / lr
         assert ratio <= o * (sigma_a + sigma_b + rho * o) / (used + 1.0) * (1 + 1e-4), step
         assert 0.97 < o < 1.04, step
