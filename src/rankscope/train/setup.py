@@ -83,6 +83,14 @@ def build_method(cfg: RunConfig, model_cfg: LlamaConfig) -> Method:
     return method
 
 
+def check_method_settings(cfg: RunConfig) -> None:
+    """The method's own checks (rank vs layer shapes, ...) on the preset's shapes, before any work.
+
+    The vocabulary is not known before the data is prepared, and no method's checks depend on it.
+    """
+    build_method(cfg, dataclasses.replace(get_preset(cfg.model.preset), **cfg.model.overrides))
+
+
 def build_run_model(cfg: RunConfig, model_cfg: LlamaConfig, seed: int | None = None) -> tuple[nn.Module, Method]:
     """The initial model of a run: dense LLaMA, then the method's parameterization, seeded."""
     method = build_method(cfg, model_cfg)

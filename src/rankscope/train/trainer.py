@@ -39,6 +39,7 @@ from rankscope.train.sidefiles import (
 from rankscope.train.setup import (
     autocast_context,
     build_run_model,
+    check_method_settings,
     evaluate_loss,
     resolve_device,
     resolve_model_config,
@@ -84,6 +85,7 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict[
     run_dir = Path(run_dir)
     device = resolve_device(cfg.train.device)
     resolve_cache_dir(cfg.data)  # a cache path that cannot work fails before the run folder is touched
+    check_method_settings(cfg)  # and so do bad method settings
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
