@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -42,6 +43,13 @@ INVALID = [
      "2-D"),
     ("galore reproject not bool",
      lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 2, "reproject_moments": "yes"}]), "reproject"),
+    ("galore unknown svd", lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 2, "svd": "qr"}]), "svd"),
+    ("galore negative oversample",
+     lambda: GaLoreAdamW([{"params": [matrix(4, 4)], "rank": 2, "svd_oversample": -1}]), "svd_oversample"),
+    ("fira niter float", lambda: FiraAdamW([{"params": [matrix(4, 4)], "rank": 2, "svd_niter": 1.5}]), "svd_niter"),
+    ("galore batched not bool", lambda: GaLoreAdamW([matrix(4, 4)], batched="yes"), "batched"),
+    ("fira left rank >= columns",
+     lambda: FiraAdamW([{"params": [matrix(6, 4)], "rank": 4, "proj_type": "left"}]), "columns"),
     ("fira negative alpha", lambda: FiraAdamW([{"params": [matrix(4, 4)], "rank": 2, "alpha": -1.0}]), "alpha"),
     ("fira full proj", lambda: FiraAdamW([{"params": [matrix(4, 4)], "rank": 2, "proj_type": "full"}]),
      "proj_type"),
@@ -89,9 +97,13 @@ def test_defaults_construct(name: str):
     assert optimizer.param_groups[0]["lr"] > 0
 
 
-# ------------------------------------------------------------- plain groups == torch AdamW
-# LORO's plain groups follow LORO's official optimizer instead (tests/optim/test_optim_loro.py).
-@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "loro"])
+# ------------------------------------------------ plain groups == torch AdamW / the reference
+# LORO's plain groups follow LORO's official optimizer instead (tests/optim/test_optim_loro.py);
+# GaLore's and Fira's follow their packages (below).
+TORCH_ADAMW_PLAIN = ["spectron"]   # its official code steps plain parameters with torch's AdamW
+
+
+@pytest.mark.parametrize("name", TORCH_ADAMW_PLAIN)
 def test_plain_groups_are_bitwise_torch_adamw(name: str):
     torch.manual_seed(0)
     mine = [matrix(5, 4), torch.nn.Parameter(torch.randn(7))]
@@ -111,6 +123,41 @@ def test_plain_groups_are_bitwise_torch_adamw(name: str):
     assert all(not torch.equal(p, q) for p, q in zip(mine, initial))  # the weights really moved
 
 
+def _reference_class(name: str) -> type:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import fira
+        import galore_torch
+    return {"galore": galore_torch.GaLoreAdamW, "fira": fira.FiraAdamW}[name]
+
+
+@pytest.mark.parametrize("name", ["galore", "fira"])
+def test_plain_groups_are_bitwise_the_reference_package(name: str):
+    """galore_torch / fira step parameters without a projection with the HF AdamW form (eps
+    inside before the bias correction, decay after the update); so do ours, to the bit. A group
+    that joins late (other step count) is stepped with its own bias correction."""
+    g = torch.Generator().manual_seed(0)
+    mine = [torch.nn.Parameter(0.02 * torch.randn(5, 4, generator=g)), torch.nn.Parameter(torch.ones(7)),
+            torch.nn.Parameter(0.02 * torch.randn(3, generator=g))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    initial = [p.detach().clone() for p in mine]
+    kwargs = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.1}
+    ours = OPTIMIZERS[name](mine, **kwargs)
+    reference = _reference_class(name)(theirs, no_deprecation_warning=True, **kwargs)
+    for step in range(6):
+        scale = 10.0 ** -(2 + step % 3)  # 1e-2, 1e-3, 1e-4
+        grads = [scale * torch.randn(p.shape, generator=g) for p in mine]
+        for index, (p, q, grad) in enumerate(zip(mine, theirs, grads)):
+            if index == 2 and step < 2:
+                continue  # no gradient yet: this parameter's step count lags the others'
+            p.grad, q.grad = grad.clone(), grad.clone()
+        ours.step()
+        reference.step()
+    for p, q in zip(mine, theirs):
+        assert torch.equal(p, q)
+    assert all(not torch.equal(p, q) for p, q in zip(mine, initial))
+
+
 # -------------------------------------------------------------------- resume bit-identical
 def _setup(name: str, dtype: torch.dtype):
     g = torch.Generator().manual_seed(0)
@@ -119,13 +166,15 @@ def _setup(name: str, dtype: torch.dtype):
         return torch.nn.Parameter(torch.randn(*shape, generator=g).to(dtype))
 
     plain = [p(5), p(3, 4)]
-    if name in ("galore", "galore-reproject", "fira"):
-        special = [p(10, 6), p(5, 9)]
+    if name in ("galore", "galore-reproject", "galore-randomized", "fira", "fira-stacked"):
+        special = [p(10, 6), p(5, 9), p(10, 6)]
         group = {"params": special, "rank": 2, "update_proj_gap": 3}
         if name == "galore-reproject":
             group["reproject_moments"] = True
-        cls = FiraAdamW if name == "fira" else GaLoreAdamW
-        optimizer = cls([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
+        if name == "galore-randomized":
+            group["svd"] = "randomized"
+        cls = FiraAdamW if name.startswith("fira") else GaLoreAdamW
+        optimizer = cls([group, {"params": plain}], lr=1e-2, weight_decay=0.05, batched=name == "fira-stacked")
     else:
         special = [p(8, 3) * 0.3, p(3, 6) * 0.3, p(5, 2) * 0.3, p(2, 7) * 0.3]
         special = [torch.nn.Parameter(t.detach()) for t in special]
@@ -144,7 +193,8 @@ def _grads(params, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
 
 
-RESUME_CASES = [("galore", torch.float32), ("galore-reproject", torch.float32), ("fira", torch.float32),
+RESUME_CASES = [("galore", torch.float32), ("galore-reproject", torch.float32), ("galore-randomized", torch.float32),
+                ("galore", torch.bfloat16), ("fira", torch.float32), ("fira-stacked", torch.float32),
                 ("loro", torch.float32), ("loro", torch.bfloat16), ("spectron", torch.float32),
                 ("spectron", torch.bfloat16)]
 

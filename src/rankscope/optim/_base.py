@@ -1,9 +1,14 @@
 """What every rankscope optimizer shares: validation, plain AdamW groups, tensor-only state.
 
 Each optimizer here treats some parameter groups specially (GaLore's projected weights, LORO's
-and Spectron's factor pairs) and every other group exactly as `torch.optim.AdamW` does. To make
-"exactly" literal, plain groups call torch's own functional AdamW with the same arguments
-`torch.optim.AdamW` would pass, so their parameters are bit-identical to torch's.
+and Spectron's factor pairs) and every other group as a plain AdamW, in one of two published forms:
+- `_plain_adamw_step`: exactly `torch.optim.AdamW` (torch's own functional kernel with the
+  arguments `torch.optim.AdamW` passes, so parameters are bit-identical to torch's);
+- `_reference_adamw_step`: the Hugging Face form that galore_torch 1.0 and fira 1.0.2 use for every
+  parameter (transformers' old AdamW): eps is added to sqrt(v) *before* the bias correction is
+  folded into the step size, so the effective eps is eps / sqrt(1 - beta2^t) (32x larger at t = 1
+  with beta2 0.999), and decoupled weight decay is applied after the update (p -= lr*wd*p) instead
+  of before it (p *= 1 - lr*wd). On gradients of 1e-3 the two forms differ by 3% on the first step.
 
 Optimizer state is tensors only, so `torch.load(weights_only=True)` reads a saved state dict.
 """
@@ -148,6 +153,35 @@ class RankscopeOptimizer(Optimizer):
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
+    @torch.no_grad()
+    def _reference_adamw_step(self, group: dict[str, Any]) -> None:
+        """One step of the galore_torch / fira AdamW on a plain group, multi-tensor.
+
+        Parameters are bucketed by (device, dtype, step count), the step count setting the bias
+        correction; within a bucket every operation is one `torch._foreach_*` call doing, tensor
+        by tensor, what the reference does per parameter (bitwise equal on the CPU).
+        """
+        beta1, beta2 = group["betas"]
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = new_step_counter()
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buckets.setdefault((p.device, p.dtype, int(state["step"])), []).append(p)
+        for (_, _, step), params in buckets.items():
+            states = [self.state[p] for p in params]
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+            directions = adam_directions([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                         [p.grad for p in params], beta1, beta2, group["eps"])
+            torch._foreach_add_(params, directions, alpha=-bias_corrected_step_size(group["lr"], beta1, beta2, step + 1))
+            apply_decoupled_weight_decay(params, group)
+
     # ------------------------------------------------------------------ state handling
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, except keys in `_preserved_state_keys` keep their saved dtype."""
@@ -193,6 +227,30 @@ def update_adam_moments(
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.sqrt().add_(eps)
     return exp_avg / denom
+
+
+def adam_directions(
+    exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], grads: list[torch.Tensor],
+    beta1: float, beta2: float, eps: float,
+) -> list[torch.Tensor]:
+    """`update_adam_moments` for many tensors at once: advance every moment pair with its gradient
+    and return each m / (sqrt(v) + eps), one `torch._foreach_*` call per operation.
+
+    Operation for operation the reference's per-tensor code, so CPU results are bitwise equal.
+    """
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denominators, eps)
+    return torch._foreach_div(exp_avgs, denominators)
+
+
+def apply_decoupled_weight_decay(params: list[torch.Tensor], group: dict[str, Any]) -> None:
+    """p -= lr * weight_decay * p, after the update, as galore_torch / fira / transformers' AdamW."""
+    if group["weight_decay"] > 0.0:
+        torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
 
 
 def state_bytes(optimizer: Optimizer) -> int:

@@ -13,111 +13,82 @@ projected space:
 Note the reference multiplies the projected-back gradient by alpha inside the residual, so S
 keeps (1 - alpha) of the in-subspace part of G; this is reproduced on purpose.
 
-Group keys: rank, update_proj_gap (default 200), alpha (default 1.0, as fira's helper),
-proj_type (std | reverse_std | left | right; fira's "full" cannot broadcast phi and is rejected).
-The limiter is computed on the device (clamp), where the reference's python `max` on a tensor
-forces a host sync per matrix; the values are the same.
+Group keys: those of GaLoreAdamW except `scale`, plus alpha (default 1.0, as fira's helper);
+proj_type std | reverse_std | left | right (fira's "full" cannot broadcast phi and is rejected).
+Groups without `rank` are stepped as fira steps them (the Hugging Face AdamW form, `_base.py`).
+
+Computation (stacks of same-shaped matrices, as in `galore.py`): phi scales whole rows (right
+side) or columns (left side) of the full matrix, and such a scaling commutes with the
+back-projection, so S = G * phi - alpha * back(R * phi) is formed with one GEMM accumulating into
+G * phi, never materialising back(R). The limiter is computed on the device (clamp), where the
+reference's python `max` on a tensor forces a host sync per matrix; the values are the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from rankscope.optim._base import (
-    RankscopeOptimizer,
-    bias_corrected_step_size,
-    new_step_counter,
-    update_adam_moments,
-    validate_float,
-)
-from rankscope.optim.galore import validate_projected_group
-from rankscope.optim.projector import add_projected_back, project, projection_side, refresh_projection_if_due
+from rankscope.optim._base import require, validate_float
+from rankscope.optim.galore import MatrixStack, ProjectedAdamW
+from rankscope.optim.projector import add_projected_back, projection_side
 
 FIRA_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 NORM_GROWTH_LIMIT = 1.01
 NORM_EPS = 1e-8
 
 
-class FiraAdamW(RankscopeOptimizer):
+class FiraAdamW(ProjectedAdamW):
     """AdamW with Fira's projected update plus scaled residual for groups that carry `rank`."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-    ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    method_name = "Fira"
+    proj_types = FIRA_PROJ_TYPES
 
     def _validate_special_group(self, group: dict[str, Any]) -> bool:
         if "rank" not in group:
             return False
         group.setdefault("alpha", 1.0)
-        validate_projected_group(group, "Fira", FIRA_PROJ_TYPES)
+        super()._validate_special_group(group)
         validate_float(group, "alpha", 0.0)
+        for p in group["params"]:
+            rows, cols = p.shape
+            # The reference takes phi's axis from the projected matrix's shape; a left projection
+            # keeping every column (rank >= cols <= rows) flips it onto the rank axis, where phi no
+            # longer broadcasts against the gradient (fira fails with a shape error there, or, on a
+            # square weight, scales its rows by norms taken over columns). Nothing is low-rank there.
+            require(projection_side(p.shape, group["proj_type"]) != "left" or min(group["rank"], rows) < cols,
+                    f"Fira cannot project a {rows} x {cols} weight on the left with rank {group['rank']} >= its "
+                    f"{cols} columns: lower the rank below {cols} or use proj_type std")
         return True
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if "rank" in group:
-                self._fira_group_step(group)
-            else:
-                self._plain_adamw_step(group)
-        return loss
-
-    def _fira_group_step(self, group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
+    def _apply_update(self, group: dict[str, Any], stack: MatrixStack, low: torch.Tensor,
+                      directions: torch.Tensor, step_size: float) -> None:
         alpha = group["alpha"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = new_step_counter()
-            step = int(state["step"])
-            side = projection_side(grad.shape, group["proj_type"])
-            refresh_projection_if_due(grad, state, group, side, step)
-            low_grad = project(grad, state, side)
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(low_grad)
-                state["exp_avg_sq"] = torch.zeros_like(low_grad)
-            state["step"] += 1
-            normalized = update_adam_moments(state, low_grad, beta1, beta2, group["eps"])
-            step_size = bias_corrected_step_size(group["lr"], beta1, beta2, step + 1)
+        projection = stack.projection()
+        # phi along the projected matrix's long axis, as the reference picks it from the shape.
+        axis = -2 if low.shape[-2] < low.shape[-1] else -1
+        phi = torch.linalg.vector_norm(directions, dim=axis, keepdim=True) / (
+            torch.linalg.vector_norm(low, dim=axis, keepdim=True) + NORM_EPS
+        )
+        residual = stack.grads() * phi
+        add_projected_back(residual, low * phi, projection, stack.side, alpha=-alpha)
 
-            # phi: norms along the projected axis, one factor per row (right) / column (left)
-            # of the full matrix. Same axis as the reference wherever the reference runs.
-            norm_dim = 1 if side == "right" else 0
-            phi = torch.linalg.vector_norm(normalized, dim=norm_dim) / (
-                torch.linalg.vector_norm(low_grad, dim=norm_dim) + NORM_EPS
-            )
-            if norm_dim == 1:
-                phi = phi.unsqueeze(1)
-            residual = grad.clone()
-            add_projected_back(residual, low_grad, state, side, alpha=-alpha)
-            residual.mul_(phi)
+        norms = torch.linalg.vector_norm(residual, dim=(-2, -1))
+        previous = [s.get("prev_residual_norm") for s in stack.states]
+        if all(norm is not None for norm in previous):  # set together, at a matrix's first step
+            limiter = torch.clamp(norms / (stack.stack(previous) + NORM_EPS), min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
+            torch._foreach_copy_(previous, stack.unstack(norms / limiter))
+        else:
+            limiter = torch.ones_like(norms)
+            for state, norm in zip(stack.states, stack.unstack(norms)):
+                state["prev_residual_norm"] = norm.clone()
 
-            residual_norm = torch.linalg.vector_norm(residual)
-            if "prev_residual_norm" in state:
-                ratio = residual_norm / (state["prev_residual_norm"] + NORM_EPS)
-                limiter = torch.clamp(ratio, min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
-                residual.div_(limiter)
-                state["prev_residual_norm"].copy_(residual_norm / limiter)
-            else:
-                state["prev_residual_norm"] = residual_norm
-
-            p.add_(residual, alpha=-step_size)
-            add_projected_back(p, normalized, state, side, alpha=-step_size * alpha)
-            if group["weight_decay"] > 0.0:
-                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        if stack.single:
+            param = stack.params[0]
+            param.addcdiv_(residual, limiter, value=-step_size)
+            add_projected_back(param, directions, projection, stack.side, alpha=-step_size * alpha)
+        else:
+            residual.div_(limiter.view(-1, 1, 1))
+            add_projected_back(residual, directions, projection, stack.side, alpha=alpha)
+            torch._foreach_add_(stack.params, stack.unstack(residual), alpha=-step_size)

@@ -10,60 +10,136 @@ N = m / (sqrt(v) + eps) is projected back and scaled:
 The projector is recomputed from the current gradient's SVD at steps 0, T, 2T, ...
 (T = update_proj_gap). Like the reference, the moments are neither reset nor re-projected when
 the projector changes; `reproject_moments=True` carries them into the new basis instead.
+Groups without `rank` are stepped as the reference steps them too (galore_torch's AdamW, the
+Hugging Face form: eps added to sqrt(v) before the bias correction, decay after the update;
+see `_base.py`), not as `torch.optim.AdamW`.
 
 Group keys: rank (int >= 1), update_proj_gap (int >= 1, default 200), scale (float > 0,
 default 1.0), proj_type (std | reverse_std | left | right | full, default std),
-reproject_moments (bool, default False). Groups without `rank` are torch.optim.AdamW.
+reproject_moments (bool, default False), svd (exact | randomized, default exact: the
+reference's), svd_oversample (int >= 0, default 8) and svd_niter (int >= 0, default 2) for the
+randomized refresh.
 
-Numerics vs the reference: identical operations except that back-projection and the final
-update are fused into one `addmm_` (and scale folded into the step size), which avoids a
-full-size temporary; results agree to float rounding (~1e-7 relative).
+How a step is computed (the reference loops over parameters; the numbers are the same to float
+rounding, ~1e-7 relative): the matrices of a group are stepped in stacks of one shape, dtype,
+device, projection side and step count. A stack is projected with one batched matmul, its
+moments advance with multi-tensor (`torch._foreach_*`) operations, and its update is projected
+back with one batched matmul; back-projection and update are fused into one GEMM with
+accumulation (`addmm_`), with `scale` folded into the step size. Stacks hold up to
+`BATCH_BYTES` of gradients on CUDA (fewer, larger kernels); on the CPU a stack is one matrix,
+because a CPU batched matmul is a loop of the same GEMMs and stacking would only add a
+full-size copy (`batched=` overrides the choice).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import abc
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from rankscope.optim._base import (
     RankscopeOptimizer,
+    adam_directions,
+    apply_decoupled_weight_decay,
     bias_corrected_step_size,
     new_step_counter,
     require,
-    update_adam_moments,
     validate_float,
     validate_int,
 )
 from rankscope.optim.projector import (
     PROJ_TYPES,
+    SVD_KINDS,
     add_projected_back,
+    compute_projection,
     project,
+    project_back,
     projection_side,
-    refresh_projection_if_due,
+    projector_keys,
+    reproject_moments,
 )
+
+BATCH_BYTES = 256 * 2**20  # gradient bytes per stack on CUDA: bounds the stacked copy's memory
+PROJECTED_DEFAULTS = {"update_proj_gap": 200, "proj_type": "std", "reproject_moments": False,
+                      "svd": "exact", "svd_oversample": 8, "svd_niter": 2}
+
+
+def group_setting(group: Mapping[str, Any], key: str) -> Any:
+    """A projected group's setting; groups restored from older checkpoints may lack newer keys."""
+    return group.get(key, PROJECTED_DEFAULTS[key])
 
 
 def validate_projected_group(group: dict[str, Any], method: str, proj_types: tuple[str, ...]) -> None:
     """Fill defaults and check the keys shared by GaLore and Fira groups."""
-    group.setdefault("update_proj_gap", 200)
-    group.setdefault("proj_type", "std")
-    group.setdefault("reproject_moments", False)
+    for key, value in PROJECTED_DEFAULTS.items():
+        group.setdefault(key, value)
     validate_int(group, "rank", 1)
     validate_int(group, "update_proj_gap", 1)
     require(group["proj_type"] in proj_types,
             f"invalid proj_type {group['proj_type']!r} for {method}: use one of {', '.join(proj_types)}")
     require(isinstance(group["reproject_moments"], bool),
             f"invalid reproject_moments {group['reproject_moments']!r}: use true or false")
+    require(group["svd"] in SVD_KINDS, f"invalid svd {group['svd']!r} for {method}: use one of {', '.join(SVD_KINDS)}")
+    validate_int(group, "svd_oversample", 0)
+    validate_int(group, "svd_niter", 0)
     for p in group["params"]:
         require(p.dim() == 2,
                 f"{method} projects 2-D weights only, got a parameter of shape {tuple(p.shape)}: "
                 "put it in a group without 'rank'")
 
 
-class GaLoreAdamW(RankscopeOptimizer):
-    """AdamW with GaLore gradient projection for groups that carry `rank`."""
+@dataclass
+class MatrixStack:
+    """Matrices of one group with one shape, dtype, device, projection side and step count.
+
+    Their tensors are handled as one k x ... stack; a stack of one matrix is that matrix itself
+    (2-D, no copy), since a batch-of-one matmul is slower than a plain one on the CPU.
+    """
+
+    params: list[torch.Tensor]
+    states: list[dict[str, Any]]
+    side: str
+    step: int  # steps taken before this one: the projector is refreshed when step % T == 0
+
+    @property
+    def single(self) -> bool:
+        return len(self.params) == 1
+
+    def stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return tensors[0] if self.single else torch.stack(tensors)
+
+    def unstack(self, stacked: torch.Tensor) -> list[torch.Tensor]:
+        return [stacked] if self.single else list(stacked.unbind(0))
+
+    def grads(self) -> torch.Tensor:
+        return self.stack([p.grad for p in self.params])
+
+    def projection(self) -> dict[str, torch.Tensor]:
+        return {key: self.stack([s[key] for s in self.states]) for key in projector_keys(self.side)}
+
+
+def add_back_projection_to_params(
+    stack: MatrixStack, low: torch.Tensor, projection: Mapping[str, torch.Tensor], alpha: float
+) -> None:
+    """params += alpha * back(low): one fused GEMM for one matrix, else one batched GEMM + foreach add."""
+    if stack.single:
+        add_projected_back(stack.params[0], low, projection, stack.side, alpha)
+    else:
+        torch._foreach_add_(stack.params, stack.unstack(project_back(low, projection, stack.side)), alpha=alpha)
+
+
+class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
+    """What GaLoreAdamW and FiraAdamW share: grouping into stacks, refresh, projected Adam moments.
+
+    Subclasses implement `_apply_update`, which receives a stack, its projected gradients R and
+    Adam directions N (both in the projected space) and the step size.
+    """
+
+    method_name: ClassVar[str]
+    proj_types: ClassVar[tuple[str, ...]] = PROJ_TYPES
 
     def __init__(
         self,
@@ -72,15 +148,16 @@ class GaLoreAdamW(RankscopeOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        batched: bool | None = None,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        require(batched is None or isinstance(batched, bool), f"invalid batched {batched!r}: use None, True or False")
+        self.batched = batched  # None: stacks of several matrices on CUDA, one matrix on the CPU
 
     def _validate_special_group(self, group: dict[str, Any]) -> bool:
         if "rank" not in group:
             return False
-        group.setdefault("scale", 1.0)
-        validate_projected_group(group, "GaLore", PROJ_TYPES)
-        validate_float(group, "scale", 0.0, strict=True)
+        validate_projected_group(group, self.method_name, self.proj_types)
         return True
 
     @torch.no_grad()
@@ -91,30 +168,107 @@ class GaLoreAdamW(RankscopeOptimizer):
                 loss = closure()
         for group in self.param_groups:
             if "rank" in group:
-                self._galore_group_step(group)
+                self._projected_group_step(group)
             else:
-                self._plain_adamw_step(group)
+                self._reference_adamw_step(group)
         return loss
 
-    def _galore_group_step(self, group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
+    def _stack_size(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> int:
+        batched = self.batched if self.batched is not None else device.type == "cuda"
+        if not batched:
+            return 1
+        return max(1, BATCH_BYTES // (shape[0] * shape[1] * dtype.itemsize))
+
+    def _stacks(self, group: dict[str, Any]) -> list[MatrixStack]:
+        buckets: dict[tuple, list[torch.Tensor]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
-            grad = p.grad
             state = self.state[p]
             if "step" not in state:
                 state["step"] = new_step_counter()
+            side = projection_side(p.shape, group["proj_type"])
             step = int(state["step"])  # CPU counter: no device sync
-            side = projection_side(grad.shape, group["proj_type"])
-            refresh_projection_if_due(grad, state, group, side, step)
-            low_grad = project(grad, state, side)
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(low_grad)
-                state["exp_avg_sq"] = torch.zeros_like(low_grad)
-            state["step"] += 1
-            normalized = update_adam_moments(state, low_grad, beta1, beta2, group["eps"])
-            step_size = bias_corrected_step_size(group["lr"], beta1, beta2, step + 1)
-            add_projected_back(p, normalized, state, side, alpha=-step_size * group["scale"])
-            if group["weight_decay"] > 0.0:
-                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            buckets.setdefault((tuple(p.shape), p.dtype, p.device, side, step), []).append(p)
+        stacks = []
+        for (shape, dtype, device, side, step), params in buckets.items():
+            size = self._stack_size(shape, dtype, device)
+            for start in range(0, len(params), size):
+                chunk = params[start:start + size]
+                stacks.append(MatrixStack(chunk, [self.state[p] for p in chunk], side, step))
+        return stacks
+
+    def _refresh_if_due(self, group: dict[str, Any], stack: MatrixStack, grads: torch.Tensor) -> None:
+        """New projectors from the SVD of G at steps 0, T, 2T, ... (and wherever one is missing)."""
+        first_key = projector_keys(stack.side)[0]
+        if stack.step % group["update_proj_gap"] == 0:
+            due = list(range(len(stack.states)))
+        else:
+            due = [i for i, s in enumerate(stack.states) if first_key not in s]
+        if not due:
+            return
+        matrices = grads if stack.single or len(due) == len(stack.states) else grads[due]
+        new = compute_projection(
+            matrices, group["rank"], stack.side, svd=group_setting(group, "svd"),
+            oversample=group_setting(group, "svd_oversample"), niter=group_setting(group, "svd_niter"),
+            seed=stack.step,
+        )
+        for row, index in enumerate(due):
+            state = stack.states[index]
+            projection = {key: (value if matrices.dim() == 2 else value[row].clone()) for key, value in new.items()}
+            if group_setting(group, "reproject_moments") and first_key in state and "exp_avg" in state:
+                reproject_moments(state, projection, stack.side)
+            state.update(projection)
+
+    def _projected_group_step(self, group: dict[str, Any]) -> None:
+        """Project every stack, advance all moments together, then update stack by stack.
+
+        Only projected-space tensors (and one stack's gradients at a time) are alive at once.
+        """
+        beta1, beta2 = group["betas"]
+        stacks = self._stacks(group)
+        lows = []
+        for stack in stacks:
+            grads = stack.grads()
+            self._refresh_if_due(group, stack, grads)
+            low = project(grads, stack.projection(), stack.side)
+            for state, low_grad in zip(stack.states, stack.unstack(low)):
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(low_grad)
+                    state["exp_avg_sq"] = torch.zeros_like(low_grad)
+            lows.append(low)
+        states = [s for stack in stacks for s in stack.states]
+        if not states:
+            return
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        directions = iter(adam_directions([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                          [g for stack, low in zip(stacks, lows) for g in stack.unstack(low)],
+                                          beta1, beta2, group["eps"]))
+        for stack, low in zip(stacks, lows):
+            stacked_directions = stack.stack([next(directions) for _ in stack.params])
+            step_size = bias_corrected_step_size(group["lr"], beta1, beta2, stack.step + 1)
+            self._apply_update(group, stack, low, stacked_directions, step_size)
+            apply_decoupled_weight_decay(stack.params, group)
+
+    @abc.abstractmethod
+    def _apply_update(self, group: dict[str, Any], stack: MatrixStack, low: torch.Tensor,
+                      directions: torch.Tensor, step_size: float) -> None:
+        """Move the stack's parameters (weight decay follows, applied by the caller)."""
+
+
+class GaLoreAdamW(ProjectedAdamW):
+    """AdamW with GaLore gradient projection for groups that carry `rank`."""
+
+    method_name = "GaLore"
+
+    def _validate_special_group(self, group: dict[str, Any]) -> bool:
+        if "rank" not in group:
+            return False
+        group.setdefault("scale", 1.0)
+        super()._validate_special_group(group)
+        validate_float(group, "scale", 0.0, strict=True)
+        return True
+
+    def _apply_update(self, group: dict[str, Any], stack: MatrixStack, low: torch.Tensor,
+                      directions: torch.Tensor, step_size: float) -> None:
+        add_back_projection_to_params(stack, directions, stack.projection(), alpha=-step_size * group["scale"])

@@ -7,22 +7,35 @@ A projector for an m x n gradient G is one or two orthonormal matrices taken fro
 They live in the optimizer state under "proj_left" / "proj_right" (tensors, never objects), so
 checkpoints load with `weights_only=True`.
 
+Every function takes one matrix (m x n) or a stack of k matrices of one shape (k x m x n), whose
+projectors are stacked the same way; the optimizers step same-shaped matrices as one stack.
+
 `proj_type` picks the side as galore_torch does: "std" projects onto the short side
 (m >= n -> right, else left), "reverse_std" onto the long side, "left"/"right"/"full" literally.
+
+The refresh takes the top-r singular vectors either from the exact SVD (`svd="exact"`, the
+reference's `torch.linalg.svd`) or from a randomized one (`svd="randomized"`:
+`torch.svd_lowrank`, Halko et al. 2009, with r + `oversample` columns and `niter` subspace
+iterations). The randomized range finder draws its test matrix from a generator seeded with
+`seed` inside `torch.random.fork_rng`, so the result is reproducible (and identical across
+data-parallel ranks and across a resume) and the training's own random stream is untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+SVD_KINDS = ("exact", "randomized")
 
 
 def projection_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> str:
     """"left", "right" or "full" for a gradient of this shape."""
-    rows, cols = shape[0], shape[1]
+    rows, cols = shape[-2], shape[-1]
     if proj_type == "std":
         return "right" if rows >= cols else "left"
     if proj_type == "reverse_std":
@@ -32,55 +45,92 @@ def projection_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> str:
     raise ValueError(f"unknown proj_type {proj_type!r}: use one of {', '.join(PROJ_TYPES)}")
 
 
-def compute_projection(grad: torch.Tensor, rank: int, side: str) -> dict[str, torch.Tensor]:
-    """Top-`rank` singular vectors of `grad` for the requested side, in `grad`'s dtype.
+@contextlib.contextmanager
+def _seeded_generator(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed only `device`'s default generator for the block, restoring every generator after."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+
+
+def top_singular_vectors(
+    matrix: torch.Tensor, rank: int, svd: str = "exact", oversample: int = 8, niter: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U[..., :, :rank], Vh[..., :rank, :]) of an fp32 matrix or stack, exact or randomized."""
+    if svd == "exact":
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[..., :rank], vh[..., :rank, :]
+    if svd != "randomized":
+        raise ValueError(f"unknown svd {svd!r}: use one of {', '.join(SVD_KINDS)}")
+    columns = min(rank + oversample, matrix.shape[-2], matrix.shape[-1])
+    with _seeded_generator(matrix.device, seed):
+        u, _, v = torch.svd_lowrank(matrix, q=columns, niter=niter)
+    return u[..., :rank], v[..., :rank].mT
+
+
+def compute_projection(
+    grad: torch.Tensor, rank: int, side: str, svd: str = "exact", oversample: int = 8, niter: int = 2,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Top-`rank` singular vectors of `grad` (a matrix or a stack) for the side, in `grad`'s dtype.
 
     The SVD runs in fp32 (as galore_torch does for low-precision gradients). Only the needed
     singular vectors are kept, copied into compact tensors so the state never pins the full
     U / Vh factors.
     """
     matrix = grad if grad.dtype == torch.float32 else grad.float()
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, vh = top_singular_vectors(matrix, rank, svd, oversample, niter, seed)
     out: dict[str, torch.Tensor] = {}
+    # Always a copy: Vh[:rank] is a contiguous view that would keep (and save) all of Vh.
     if side in ("left", "full"):
-        out["proj_left"] = u[:, :rank].to(grad.dtype).contiguous()
+        out["proj_left"] = u.to(grad.dtype, copy=True, memory_format=torch.contiguous_format)
     if side in ("right", "full"):
-        out["proj_right"] = vh[:rank].to(grad.dtype).contiguous()
+        out["proj_right"] = vh.to(grad.dtype, copy=True, memory_format=torch.contiguous_format)
     return out
 
 
-def project(grad: torch.Tensor, state: dict[str, Any], side: str) -> torch.Tensor:
+def project(grad: torch.Tensor, projection: Mapping[str, torch.Tensor], side: str) -> torch.Tensor:
     """R = the gradient in the projected (low-rank) space."""
     if side == "right":
-        return grad @ state["proj_right"].mT
+        return grad @ projection["proj_right"].mT
     if side == "left":
-        return state["proj_left"].mT @ grad
-    return state["proj_left"].mT @ grad @ state["proj_right"].mT
+        return projection["proj_left"].mT @ grad
+    return projection["proj_left"].mT @ grad @ projection["proj_right"].mT
 
 
-def project_back(low: torch.Tensor, state: dict[str, Any], side: str) -> torch.Tensor:
-    """back(N) as a new full-size tensor."""
+def project_back(low: torch.Tensor, projection: Mapping[str, torch.Tensor], side: str) -> torch.Tensor:
+    """back(N) as a new full-size tensor (or stack)."""
     if side == "right":
-        return low @ state["proj_right"]
+        return low @ projection["proj_right"]
     if side == "left":
-        return state["proj_left"] @ low
-    return state["proj_left"] @ low @ state["proj_right"]
+        return projection["proj_left"] @ low
+    return projection["proj_left"] @ low @ projection["proj_right"]
 
 
 def add_projected_back(
-    target: torch.Tensor, low: torch.Tensor, state: dict[str, Any], side: str, alpha: float
+    target: torch.Tensor, low: torch.Tensor, projection: Mapping[str, torch.Tensor], side: str, alpha: float
 ) -> None:
-    """target += alpha * back(low), fused into one GEMM with accumulation (no full-size temporary)."""
+    """target += alpha * back(low), the accumulation fused into the GEMM (no full-size temporary).
+
+    `target` is one matrix (addmm_) or a stack matching `low` (baddbmm_).
+    """
+    accumulate = target.addmm_ if target.dim() == 2 else target.baddbmm_
     if side == "right":
-        target.addmm_(low, state["proj_right"], alpha=alpha)
+        accumulate(low, projection["proj_right"], alpha=alpha)
     elif side == "left":
-        target.addmm_(state["proj_left"], low, alpha=alpha)
+        accumulate(projection["proj_left"], low, alpha=alpha)
     else:
-        target.addmm_(state["proj_left"] @ low, state["proj_right"], alpha=alpha)
+        accumulate(projection["proj_left"] @ low, projection["proj_right"], alpha=alpha)
 
 
 def reproject_moments(
-    state: dict[str, Any], new_projection: dict[str, torch.Tensor], side: str
+    state: dict[str, Any], new_projection: Mapping[str, torch.Tensor], side: str
 ) -> None:
     """Carry exp_avg / exp_avg_sq from the old subspace into the new one (optional, not GaLore's default).
 
@@ -100,14 +150,6 @@ def reproject_moments(
         exp_avg_sq.copy_(transfer.square() @ exp_avg_sq)
 
 
-def refresh_projection_if_due(
-    grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: str, step: int
-) -> None:
-    """Recompute the projector at steps 0, T, 2T, ... (step counted before this update), as galore_torch."""
-    missing = ("proj_left" if side in ("left", "full") else "proj_right") not in state
-    if not missing and step % group["update_proj_gap"] != 0:
-        return
-    new_projection = compute_projection(grad, group["rank"], side)
-    if group.get("reproject_moments", False) and not missing and "exp_avg" in state:
-        reproject_moments(state, new_projection, side)
-    state.update(new_projection)
+def projector_keys(side: str) -> tuple[str, ...]:
+    """The state keys holding the projector(s) of this side."""
+    return {"left": ("proj_left",), "right": ("proj_right",), "full": ("proj_left", "proj_right")}[side]
