@@ -260,10 +260,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from rankscope.bench import BENCHMARKS, run_benchmark
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise RankscopeError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise RankscopeError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     options = {
         "preset": args.preset, "methods": args.methods, "device": args.device, "repeats": args.repeats,
         "steps": args.steps, "warmup_steps": args.warmup_steps, "batch_size": args.batch_size,
@@ -271,7 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "peak_tflops": args.peak_tflops, "memory": False if args.no_memory else None,
         "batch_sizes": _int_list(args.batch_sizes, "--batch-sizes"), "seq_lens": _int_list(args.seq_lens, "--seq-lens"),
         "iters": args.iters, "rank": args.rank, "loro_sizes": _int_list(args.loro_sizes, "--loro-sizes"),
-        "loro_rank": args.loro_rank, "probe_sequences": args.probe_sequences, "seed": args.seed,
+        "loro_rank": args.loro_rank, "svd_oversample": args.svd_oversample, "svd_niter": args.svd_niter,
+        "probe_sequences": args.probe_sequences, "seed": args.seed,
         "model_overrides": _model_overrides(args.model) or None,
     }
     check_output_folder(args.out, "--out")
@@ -365,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu); cuda runs bf16")
     p.add_argument("--out", default="bench-results", help="folder for <benchmark>.json/.csv/.png (default bench-results)")
     p.add_argument("--repeats", type=int, help="alternating rounds over the methods (default 3)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's); 1 is steadier on a busy machine")
+    # SUPPRESS: without the option here, `rankscope --threads 1 bench ...` keeps the global value
+    # (a sub-parser's default would overwrite it).
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="torch CPU threads (default torch's); 1 is steadier on a busy machine")
     p.add_argument("--seed", type=int)
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. --model num_layers=2 (repeatable)")
@@ -384,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="optimizer: projection rank (default the methods' rank for the preset)")
     p.add_argument("--loro-sizes", help="optimizer: comma-separated d for the LORO scaling (default 64..1024 on CPU)")
     p.add_argument("--loro-rank", type=int, help="optimizer: rank r of the LORO scaling (default 32)")
+    p.add_argument("--svd-oversample", type=int, help="optimizer: extra columns of the randomized refresh (default 8)")
+    p.add_argument("--svd-niter", type=int, help="optimizer: subspace iterations of the randomized refresh (default 2)")
     p.add_argument("--probe-sequences", type=int, help="analysis: probe-set size in sequences (default 16)")
     p.set_defaults(func=cmd_bench)
 

@@ -5,6 +5,7 @@ No test looks at how long anything took."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -98,21 +99,72 @@ def test_infer_bench_grid_and_summary(tmp_path):
 
 
 def test_optimizer_bench_against_references(tmp_path):
-    run_benchmark("optimizer", {"steps": 1, "warmup": 1, "repeats": 1, "model_overrides": ONE_LAYER,
+    run_benchmark("optimizer", {"steps": 1, "warmup": 1, "repeats": 1, "refresh_steps": 1, "model_overrides": ONE_LAYER,
                                 "loro_sizes": [16, 32], "loro_rank": 4}, out_dir=tmp_path, show=False)
     payload, rows, png = read_outputs(tmp_path, "optimizer")
-    methods = ["full", "galore", "galore-ref", "fira", "fira-ref"]
+    methods = ["full", "galore", "galore-stacked", "galore-rsvd", "galore-ref", "fira", "fira-stacked", "fira-ref"]
     check_one_record_per_method(payload, rows, png, methods, "step_s_ratio")
     by_name = {r["method"]: r for r in payload["records"]}
     assert by_name["galore"]["ours_over_reference_step"] > 0
-    assert by_name["galore"]["gap"] == 200
-    # Same projected moments (rank x n per weight) whoever implements them.
+    assert by_name["galore"]["gap"] == 200 and by_name["galore-stacked"]["refresh_step_s"] is None
+    # Same projected moments and projectors whoever implements them; ours also counts its step
+    # counters (one fp32 tensor per parameter: 7 projections + 2 norms), the references' are ints.
+    counters = 4 * 9
+    assert by_name["galore"]["state_bytes"] == by_name["galore-ref"]["state_bytes"] + counters
+    assert by_name["fira"]["state_bytes"] == by_name["fira-ref"]["state_bytes"] + counters
     assert by_name["galore"]["state_bytes"] < by_name["full"]["state_bytes"]
+    # The floor: one row per family, Fira's with one more back-projection, and every projected
+    # record divided by its own family's floor.
+    floor = {r["family"]: r for r in payload["table_floor"]}
+    assert floor["galore"]["back_projections"] == 1 and floor["fira"]["back_projections"] == 2
+    for name in ("galore", "galore-ref", "fira", "fira-ref"):
+        family = name.split("-")[0]
+        assert by_name[name]["floor_s"] == pytest.approx(floor[family]["adam_s"] + floor[family]["matmul_s"])
+        assert by_name[name]["step_over_floor"] == pytest.approx(by_name[name]["step_s"] / by_name[name]["floor_s"])
+    assert by_name["full"]["floor_s"] is None
+    # The randomized refresh: one row per distinct shape (tiny: 128x128, 352x128, 128x352),
+    # subspaces close to the exact one on a decaying spectrum, nearly all the energy kept.
+    svd = payload["table_randomized_svd"]
+    assert [(r["shape"], r["side"]) for r in svd] == [("128x128", "right"), ("352x128", "right"), ("128x352", "left")]
+    assert all(0 <= r["subspace_distance_max"] < 0.5 and r["energy_kept_min"] > 0.99 for r in svd)
     loro = payload["table_loro_scaling"]
     assert [r["d"] for r in loro] == [16, 32]
     # The two retractions compute the same matrix: the benchmark compares equal work.
     assert all(r["relative_difference"] < 1e-4 for r in loro)
     assert (tmp_path / "optimizer_scaling.png").read_bytes().startswith(PNG_MAGIC)
+    assert payload["meta"]["settings"]["plain_tensors"] == 2
+
+
+def test_optimizer_bench_floor_parts_do_the_methods_arithmetic():
+    """The floor's matmuls are the projection and back-projection the optimizers compute."""
+    from rankscope.bench.optimizer import Floor, bench_tensors
+    from rankscope.models import get_preset
+
+    tensors = bench_tensors(dataclasses.replace(get_preset("tiny"), num_layers=1), seed=0, device=torch.device("cpu"))
+    floor = Floor(tensors, rank=8, device=torch.device("cpu"))
+    before = [w.clone() for w in floor.weights]
+    floor.matmuls(back_projections=2)
+    for index in (0, 4, 6):  # a square (right), a tall (right) and a wide (left) weight
+        p, g, side = floor.projectors[index], tensors.grads[index], floor.sides[index]
+        low = g @ p.T if side == "right" else p.T @ g
+        back = low @ p if side == "right" else p @ low
+        assert torch.allclose(floor.lows[index], low, atol=1e-9)
+        assert torch.allclose(floor.weights[index] - before[index], -2 * 1e-3 * back, rtol=1e-3, atol=1e-8)
+    assert [s for s in floor.sides[:7]] == ["right"] * 6 + ["left"]
+
+
+def test_optimizer_bench_gradients_have_the_decaying_spectrum():
+    from rankscope.bench.optimizer import bench_tensors
+    from rankscope.models import get_preset
+
+    tensors = bench_tensors(dataclasses.replace(get_preset("tiny"), num_layers=1), seed=0, device=torch.device("cpu"))
+    grad = tensors.grads[4]
+    singular = torch.linalg.svdvals(grad)
+    expected = 1.0 / torch.arange(1, singular.numel() + 1)
+    assert torch.allclose(singular / singular[0], expected, rtol=1e-3, atol=1e-6)
+    assert float(grad.square().mean().sqrt()) == pytest.approx(1e-3, rel=1e-4)
+    # Two matrices of one shape: same spectrum, different singular vectors.
+    assert not torch.allclose(tensors.grads[4], tensors.grads[5])
 
 
 def test_analysis_bench_point_costs(tmp_path):

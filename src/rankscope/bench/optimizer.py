@@ -1,19 +1,40 @@
-"""`rankscope bench optimizer`: our projected optimizers against the reference packages, and
-the LORO exact step against a dense SVD retraction as the matrix grows.
+"""`rankscope bench optimizer`: GaLore / Fira steps next to their floor, torch AdamW and the
+reference packages; the randomized projector refresh against the exact SVD; LORO's exact step
+against a dense SVD retraction (`loro_step.py`).
 
-Part 1. The weights are the targeted projections of the preset's model (every q, k, v, o, gate,
-up, down of every block, shapes from the config), the rank is the one the methods use for the
-preset, and every implementation steps on identical parameters with identical gradients:
-- full: `torch.optim.AdamW` (the dense baseline, ratio 1.0);
-- galore / galore-ref: `rankscope.optim.GaLoreAdamW` / `galore_torch.GaLoreAdamW`;
-- fira / fira-ref: `rankscope.optim.FiraAdamW` / `fira.FiraAdamW`.
-Steady steps use a projector gap longer than the run (the projector is computed once, during
-warm-up); refresh steps use gap 1 (an SVD every step); the refresh's extra cost is amortized at
-the methods' own gap T (200 in GaLore / Fira).
+Part 1, the steps. The weights are the preset's targeted projections (q, k, v, o, gate, up, down
+of every block) plus the blocks' RMSNorm weights (what GaLore / Fira leave unprojected and step
+with plain AdamW); the rank is the methods' rank for the preset. The gradients are identical for
+every implementation and have a decaying spectrum (singular values ∝ 1/i, RMS 1e-3), as LLM
+gradients do; it matters for the refresh quality below, not for the cost of a step.
+- full: `torch.optim.AdamW(foreach=True)` on every tensor (the dense baseline);
+- galore / fira: ours, stacking same-shaped matrices as the optimizer chooses for the device;
+  galore-stacked / galore-per-matrix (and fira-...): the other choice, for comparison;
+  galore-rsvd: ours with the randomized refresh (`svd="randomized"`);
+- galore-ref / fira-ref: `galore_torch.GaLoreAdamW` / `fira.FiraAdamW`.
+Steady steps use a projector gap longer than the run; refresh steps use gap 1 (an SVD every
+step); the refresh's extra cost is amortized at the method's gap T (200 in GaLore / Fira).
 
-Part 2. For W = B·A (d x d, rank r fixed) the exact Riemannian step `loro.exact_step` works on
-QR factors and a 2r x 2r SVD, O(r²·d); the dense formula SVD_r(W − η·P_T(G)) needs a full SVD,
-O(d³). Both are timed for growing d and their log-log slopes fitted.
+The floor of a projected step is the arithmetic it cannot avoid, each part timed alone on the
+same shapes:
+- adam: `torch.optim.AdamW(foreach=True)` on the tensors Adam updates: the unprojected
+  parameters and one tensor of each projected gradient's low-rank shape (m x r or r x n);
+- matmul: the projection of every gradient (G·Pᵀ or Pᵀ·G, into a preallocated output) and its
+  back-projection accumulated into the weight (W += N·P, one GEMM with accumulation); GaLore
+  back-projects once, Fira twice (its residual needs back(R) as well as the update back(N)).
+  On CUDA each is timed per matrix and as one batched matmul per shape, and the faster counts.
+floor = adam + matmul; step / floor is the cost of everything else (elementwise passes over
+full-size tensors such as Fira's residual, allocation, Python).
+
+Part 2, the randomized refresh. For each distinct (shape, side): the exact SVD (the reference's
+refresh) and `torch.svd_lowrank` with r + oversample columns and niter subspace iterations,
+timed, and the subspaces they give compared over every matrix of that shape: the distance
+||P Pᵀ − Q Qᵀ||_F / sqrt(2r) (0: the same subspace, 1: orthogonal) and the gradient energy the
+randomized projector keeps relative to the exact one (1: as much).
+
+Every timing is the median of `steps` consecutive calls; the implementations take turns
+(`run_alternating`) for `repeats` rounds; records give the median and the minimum over rounds
+(on a busy machine the minimum is the steadier estimate of the cost itself).
 """
 
 from __future__ import annotations
@@ -21,12 +42,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import math
+import os
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +57,7 @@ from rankscope.bench.common import (
     RatioPlot,
     add_ratios,
     environment,
+    format_value,
     median,
     print_table,
     resolve_bench_device,
@@ -44,13 +65,14 @@ from rankscope.bench.common import (
     timed,
     write_result,
 )
+from rankscope.bench.loro_step import CPU_LORO_SIZES, CUDA_LORO_SIZES, loglog_slope, loro_scaling, plot_scaling
 from rankscope.errors import ConfigError
 
 log = logging.getLogger("rankscope.bench")
 
-CPU_LORO_SIZES = (64, 128, 256, 512, 1024)
-CUDA_LORO_SIZES = (256, 512, 1024, 2048, 4096, 8192)
 NEVER = 10**9  # a projector gap longer than any benchmark run
+GRAD_RMS = 1e-3
+LR, EPS = 1e-3, 1e-6
 
 
 @dataclass
@@ -60,11 +82,74 @@ class OptimizerBenchConfig:
     steps: int = 5  # timed steps per sample
     warmup: int = 2
     repeats: int = 3
+    refresh_steps: int = 2  # timed refresh steps per sample (each is an SVD of every matrix)
     rank: int | None = None  # default: the methods' rank for the preset
+    svd_oversample: int = 8
+    svd_niter: int = 2
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     loro_sizes: list[int] | None = None
     loro_rank: int = 32
     seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("steps", "repeats", "refresh_steps", "loro_rank"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"bench optimizer: {key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        for key in ("warmup", "svd_oversample", "svd_niter"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"bench optimizer: {key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the tensors
+
+
+@dataclass
+class BenchTensors:
+    shapes: list[tuple[int, int]]        # projected weights, model order
+    weights: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    plain_weights: list[torch.Tensor]    # RMSNorm weights: stepped by plain AdamW
+    plain_grads: list[torch.Tensor]
+
+
+def target_shapes(model_config) -> list[tuple[int, int]]:
+    """(d_out, d_in) of every targeted projection of the model, in model order."""
+    hidden, ffn = model_config.hidden_size, model_config.intermediate_size
+    per_block = [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn)]
+    return per_block * model_config.num_layers
+
+
+def decaying_spectrum(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """U diag(1/i) Vᵀ with random orthonormal U, V, scaled to RMS `GRAD_RMS`."""
+    k = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(rows, k, generator=generator))[0]
+    v = torch.linalg.qr(torch.randn(cols, k, generator=generator))[0]
+    matrix = (u / torch.arange(1, k + 1, dtype=torch.float32)) @ v.T
+    return matrix * (GRAD_RMS / matrix.square().mean().sqrt())
+
+
+def bench_tensors(model_config, seed: int, device: torch.device) -> BenchTensors:
+    """Weights at the init scale and gradients with a 1/i spectrum.
+
+    One base gradient per shape (QR is the slow part); each matrix gets it with its rows permuted
+    and its columns' signs flipped at random, which keeps the spectrum and changes the singular
+    vectors.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shapes = target_shapes(model_config)
+    bases = {shape: decaying_spectrum(*shape, generator) for shape in dict.fromkeys(shapes)}
+    weights, grads = [], []
+    for rows, cols in shapes:
+        weights.append((0.02 * torch.randn(rows, cols, generator=generator)).to(device))
+        rows_order = torch.randperm(rows, generator=generator)
+        signs = torch.randint(0, 2, (cols,), generator=generator).float() * 2 - 1
+        grads.append((bases[(rows, cols)][rows_order] * signs).to(device))
+    hidden = model_config.hidden_size
+    n_norms = 2 * model_config.num_layers
+    plain_weights = [torch.ones(hidden, device=device) for _ in range(n_norms)]
+    plain_grads = [(GRAD_RMS * torch.randn(hidden, generator=generator)).to(device) for _ in range(n_norms)]
+    return BenchTensors(shapes, weights, grads, plain_weights, plain_grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,63 +170,65 @@ def _reference(module: str, attr: str) -> Callable | None:
 class Implementation:
     name: str
     description: str
-    build: Callable[[list[torch.nn.Parameter], int], torch.optim.Optimizer]  # (params, proj gap) -> optimizer
-    projected: bool
+    family: str | None  # "galore" / "fira": a projected step with that floor; None: AdamW
+    build: Callable[[list[torch.Tensor], list[torch.Tensor], int], torch.optim.Optimizer]  # (projected, plain, gap)
+    refresh: bool = True  # also time steps that refresh the projector
 
 
-def implementations(rank: int, scale: float, alpha: float) -> tuple[list[Implementation], list[str]]:
+def implementations(rank: int, scale: float, alpha: float, device: torch.device,
+                    oversample: int, niter: int) -> tuple[list[Implementation], list[str]]:
     from rankscope.optim import FiraAdamW, GaLoreAdamW
 
-    lr, eps = 1e-3, 1e-6
+    def groups(projected, plain, gap, extra):
+        return [{"params": projected, "rank": rank, "update_proj_gap": gap, "proj_type": "std", **extra},
+                {"params": plain}]
 
-    def projected_group(params, gap, extra):
-        return [{"params": params, "rank": rank, "update_proj_gap": gap, "proj_type": "std", **extra}]
-
-    found = [
-        Implementation("full", "torch.optim.AdamW", lambda ps, gap: torch.optim.AdamW(ps, lr=lr, eps=eps), False),
-        Implementation("galore", "rankscope.optim.GaLoreAdamW",
-                       lambda ps, gap: GaLoreAdamW(projected_group(ps, gap, {"scale": scale}), lr=lr, eps=eps), True),
-    ]
+    galore_keys, fira_keys = {"scale": scale}, {"alpha": alpha}
+    randomized = {"svd": "randomized", "svd_oversample": oversample, "svd_niter": niter}
+    default_mode = "stacked" if device.type == "cuda" else "per-matrix"
+    other_mode = "per-matrix" if device.type == "cuda" else "stacked"
+    found = [Implementation("full", "torch.optim.AdamW(foreach=True)", None,
+                            lambda pr, pl, gap: torch.optim.AdamW(pr + pl, lr=LR, eps=EPS, foreach=True), False)]
     missing = []
-    galore_ref = _reference("galore_torch", "GaLoreAdamW")
-    if galore_ref is not None:
+    for family, cls, keys, module, attr, package in (
+        ("galore", GaLoreAdamW, galore_keys, "galore_torch", "GaLoreAdamW", "galore-torch"),
+        ("fira", FiraAdamW, fira_keys, "fira", "FiraAdamW", "fira"),
+    ):
         found.append(Implementation(
-            "galore-ref", "galore_torch.GaLoreAdamW (galore-torch)",
-            lambda ps, gap: galore_ref(projected_group(ps, gap, {"scale": scale}), lr=lr, eps=eps,
-                                       no_deprecation_warning=True), True))
-    else:
-        missing.append("galore-torch is not installed: pip install galore-torch")
-    found.append(Implementation("fira", "rankscope.optim.FiraAdamW",
-                                lambda ps, gap: FiraAdamW(projected_group(ps, gap, {"alpha": alpha}), lr=lr, eps=eps), True))
-    fira_ref = _reference("fira", "FiraAdamW")
-    if fira_ref is not None:
+            family, f"rankscope {cls.__name__} ({default_mode})", family,
+            lambda pr, pl, gap, cls=cls, keys=keys: cls(groups(pr, pl, gap, keys), lr=LR, eps=EPS)))
         found.append(Implementation(
-            "fira-ref", "fira.FiraAdamW (fira)",
-            lambda ps, gap: fira_ref(projected_group(ps, gap, {"alpha": alpha}), lr=lr, eps=eps,
-                                     no_deprecation_warning=True), True))
-    else:
-        missing.append("fira is not installed: pip install fira")
+            f"{family}-{other_mode}", f"rankscope {cls.__name__} ({other_mode})", family,
+            lambda pr, pl, gap, cls=cls, keys=keys: cls(groups(pr, pl, gap, keys), lr=LR, eps=EPS,
+                                                        batched=other_mode == "stacked"), refresh=False))
+        if family == "galore":
+            found.append(Implementation(
+                "galore-rsvd", f"rankscope GaLoreAdamW, svd_lowrank refresh (q = r + {oversample}, niter {niter})",
+                family, lambda pr, pl, gap: GaLoreAdamW(groups(pr, pl, gap, {**galore_keys, **randomized}),
+                                                        lr=LR, eps=EPS)))
+        reference = _reference(module, attr)
+        if reference is None:
+            missing.append(f"{package} is not installed: pip install {package}")
+            continue
+        found.append(Implementation(
+            f"{family}-ref", f"{module}.{attr} ({package})", family,
+            lambda pr, pl, gap, reference=reference, keys=keys: reference(
+                groups(pr, pl, gap, keys), lr=LR, eps=EPS, no_deprecation_warning=True)))
     return found, missing
 
 
-def target_shapes(model_config) -> list[tuple[int, int]]:
-    """(d_out, d_in) of every targeted projection of the model, in model order."""
-    hidden, ffn = model_config.hidden_size, model_config.intermediate_size
-    per_block = [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn)]
-    return per_block * model_config.num_layers
-
-
 class OptimizerRun:
-    """One implementation stepping on its own copy of the weights with shared gradients."""
+    """One implementation stepping on its own copy of the weights with the shared gradients."""
 
-    def __init__(self, impl: Implementation, weights: list[torch.Tensor], grads: list[torch.Tensor], gap: int):
-        self.params = [torch.nn.Parameter(w.clone()) for w in weights]
-        self.grads = grads
-        self.optimizer = impl.build(self.params, gap)
+    def __init__(self, impl: Implementation, tensors: BenchTensors, gap: int):
+        self.projected = [torch.nn.Parameter(w.clone()) for w in tensors.weights]
+        self.plain = [torch.nn.Parameter(w.clone()) for w in tensors.plain_weights]
+        self.grads = tensors.grads + tensors.plain_grads
+        self.optimizer = impl.build(self.projected, self.plain, gap)
 
     def step(self, device: torch.device) -> float:
-        for p, g in zip(self.params, self.grads):
-            p.grad = g.clone()  # fresh each step: no implementation sees another's in-place edits
+        for p, g in zip(self.projected + self.plain, self.grads):
+            p.grad = g.clone()  # fresh each step (untimed): no implementation sees another's edits
         seconds, _ = timed(self.optimizer.step, device)
         return seconds
 
@@ -152,99 +239,145 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         for value in state.values():
             if torch.is_tensor(value):
                 total += value.numel() * value.element_size()
-            elif hasattr(value, "ortho_matrix") and torch.is_tensor(getattr(value, "ortho_matrix", None)):
-                total += value.ortho_matrix.numel() * value.ortho_matrix.element_size()  # reference projectors
+            else:  # the reference packages keep their projector matrices in a Python object
+                matrix = getattr(value, "ortho_matrix", None)
+                for tensor in matrix if isinstance(matrix, list) else [matrix]:
+                    if torch.is_tensor(tensor):
+                        total += tensor.numel() * tensor.element_size()
     return total
 
 
 # ---------------------------------------------------------------------------------------------
-# LORO exact step vs dense retraction
+# the floor
 
 
-def dense_svd_retraction(B: torch.Tensor, A: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-    """SVD_r(W − lr·P_T(G)) with W = B·A, computed densely (the O(d³) reference formula)."""
-    rank = B.shape[1]
-    weight = B @ A
-    u, _ = torch.linalg.qr(B)
-    v, _ = torch.linalg.qr(A.mT)
-    left = u @ (u.mT @ grad)
-    tangent = left + (grad @ v) @ v.mT - (left @ v) @ v.mT
-    uu, ss, vh = torch.linalg.svd(weight - lr * tangent, full_matrices=False)
-    return (uu[:, :rank] * ss[:rank]) @ vh[:rank]
+class Floor:
+    """The unavoidable parts of a projected step, each callable on its own (see the module doc)."""
+
+    def __init__(self, tensors: BenchTensors, rank: int, device: torch.device):
+        from rankscope.optim.projector import projection_side
+
+        generator = torch.Generator().manual_seed(1)
+        self.sides = [projection_side(shape, "std") for shape in tensors.shapes]
+        self.weights = [w.clone() for w in tensors.weights]
+        self.grads = tensors.grads
+        self.projectors, self.lows = [], []
+        for (rows, cols), side in zip(tensors.shapes, self.sides):
+            if side == "right":
+                basis = torch.linalg.qr(torch.randn(cols, rank, generator=generator))[0].T.contiguous()
+                self.lows.append(torch.empty(rows, rank, device=device))
+            else:
+                basis = torch.linalg.qr(torch.randn(rows, rank, generator=generator))[0]
+                self.lows.append(torch.empty(rank, cols, device=device))
+            self.projectors.append(basis.to(device))
+        adam_params = [torch.nn.Parameter(torch.zeros_like(low)) for low in self.lows]
+        adam_params += [torch.nn.Parameter(w.clone()) for w in tensors.plain_weights]
+        for p, g in zip(adam_params, [GRAD_RMS * torch.randn_like(low) for low in self.lows] + tensors.plain_grads):
+            p.grad = g
+        self.adam = torch.optim.AdamW(adam_params, lr=LR, eps=EPS, foreach=True)
+        self.stacks = self._stacks() if device.type == "cuda" else []
+
+    def _stacks(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(side, G, P, W, low) stacked per distinct shape and side, for the batched form."""
+        by_key: dict[tuple, list[int]] = {}
+        for index, (weight, side) in enumerate(zip(self.weights, self.sides)):
+            by_key.setdefault((tuple(weight.shape), side), []).append(index)
+        return [(side, torch.stack([self.grads[i] for i in ids]), torch.stack([self.projectors[i] for i in ids]),
+                 torch.stack([self.weights[i] for i in ids]), torch.stack([self.lows[i] for i in ids]))
+                for (_, side), ids in by_key.items()]
+
+    def adam_step(self) -> None:
+        self.adam.step()
+
+    def matmuls(self, back_projections: int) -> None:
+        for grad, weight, projector, low, side in zip(self.grads, self.weights, self.projectors, self.lows, self.sides):
+            project_and_back(grad, weight, projector, low, side, back_projections)
+
+    def batched_matmuls(self, back_projections: int) -> None:
+        for side, grads, projectors, weights, lows in self.stacks:
+            project_and_back(grads, weights, projectors, lows, side, back_projections)
 
 
-def loro_scaling(sizes: list[int], rank: int, device: torch.device, repeats: int, seed: int) -> list[dict[str, Any]]:
-    from rankscope.optim import exact_step
+def project_and_back(grad: torch.Tensor, weight: torch.Tensor, projector: torch.Tensor, low: torch.Tensor,
+                     side: str, back_projections: int) -> None:
+    """low = projection of grad; weight += back(low), `back_projections` times (matrices or stacks)."""
+    matmul = torch.mm if grad.dim() == 2 else torch.bmm
+    accumulate = weight.addmm_ if grad.dim() == 2 else weight.baddbmm_
+    if side == "right":
+        matmul(grad, projector.mT, out=low)
+        for _ in range(back_projections):
+            accumulate(low, projector, alpha=-LR)
+    else:
+        matmul(projector.mT, grad, out=low)
+        for _ in range(back_projections):
+            accumulate(projector, low, alpha=-LR)
+
+
+BACK_PROJECTIONS = {"galore": 1, "fira": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# the randomized refresh
+
+
+def randomized_refresh_rows(tensors: BenchTensors, rank: int, config: OptimizerBenchConfig,
+                            device: torch.device) -> list[dict[str, Any]]:
+    from rankscope.optim.projector import compute_projection, projection_side
 
     rows = []
-    lr = 1e-2
-    for d in sizes:
-        r = min(rank, d // 2)
-        generator = torch.Generator().manual_seed(seed + d)
-        B = (torch.randn(d, r, generator=generator) / math.sqrt(d)).to(device)
-        A = (torch.randn(r, d, generator=generator) / math.sqrt(d)).to(device)
-        G = (torch.randn(d, d, generator=generator) / d).to(device)
-        grad_B, grad_A = G @ A.mT, B.mT @ G
+    for shape in dict.fromkeys(tensors.shapes):
+        side = projection_side(shape, "std")
+        key = "proj_right" if side == "right" else "proj_left"
+        grads = [g for s, g in zip(tensors.shapes, tensors.grads) if s == shape]
 
-        calls = {"exact": lambda: exact_step(B, A, grad_B, grad_A, lr),
-                 "dense": lambda: dense_svd_retraction(B, A, G, lr)}
+        def exact(grad):
+            return compute_projection(grad, rank, side)[key]
+
+        def randomized(grad):
+            return compute_projection(grad, rank, side, svd="randomized", oversample=config.svd_oversample,
+                                      niter=config.svd_niter, seed=config.seed)[key]
+
+        calls = {"exact": lambda: exact(grads[0]), "randomized": lambda: randomized(grads[0])}
         for fn in calls.values():
-            fn()  # warm-up (allocations, kernels, lazy LAPACK init)
-        samples = run_alternating(list(calls), repeats, lambda name, _: timed(calls[name], device)[0])
-        new_B, new_A = exact_step(B, A, grad_B, grad_A, lr)
-        dense = dense_svd_retraction(B, A, G, lr)
-        agreement = float(torch.linalg.matrix_norm(new_B @ new_A - dense) / torch.linalg.matrix_norm(dense))
-        exact_s, dense_s = median(samples["exact"]), median(samples["dense"])
-        rows.append({"d": d, "rank": r, "exact_step_s": exact_s, "dense_svd_s": dense_s,
-                     "dense_over_exact": dense_s / exact_s, "relative_difference": agreement})
-        log.info("bench optimizer: LORO d=%d done", d)
+            fn()  # warm-up (LAPACK / cuSOLVER initialisation)
+        samples = run_alternating(list(calls), config.repeats, lambda name, _: timed(calls[name], device)[0])
+        distances, energies = [], []
+        for grad in grads:
+            p, q = exact(grad), randomized(grad)
+            if side == "right":
+                p, q, kept_p, kept_q = p.T, q.T, grad @ p.T, grad @ q.T
+            else:
+                kept_p, kept_q = p.T @ grad, q.T @ grad
+            distances.append(float(torch.linalg.matrix_norm(p @ p.T - q @ q.T) / (2 * rank) ** 0.5))
+            energies.append(float(kept_q.square().sum() / kept_p.square().sum()))
+        exact_s, randomized_s = median(samples["exact"]), median(samples["randomized"])
+        rows.append({"shape": f"{shape[0]}x{shape[1]}", "side": side, "matrices": len(grads), "rank": rank,
+                     "oversample": config.svd_oversample, "niter": config.svd_niter,
+                     "exact_svd_s": exact_s, "exact_svd_min_s": min(samples["exact"]),
+                     "randomized_svd_s": randomized_s, "randomized_svd_min_s": min(samples["randomized"]),
+                     "exact_over_randomized": exact_s / randomized_s,
+                     "subspace_distance_max": max(distances), "subspace_distance_median": median(distances),
+                     "energy_kept_min": min(energies), "energy_kept_median": median(energies)})
+        log.info("bench optimizer: randomized refresh %dx%d done", *shape)
     return rows
-
-
-def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares slope of log y on log x (the empirical exponent of the scaling)."""
-    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
-    if len(points) < 2:
-        return None
-    mean_x = sum(p[0] for p in points) / len(points)
-    mean_y = sum(p[1] for p in points) / len(points)
-    var = sum((p[0] - mean_x) ** 2 for p in points)
-    return sum((p[0] - mean_x) * (p[1] - mean_y) for p in points) / var if var else None
-
-
-def plot_scaling(path: Path, rows: list[dict[str, Any]], rank: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d = [r["d"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.loglog(d, [r["exact_step_s"] for r in rows], "o-", label="LORO exact step (QR + 2r x 2r SVD)")
-    ax.loglog(d, [r["dense_svd_s"] for r in rows], "s-", label="dense SVD retraction")
-    ax.set_xlabel(f"d (weight d x d, rank r = {rank})")
-    ax.set_ylabel("seconds per step (log scale)")
-    ax.set_title("LORO exact step vs dense SVD retraction")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 
 
+def _median_and_min(values: list[float]) -> tuple[float, float]:
+    return median(values), min(values)
+
+
 def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool = True) -> BenchResult:
     from rankscope import methods
     from rankscope.models import get_preset
 
-    for key in ("steps", "repeats", "loro_rank"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"bench optimizer: {key} must be at least 1, got {getattr(config, key)}")
+    config.validate()
     device = resolve_bench_device(config.device)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     model_config = dataclasses.replace(get_preset(config.preset), **config.model_overrides)
     galore_defaults = methods.get("galore").default_settings(config.preset, model_config)
     fira_defaults = methods.get("fira").default_settings(config.preset, model_config)
@@ -253,48 +386,84 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
     if rank >= min(min(s) for s in shapes):
         raise ConfigError(f"bench optimizer: rank {rank} must be below the smallest weight side {min(min(s) for s in shapes)}")
 
-    generator = torch.Generator().manual_seed(config.seed)
-    weights = [(0.02 * torch.randn(*shape, generator=generator)).to(device) for shape in shapes]
-    grads = [(1e-3 * torch.randn(*shape, generator=generator)).to(device) for shape in shapes]
-    impls, missing = implementations(rank, galore_defaults.scale, fira_defaults.alpha)
-    by_name = {impl.name: impl for impl in impls}
+    tensors = bench_tensors(model_config, config.seed, device)
+    impls, missing = implementations(rank, galore_defaults.scale, fira_defaults.alpha, device,
+                                     config.svd_oversample, config.svd_niter)
+    gaps = {"galore": galore_defaults.update_proj_gap, "fira": fira_defaults.update_proj_gap}
 
-    steady = {impl.name: OptimizerRun(impl, weights, grads, NEVER) for impl in impls}
-    refresh = {impl.name: OptimizerRun(impl, weights, grads, 1) for impl in impls if impl.projected}
+    steady = {impl.name: OptimizerRun(impl, tensors, NEVER) for impl in impls}
+    refresh = {impl.name: OptimizerRun(impl, tensors, 1) for impl in impls if impl.family and impl.refresh}
+    floor = Floor(tensors, rank, device)
+    floor_calls: dict[str, Callable[[], None]] = {"adam": floor.adam_step}
+    for family, backs in BACK_PROJECTIONS.items():
+        floor_calls[f"matmul-{family}"] = lambda backs=backs: floor.matmuls(backs)
+        if floor.stacks:
+            floor_calls[f"matmul-{family}-batched"] = lambda backs=backs: floor.batched_matmuls(backs)
     for run in list(steady.values()) + list(refresh.values()):
         for _ in range(config.warmup):
             run.step(device)
+    for call in floor_calls.values():
+        for _ in range(max(config.warmup, 1)):
+            call()
 
     def measure(key: str, _repeat: int) -> float:
         kind, name = key.split(":", 1)
+        if kind == "floor":
+            return median(timed(floor_calls[name], device)[0] for _ in range(config.steps))
         run = steady[name] if kind == "steady" else refresh[name]
-        return median(run.step(device) for _ in range(config.steps))
+        return median(run.step(device) for _ in range(config.steps if kind == "steady" else config.refresh_steps))
 
-    keys = [f"steady:{n}" for n in steady] + [f"refresh:{n}" for n in refresh]
+    keys = ([f"steady:{n}" for n in steady] + [f"refresh:{n}" for n in refresh]
+            + [f"floor:{n}" for n in floor_calls])
     samples = run_alternating(keys, config.repeats, measure)
+    log.info("bench optimizer: steps timed")
+
+    floor_rows = []
+    adam_s, adam_min_s = _median_and_min(samples["floor:adam"])
+    floors: dict[str, tuple[float, float]] = {}
+    for family, backs in BACK_PROJECTIONS.items():
+        forms = [f"floor:matmul-{family}"] + ([f"floor:matmul-{family}-batched"] if floor.stacks else [])
+        matmul_s = min(median(samples[k]) for k in forms)
+        matmul_min_s = min(min(samples[k]) for k in forms)
+        floors[family] = (adam_s + matmul_s, adam_min_s + matmul_min_s)
+        floor_rows.append({"family": family, "back_projections": backs, "adam_s": adam_s, "adam_min_s": adam_min_s,
+                           "matmul_s": matmul_s, "matmul_min_s": matmul_min_s,
+                           "matmul_per_matrix_s": median(samples[forms[0]]),
+                           "matmul_batched_s": median(samples[forms[1]]) if len(forms) > 1 else None,
+                           "floor_s": floors[family][0], "floor_min_s": floors[family][1]})
 
     records = []
     for impl in impls:
-        step_s = median(samples[f"steady:{impl.name}"])
+        step_s, step_min_s = _median_and_min(samples[f"steady:{impl.name}"])
         record: dict[str, Any] = {"method": impl.name, "implementation": impl.description, "step_s": step_s,
-                                  "state_bytes": state_bytes(steady[impl.name].optimizer)}
-        if impl.projected:
-            gap = galore_defaults.update_proj_gap if impl.name.startswith("galore") else fira_defaults.update_proj_gap
-            refresh_s = median(samples[f"refresh:{impl.name}"])
-            record.update({"refresh_step_s": refresh_s, "refresh_extra_s": refresh_s - step_s, "gap": gap,
+                                  "step_min_s": step_min_s, "state_bytes": state_bytes(steady[impl.name].optimizer),
+                                  "floor_s": None, "step_over_floor": None, "step_over_floor_min": None,
+                                  "refresh_step_s": None, "refresh_extra_s": None, "gap": None,
+                                  "amortized_step_s": step_s}
+        if impl.family:
+            floor_s, floor_min_s = floors[impl.family]
+            record.update({"floor_s": floor_s, "floor_min_s": floor_min_s, "step_over_floor": step_s / floor_s,
+                           "step_over_floor_min": step_min_s / floor_min_s})
+        if impl.name in refresh:
+            refresh_s, refresh_min_s = _median_and_min(samples[f"refresh:{impl.name}"])
+            gap = gaps[impl.family]
+            record.update({"refresh_step_s": refresh_s, "refresh_step_min_s": refresh_min_s,
+                           "refresh_extra_s": refresh_s - step_s, "gap": gap,
                            "amortized_step_s": step_s + (refresh_s - step_s) / gap})
-        else:
-            record.update({"refresh_step_s": None, "refresh_extra_s": None, "gap": None, "amortized_step_s": step_s})
         records.append(record)
-    add_ratios(records, ("step_s", "amortized_step_s", "state_bytes"))
+    add_ratios(records, ("step_s", "step_min_s", "amortized_step_s", "state_bytes"))
+    by_name = {r["method"]: r for r in records}
     for record in records:
-        reference = by_name.get(f"{record['method']}-ref")
-        if reference is not None:
-            ref = next(r for r in records if r["method"] == reference.name)
-            record["ours_over_reference_step"] = record["step_s"] / ref["step_s"]
-            record["ours_over_reference_refresh"] = record["refresh_step_s"] / ref["refresh_step_s"]
-            record["ours_over_reference_amortized"] = record["amortized_step_s"] / ref["amortized_step_s"]
+        family = next((impl.family for impl in impls if impl.name == record["method"]), None)
+        reference = by_name.get(f"{family}-ref")
+        if family and reference is not None and record is not reference:
+            record["ours_over_reference_step"] = record["step_s"] / reference["step_s"]
+            record["ours_over_reference_step_min"] = record["step_min_s"] / reference["step_min_s"]
+            if record.get("refresh_step_s") is not None:
+                record["ours_over_reference_refresh"] = record["refresh_step_s"] / reference["refresh_step_s"]
+                record["ours_over_reference_amortized"] = record["amortized_step_s"] / reference["amortized_step_s"]
 
+    svd_rows = randomized_refresh_rows(tensors, rank, config, device)
     sizes = list(config.loro_sizes or (CUDA_LORO_SIZES if device.type == "cuda" else CPU_LORO_SIZES))
     loro_rows = loro_scaling(sizes, config.loro_rank, device, config.repeats, config.seed)
     tail = loro_rows[-3:] if len(loro_rows) >= 3 else loro_rows
@@ -304,18 +473,25 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
     meta = {
         "benchmark": "optimizer",
         "settings": {**dataclasses.asdict(config), "rank": rank, "n_matrices": len(shapes),
-                     "elements": sum(a * b for a, b in shapes)},
+                     "elements": sum(a * b for a, b in shapes), "plain_tensors": len(tensors.plain_weights)},
         "missing_references": missing,
         "loro_exact_slope": exact_slope,
         "loro_dense_slope": dense_slope,
         "environment": environment(device),
+        "load_average_1min_before": load_before,
+        "load_average_1min_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "wall_s": time.perf_counter() - started,
-        "notes": ["step_s: median optimizer.step() time with fixed gradients, projector not refreshed; "
-                  "refresh_step_s: with an SVD refresh every step; amortized_step_s at the method's gap",
-                  "ratios are to torch.optim.AdamW on the same weights (method 'full')",
+        "notes": ["step_s / step_min_s: median / minimum over rounds of the median optimizer.step() time, "
+                  "fixed gradients, projector not refreshed; refresh_step_s: with an SVD refresh every step; "
+                  "amortized_step_s at the method's gap",
+                  "floor_s: torch AdamW(foreach) on the unprojected parameters and the projected-space "
+                  "tensors + the projection / back-projection matmuls alone (table_floor)",
+                  "ratios (_ratio) are to torch.optim.AdamW on the same weights (method 'full')",
+                  "table_randomized_svd: torch.svd_lowrank refresh vs the exact SVD, time and subspace",
                   "loro slopes: log-log slope of seconds vs d over the three largest d (theory: 1 vs 3)"],
     }
-    result = BenchResult("optimizer", records, meta, tables={"loro_scaling": loro_rows})
+    result = BenchResult("optimizer", records, meta,
+                         tables={"floor": floor_rows, "randomized_svd": svd_rows, "loro_scaling": loro_rows})
     write_result(
         result, out_dir,
         RatioPlot(metrics=[("step_s_ratio", "steady step"), ("amortized_step_s_ratio", "step amortized @T")],
@@ -324,27 +500,53 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
         extra_plot=lambda path: plot_scaling(path, loro_rows, config.loro_rank),
     )
     if show:
-        print_table(
-            f"bench optimizer: {len(shapes)} weights of preset {config.preset} "
-            f"({meta['settings']['elements']:,} elements), rank {rank}, {device}",
-            records,
-            [Column("method", "method", "text"), Column("implementation", "implementation", "text"),
-             Column("step_s", "step", "seconds"), Column("step_s_ratio", "step/AdamW", "ratio"),
-             Column("refresh_step_s", "refresh step", "seconds"), Column("gap", "T", "count"),
-             Column("amortized_step_s", "step @T", "seconds"),
-             Column("ours_over_reference_step", "ours/ref step", "ratio"),
-             Column("ours_over_reference_refresh", "ours/ref refresh", "ratio"),
-             Column("state_bytes", "state", "bytes")],
-        )
-        print_table(
-            f"bench optimizer: LORO exact step vs dense SVD retraction (rank {config.loro_rank}); "
-            f"log-log slopes exact {exact_slope if exact_slope is None else round(exact_slope, 2)}, "
-            f"dense {dense_slope if dense_slope is None else round(dense_slope, 2)}",
-            loro_rows,
-            [Column("d", "d", "count"), Column("rank", "r", "count"), Column("exact_step_s", "exact step", "seconds"),
-             Column("dense_svd_s", "dense SVD", "seconds"), Column("dense_over_exact", "dense/exact", "ratio"),
-             Column("relative_difference", "rel. diff", "number")],
-        )
-        for line in missing:
-            print(f"note: {line}")
+        print_report(config, rank, device, meta, records, floor_rows, svd_rows, loro_rows, missing)
     return result
+
+
+def print_report(config, rank, device, meta, records, floor_rows, svd_rows, loro_rows, missing) -> None:
+    threads = meta["environment"]["torch_threads"]
+    print_table(
+        f"bench optimizer: {meta['settings']['n_matrices']} weights of preset {config.preset} "
+        f"({meta['settings']['elements']:,} elements) + {meta['settings']['plain_tensors']} norms, rank {rank}, "
+        f"{device}, {threads} thread(s); median | min of {config.repeats} rounds; load "
+        f"{format_value(meta['load_average_1min_before'])} -> {format_value(meta['load_average_1min_after'])}",
+        records,
+        [Column("method", "method", "text"), Column("step_s", "step", "seconds"),
+         Column("step_min_s", "step min", "seconds"), Column("floor_s", "floor", "seconds"),
+         Column("step_over_floor", "step/floor", "ratio"), Column("step_over_floor_min", "min/floor min", "ratio"),
+         Column("step_s_ratio", "step/AdamW", "ratio"), Column("ours_over_reference_step", "ours/ref", "ratio"),
+         Column("ours_over_reference_step_min", "ours/ref min", "ratio"),
+         Column("refresh_step_s", "refresh step", "seconds"), Column("amortized_step_s", "step @T", "seconds"),
+         Column("state_bytes", "state", "bytes")],
+    )
+    print_table(
+        "floor of a projected step: torch AdamW(foreach) on the Adam-updated tensors + the matmuls alone",
+        floor_rows,
+        [Column("family", "method", "text"), Column("adam_s", "AdamW", "seconds"),
+         Column("back_projections", "back-proj.", "count"), Column("matmul_per_matrix_s", "matmuls", "seconds"),
+         Column("matmul_batched_s", "matmuls batched", "seconds"), Column("floor_s", "floor", "seconds"),
+         Column("floor_min_s", "floor min", "seconds")],
+    )
+    print_table(
+        f"projector refresh: exact SVD vs torch.svd_lowrank (q = r + {config.svd_oversample}, "
+        f"niter {config.svd_niter}), one matrix",
+        svd_rows,
+        [Column("shape", "shape", "text"), Column("side", "side", "text"), Column("matrices", "n", "count"),
+         Column("exact_svd_s", "exact", "seconds"), Column("randomized_svd_s", "randomized", "seconds"),
+         Column("exact_over_randomized", "speedup", "ratio"),
+         Column("subspace_distance_max", "subspace dist. max", "number"),
+         Column("energy_kept_min", "energy kept min", "percent")],
+    )
+    exact_slope, dense_slope = meta["loro_exact_slope"], meta["loro_dense_slope"]
+    print_table(
+        f"bench optimizer: LORO exact step vs dense SVD retraction (rank {config.loro_rank}); "
+        f"log-log slopes exact {exact_slope if exact_slope is None else round(exact_slope, 2)}, "
+        f"dense {dense_slope if dense_slope is None else round(dense_slope, 2)}",
+        loro_rows,
+        [Column("d", "d", "count"), Column("rank", "r", "count"), Column("exact_step_s", "exact step", "seconds"),
+         Column("dense_svd_s", "dense SVD", "seconds"), Column("dense_over_exact", "dense/exact", "ratio"),
+         Column("relative_difference", "rel. diff", "number")],
+    )
+    for line in missing:
+        print(f"note: {line}")
