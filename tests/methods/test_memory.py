@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from rankscope import methods
+from rankscope.cli import main
+from rankscope.errors import ConfigError, RankscopeError
 from rankscope.methods.base import ResolvedOptim
 from rankscope.methods.memory import account_memory
 from rankscope.methods.memory_table import (
@@ -106,10 +108,47 @@ def test_materialising_the_state_leaves_the_weights_untouched(name):
 @pytest.mark.parametrize("name", ["galore", "fira"])
 def test_projector_prefill_has_exactly_the_sizes_of_the_svd_path(name):
     cls = methods.get(name)
-    fast = measure_method(cls, "tiny", skip_svd=True)
-    exact = measure_method(cls, "tiny", skip_svd=False)
+    fast = measure_method(cls, "tiny", skip_svd=True, mode="measured")
+    exact = measure_method(cls, "tiny", skip_svd=False, mode="measured")
     assert fast == exact
     assert fast["optimizer_state_projector_elements"] > 0
+
+
+def test_shapes_on_the_meta_device_count_exactly_what_real_tensors_hold():
+    """Every method, every count and byte: the meta-device table is the measured one."""
+    for name in methods.names():
+        cls = methods.get(name)
+        assert measure_method(cls, "tiny", mode="shapes") == measure_method(cls, "tiny", mode="measured"), name
+
+
+def test_memory_table_at_7b_from_shapes_with_progress():
+    from rankscope.models import count_parameters
+
+    lines = []
+    rows = memory_table("7b", ["full", "galore"], progress=lines.append)
+    full, galore = rows
+    assert full["total_params"] == count_parameters(get_preset("7b"))
+    assert full["optimizer_state_elements"] == 2 * full["total_params"]
+    assert galore["optimizer_state_projector_elements"] > 0
+    assert galore["optimizer_state_elements"] < full["optimizer_state_elements"]
+    assert len(lines) == 4 and lines[0].startswith("[1/2] full at 7b") and "done in" in lines[1]
+    assert all(r["seconds"] >= 0 for r in rows)
+
+
+def test_memory_table_rejects_unknown_names_before_any_work():
+    with pytest.raises(RankscopeError, match="did you mean 'galore'"):
+        memory_table("350m", ["full", "gallore"])
+    with pytest.raises(ConfigError, match="memory mode"):
+        memory_table("tiny", ["full"], mode="guess")
+
+
+def test_cli_memory_table_at_a_large_preset(capsys):
+    assert main(["methods", "--memory", "--preset", "7b", "--methods", "lowrank"]) == 0
+    out = capsys.readouterr().out
+    assert "lowrank" in out and "meta device" in out
+    assert main(["methods", "--memory", "--preset", "tiny", "--methods", "full", "--measured"]) == 0
+    captured = capsys.readouterr()
+    assert "Measured on real tensors" in captured.out and "[1/1] full at tiny (measured)" in captured.err
 
 
 def test_memory_table_covers_every_method_at_tiny(capsys):

@@ -1,16 +1,22 @@
 """`rankscope methods --memory`: parameters and optimizer-state memory of every method at a preset.
 
-Each method is measured on real tensors: the preset's model is built and parameterized, the
-method's own optimizer is built, its state is materialised by one optimizer step that cannot
-move any weight (lr = 0 in every group and all-zero gradients; a checksum of the weights is
-compared afterwards), then `account_memory` counts. Models are built one after another and freed
-in between, so the peak is one model plus its optimizer (about 4.5 GB for full-rank 350M).
+Each method's own code builds its model and optimizer: the preset's model is parameterized by the
+method, the method's optimizer is built, its state is materialised by one optimizer step that
+cannot move any weight (lr = 0 in every group and all-zero gradients), then `account_memory`
+counts the tensors. Two modes:
 
-GaLore / Fira projectors: the first step would take one SVD per targeted weight (minutes at
-350M on a CPU). Instead the projector tensors are created, zero-filled, with exactly the shapes
-and dtype the optimizer's SVD would give (`rankscope.optim.projector.projection_side`), and the
-step counter is set so that the optimizer keeps them; sizes are identical to the SVD path
-(tests/methods/test_memory.py checks it). Their values do not matter: the gradient is zero.
+- shapes (default): everything lives on PyTorch's meta device, tensors with shapes and dtypes
+  and no data, so any preset (7B included) takes seconds and no memory. The counts are exactly
+  those of real tensors (tests/methods/test_memory.py compares both modes at small presets).
+- measured (`--measured`): real tensors on the CPU, built one method after another (the peak is
+  one model plus its optimizer, about 4.5 GB for full-rank 350M), with a progress line per
+  method; the step's no-op is also checked (a checksum of the weights before and after).
+
+GaLore / Fira projectors: the first step would take one SVD per targeted weight. Instead the
+projector tensors are created, zero-filled, with exactly the shapes and dtype the optimizer's
+SVD would give (`rankscope.optim.projector.projection_side`), and the step counter is set so that
+the optimizer keeps them; sizes are identical to the SVD path (tests/methods/test_memory.py
+checks it). Their values do not matter: the gradient is zero.
 
 The `published` columns are LORO Table 1 (seeds/003; its baselines come from GaLore and SLTrain):
 parameters in millions, estimated memory in GB = 1e9 bytes.
@@ -18,12 +24,16 @@ parameters in millions, estimated memory in GB = 1e9 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from rankscope.errors import ConfigError
 from rankscope.methods.base import Method, ResolvedOptim, check_param_groups
 from rankscope.methods.memory import account_memory
 from rankscope.models import build_model, get_preset
@@ -43,8 +53,11 @@ PUBLISHED_LORO_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
-def _weights_checksum(model: nn.Module) -> list[tuple[float, float]]:
-    """Per-parameter float64 sum and sum of squares: cheap, and any real change shows up."""
+def _weights_checksum(model: nn.Module) -> list[tuple[float, float]] | None:
+    """Per-parameter float64 sum and sum of squares: cheap, and any real change shows up.
+    None on the meta device, where tensors hold no values."""
+    if any(p.is_meta for p in model.parameters()):
+        return None
     with torch.no_grad():
         return [(float(p.double().sum()), float(p.double().square().sum())) for p in model.parameters()]
 
@@ -92,15 +105,21 @@ def materialize_optimizer_state(
     optimizer.zero_grad(set_to_none=True)
     for group, lr in zip(optimizer.param_groups, saved_lrs):
         group["lr"] = lr
-    if _weights_checksum(model) != before:
+    if before is not None and _weights_checksum(model) != before:
         raise RuntimeError(
             f"materialising the state of {type(optimizer).__name__} changed the weights; "
             "its step is not a no-op at lr 0 with zero gradients (e.g. a LORO exact step on step 1)"
         )
 
 
-def measure_method(method_cls: type[Method], preset: str, seed: int = 0, skip_svd: bool = True) -> dict[str, Any]:
-    """account_memory of the method's default model and optimizer at `preset`."""
+MODES = ("shapes", "measured")
+
+
+def measure_method(method_cls: type[Method], preset: str, seed: int = 0, skip_svd: bool = True,
+                   mode: str = "shapes") -> dict[str, Any]:
+    """account_memory of the method's default model and optimizer at `preset` (see the module doc)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown memory mode {mode!r}: use one of {', '.join(MODES)}")
     model_cfg = get_preset(preset)
     method = method_cls(method_cls.default_settings(preset, model_cfg), model_cfg, preset)
     method.validate()
@@ -110,41 +129,58 @@ def measure_method(method_cls: type[Method], preset: str, seed: int = 0, skip_sv
         grad_clip=defaults.grad_clip, total_steps=1, warmup_steps=0, min_lr_ratio=0.1,
     )
     torch.manual_seed(seed)
-    model = method.parameterize(build_model(model_cfg))
+    with torch.device("meta") if mode == "shapes" else contextlib.nullcontext():
+        model = method.parameterize(build_model(model_cfg))
     optimizer = method.build_optimizer(model, optim)
     check_param_groups(model, optimizer)
     materialize_optimizer_state(model, optimizer, skip_svd=skip_svd)
     row = account_memory(model, optimizer, preset)
     del model, optimizer
-    gc.collect()
+    if mode == "measured":
+        gc.collect()  # free this model's gigabytes before the next is built (meta tensors hold none)
     return row
 
 
-def memory_table(preset: str, method_names: list[str]) -> list[dict[str, Any]]:
-    """One row per method: its measured counts plus the published LORO Table 1 values."""
+def memory_table(preset: str, method_names: list[str], mode: str = "shapes",
+                 progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per method: its counts plus the published LORO Table 1 values.
+
+    `progress` receives a line before each method and after it (with its seconds)."""
     from rankscope import methods
 
     preset = preset.strip().lower()
     get_preset(preset)  # unknown preset: one-line error before any work
+    if mode not in MODES:
+        raise ConfigError(f"unknown memory mode {mode!r}: use one of {', '.join(MODES)}")
+    names = [name.strip() for name in method_names]
+    classes: dict[str, Any] = {}
+    for name in names:  # unknown names: a did-you-mean error before any work
+        try:
+            classes[name] = methods.get(name)
+        except ImportError as exc:  # registered but its module is not there (yet)
+            classes[name] = exc
     published = PUBLISHED_LORO_TABLE1.get(preset, {})
     rows = []
-    for name in method_names:
-        name = name.strip()
+    for index, name in enumerate(names, start=1):
         row: dict[str, Any] = {"method": name, "preset": preset}
-        try:
-            method_cls = methods.get(name)
-        except ImportError as exc:  # registered but its module is not there (yet)
-            row["error"] = f"not available: {exc}"
+        if isinstance(classes[name], ImportError):
+            row["error"] = f"not available: {classes[name]}"
             rows.append(row)
             continue
-        row.update(measure_method(method_cls, preset))
+        started = time.perf_counter()
+        if progress is not None:
+            progress(f"[{index}/{len(names)}] {name} at {preset} ({mode})...")
+        row.update(measure_method(classes[name], preset, mode=mode))
+        row["seconds"] = time.perf_counter() - started
+        if progress is not None:
+            progress(f"[{index}/{len(names)}] {name} done in {row['seconds']:.1f}s")
         if name in published:
             row["published_params_m"], row["published_mem_gb"] = published[name]
         rows.append(row)
     return rows
 
 
-def print_memory_table(rows: list[dict[str, Any]], preset: str) -> None:
+def print_memory_table(rows: list[dict[str, Any]], preset: str, mode: str = "shapes") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -177,9 +213,11 @@ def print_memory_table(rows: list[dict[str, Any]], preset: str) -> None:
         "state M = optimizer-state elements (moments, momentum, GaLore/Fira projectors; proj. M = the projectors). "
         "est. GB = 2 bytes x (all parameters, frozen ones included, + state elements), the LORO/SLTrain "
         "convention; est. -proj = the same without projectors; fp32 GB = parameter + state bytes as built "
-        "(fp32); pub. = LORO Table 1 (1 GB = 1e9 bytes)."
+        "(fp32); pub. = LORO Table 1 (1 GB = 1e9 bytes). "
+        + ("Counted from shapes on the meta device (same counts as real tensors; --measured builds them)."
+           if mode == "shapes" else "Measured on real tensors.")
     )
 
 
-__all__ = ["PUBLISHED_LORO_TABLE1", "materialize_optimizer_state", "measure_method", "memory_table",
+__all__ = ["MODES", "PUBLISHED_LORO_TABLE1", "materialize_optimizer_state", "measure_method", "memory_table",
            "print_memory_table"]

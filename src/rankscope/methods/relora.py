@@ -127,7 +127,7 @@ class ReLoRA(Method):
         self._layers = lora_parameterize(model, self.settings)
         # One draw from the seeded global RNG after the layers are built (so ReLoRA and LoRA get
         # the same init for the same seed): the root of every reset's generator.
-        self._seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # a real draw even on meta
         if self.settings.warm_start_steps > 0:
             for layer in self._layers:
                 layer.weight.requires_grad_(True)
