@@ -258,6 +258,11 @@ def _model_overrides(items: list[str]) -> dict:
     return dict(parse_override(item) for item in items)
 
 
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple (empty string: an empty tuple; absent: None)."""
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -270,6 +275,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     options = {
         "preset": args.preset, "methods": args.methods, "device": args.device, "repeats": args.repeats,
+        "budget_s": args.budget_s, "infer_preset": args.infer_preset,
+        "compile_methods": _names(args.compile_methods), "precisions": _names(args.precisions),
         "steps": args.steps, "warmup_steps": args.warmup_steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "period": args.period, "precision": args.precision, "compile": args.compile or None,
         "peak_tflops": args.peak_tflops, "memory": False if args.no_memory else None,
@@ -280,12 +287,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "model_overrides": _model_overrides(args.model) or None,
     }
     check_output_folder(args.out, "--out")
+    if args.benchmark == "gpu":
+        return _gpu_check(options, args.out)
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     for name in names:
         result = run_benchmark(name, options, out_dir=args.out)
         for kind, path in result.files.items():
             print(f"{name} {kind}: {path}")
     return 0
+
+
+def _gpu_check(options: dict, out: str) -> int:
+    """Exit 0 when every path passed (or there is no CUDA device to check), 1 when any failed."""
+    import torch
+
+    from rankscope.bench import make_config
+    from rankscope.bench.gpu import run_gpu_check
+
+    config = make_config("gpu", options)
+    config.validate()
+    if not config.device.startswith("cuda"):
+        raise RankscopeError(f"bench gpu checks CUDA devices; use --device cuda or cuda:N, not {config.device!r}")
+    if not torch.cuda.is_available():
+        print(f"bench gpu: no CUDA device here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
+              "the arguments are valid, nothing else to check")
+        return 0
+    payload = run_gpu_check(config, out_dir=out)
+    return 0 if payload["ok"] else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,11 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("bench", help="cost of every method vs full-rank: train | infer | optimizer | analysis | all")
-    p.add_argument("benchmark", choices=["train", "infer", "optimizer", "analysis", "all"])
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
-    p.add_argument("--methods", default="all", help="comma-separated methods or all (full is always included)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu); cuda runs bf16")
+    p = sub.add_parser("bench", help="cost of every method vs full-rank: train | infer | optimizer | analysis | all; "
+                       "gpu: the check of every GPU-only path (scripts/gpu_check.sh)")
+    p.add_argument("benchmark", choices=["train", "infer", "optimizer", "analysis", "all", "gpu"])
+    p.add_argument("--preset", help="model preset (default tiny; gpu: 60m)")
+    p.add_argument("--methods", help="comma-separated methods or all (default all; full is always included)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu; gpu: cuda); cuda runs bf16")
     p.add_argument("--out", default="bench-results", help="folder for <benchmark>.json/.csv/.png (default bench-results)")
     p.add_argument("--repeats", type=int, help="alternating rounds over the methods (default 3)")
     # SUPPRESS: without the option here, `rankscope --threads 1 bench ...` keeps the global value
@@ -398,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svd-oversample", type=int, help="optimizer: extra columns of the randomized refresh (default 8)")
     p.add_argument("--svd-niter", type=int, help="optimizer: subspace iterations of the randomized refresh (default 2)")
     p.add_argument("--probe-sequences", type=int, help="analysis: probe-set size in sequences (default 16)")
+    p.add_argument("--budget-s", type=float, help="gpu: time budget in seconds; paths that would start later count "
+                   "as failed (default 285)")
+    p.add_argument("--compile-methods", help="gpu: methods also trained with torch.compile (default full,loro; '' for none)")
+    p.add_argument("--precisions", help="gpu: comma-separated training precisions (default bf16-pure,bf16-autocast)")
+    p.add_argument("--infer-preset", help="gpu: preset of the dense vs factorized inference (default 1b)")
     p.set_defaults(func=cmd_bench)
 
     return parser

@@ -5,7 +5,8 @@ PNG of ratios to full-rank:
 - train: seconds per step, tokens/s, periodic work, peak memory, parameters, optimizer state, MFU;
 - infer: forward latency of the final model over a batch x sequence-length grid;
 - optimizer: our GaLore / Fira AdamW vs the reference packages; LORO's exact step vs a dense SVD;
-- analysis: landscape / interpolation point cost and spectral rows per second.
+- analysis: landscape / interpolation point cost and spectral rows per second;
+- gpu (`bench.gpu`, not part of "all"): one check of every GPU-only path, pass/fail per path.
 They print figures; nothing here asserts on timings.
 """
 
@@ -37,6 +38,10 @@ def _config_class(name: str) -> type:
         from rankscope.bench.analysis import AnalysisBenchConfig
 
         return AnalysisBenchConfig
+    if name == "gpu":
+        from rankscope.bench.gpu import GpuCheckConfig
+
+        return GpuCheckConfig
     raise ConfigError(f"unknown benchmark {name!r}{did_you_mean(name, BENCHMARKS)}")
 
 

@@ -238,6 +238,7 @@ def train_step(run: MethodRun, batch: torch.Tensor) -> dict[str, float]:
         "forward_backward": after_backward - start,
         "optimizer": after_optimizer - after_backward,
         "after_step": end - after_optimizer,
+        "loss": loss.detach(),  # a tensor: reading it here would add a sync to the timed step
     }
     run.step += 1
     return sample
