@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -329,13 +330,14 @@ def landscape_path(config: GpuCheckConfig, method: str, device: torch.device) ->
 
 
 def trainer_run_args(config: GpuCheckConfig, method: str, steps: int, device: str, precision: str,
-                     checkpoint_steps: list[int]) -> list[str]:
-    """`rankscope train` options shared by the trainer and DDP paths (embedded corpus)."""
+                     checkpoint_steps: list[int], batch_size: int) -> list[str]:
+    """`rankscope train` options shared by the trainer and DDP paths (embedded corpus, same data
+    config, so the DDP processes find the token shards the trainer path prepared)."""
     overrides = [f"model.overrides={json.dumps(config.model_overrides)}", f"data.seq_len={config.seq_len}",
                  "data.val_sequences=32", "data.probe_sequences=16", f"train.checkpoint_steps={checkpoint_steps}",
                  f"train.eval_every={steps}", "train.log_every=5"]
     args = ["--preset", config.preset, "--method", method, "--steps", str(steps), "--device", device,
-            "--precision", precision, "--batch-size", str(config.batch_size), "--seed", str(config.seed)]
+            "--precision", precision, "--batch-size", str(batch_size), "--seed", str(config.seed)]
     for item in overrides:
         args += ["--set", item]
     return args
@@ -353,7 +355,8 @@ def trainer_path(config: GpuCheckConfig, device: torch.device, work: Path) -> di
     half, steps, precision = config.trainer_steps // 2, config.trainer_steps, "bf16-pure"
     run_dir = work / "trainer"
     args = build_parser().parse_args(
-        ["train", *trainer_run_args(config, config.trainer_method, steps, str(device), precision, [half, steps])])
+        ["train", *trainer_run_args(config, config.trainer_method, steps, str(device), precision, [half, steps],
+                                    config.batch_size)])
     cfg = config_from_args(args)
     uninterrupted = train(cfg, run_dir)
     for info in ckpt.list_checkpoints(run_dir):
@@ -374,22 +377,32 @@ def ddp_path(config: GpuCheckConfig, device: torch.device, processes: int, work:
     run_dir = work / "ddp"
     device_arg = "cuda" if device.type == "cuda" else "cpu"
     precision = "bf16-autocast" if device.type == "cuda" else "fp32"
+    batch_size = processes * max(1, config.batch_size // processes)  # the global batch splits evenly
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "rankscope", "train",
-               *trainer_run_args(config, config.ddp_method, config.ddp_steps, device_arg, precision, [config.ddp_steps]),
+               *trainer_run_args(config, config.ddp_method, config.ddp_steps, device_arg, precision,
+                                 [config.ddp_steps], batch_size),
                "--out", str(run_dir)]
     env = dict(os.environ)
     source = str(Path(__file__).resolve().parents[2])  # this checkout's code in the children too
     env["PYTHONPATH"] = source + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if completed.returncode != 0:
-        tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
-        raise RankscopeError(f"torchrun exited with {completed.returncode}: {' | '.join(tail)}")
+    # Its own process group, so that a timeout ends torchrun and every worker it started.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise RankscopeError(f"torchrun did not finish within the {timeout_s:.0f}s left of the budget") from None
+    if process.returncode != 0:
+        tail = output.strip().splitlines()[-3:]
+        raise RankscopeError(f"torchrun exited with {process.returncode}: {' | '.join(tail)}")
     summary = json.loads((run_dir / "summary.json").read_text())
     _require_finite([summary["val_loss"]], "DDP validation loss")
     return {"method": config.ddp_method, "world_size": processes, "steps": summary["steps"],
-            "val_loss": summary["val_loss"], "returncode": completed.returncode}
+            "val_loss": summary["val_loss"], "returncode": process.returncode}
 
 
 # ---------------------------------------------------------------------------------------------
