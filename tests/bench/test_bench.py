@@ -122,6 +122,9 @@ def test_optimizer_bench_against_references(tmp_path):
         assert by_name[name]["floor_s"] == pytest.approx(floor[family]["adam_s"] + floor[family]["matmul_s"])
         assert by_name[name]["step_over_floor"] == pytest.approx(by_name[name]["step_s"] / by_name[name]["floor_s"])
     assert by_name["full"]["floor_s"] is None
+    # On the CPU the process CPU time is kept next to the wall time, with its own floor ratio.
+    assert by_name["galore"]["step_over_floor_cpu"] == pytest.approx(
+        by_name["galore"]["step_cpu_s"] / by_name["galore"]["floor_cpu_s"])
     # The randomized refresh: one row per distinct shape (tiny: 128x128, 352x128, 128x352),
     # subspaces close to the exact one on a decaying spectrum, nearly all the energy kept.
     svd = payload["table_randomized_svd"]

@@ -34,7 +34,9 @@ randomized projector keeps relative to the exact one (1: as much).
 
 Every timing is the median of `steps` consecutive calls; the implementations take turns
 (`run_alternating`) for `repeats` rounds; records give the median and the minimum over rounds
-(on a busy machine the minimum is the steadier estimate of the cost itself).
+of the wall time and, on the CPU, the median of the process CPU time. On a busy shared machine
+the wall time includes waiting for a core; the CPU time (with one thread) does not, and is the
+steadier estimate of the cost itself.
 """
 
 from __future__ import annotations
@@ -226,11 +228,43 @@ class OptimizerRun:
         self.grads = tensors.grads + tensors.plain_grads
         self.optimizer = impl.build(self.projected, self.plain, gap)
 
-    def step(self, device: torch.device) -> float:
+    def step(self, device: torch.device) -> tuple[float, float | None]:
         for p, g in zip(self.projected + self.plain, self.grads):
             p.grad = g.clone()  # fresh each step (untimed): no implementation sees another's edits
-        seconds, _ = timed(self.optimizer.step, device)
-        return seconds
+        return wall_and_cpu(self.optimizer.step, device)
+
+
+def wall_and_cpu(fn: Callable[[], Any], device: torch.device) -> tuple[float, float | None]:
+    """(wall seconds, process CPU seconds) of one call; CPU seconds only on the CPU device.
+
+    On a shared CPU the wall time includes the time the process waits for a core; its CPU time
+    does not (with one thread it is the wall time an idle machine would show), so both are kept.
+    """
+    cpu_start = time.process_time()
+    wall, _ = timed(fn, device)
+    return wall, (time.process_time() - cpu_start) if device.type == "cpu" else None
+
+
+@dataclass
+class Timings:
+    """Per key, one (wall, cpu) sample per round, each the median over the round's calls."""
+
+    samples: dict[str, list[tuple[float, float | None]]]
+
+    def stats(self, key: str) -> dict[str, float | None]:
+        wall = [w for w, _ in self.samples[key]]
+        cpu = [c for _, c in self.samples[key] if c is not None]
+        return {"s": median(wall), "min_s": min(wall),
+                "cpu_s": median(cpu) if cpu else None, "cpu_min_s": min(cpu) if cpu else None}
+
+
+def median_sample(calls: list[tuple[float, float | None]]) -> tuple[float, float | None]:
+    cpu = [c for _, c in calls if c is not None]
+    return median(w for w, _ in calls), (median(cpu) if cpu else None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -366,10 +400,6 @@ def randomized_refresh_rows(tensors: BenchTensors, rank: int, config: OptimizerB
 # the benchmark
 
 
-def _median_and_min(values: list[float]) -> tuple[float, float]:
-    return median(values), min(values)
-
-
 def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool = True) -> BenchResult:
     from rankscope import methods
     from rankscope.models import get_preset
@@ -406,62 +436,66 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
         for _ in range(max(config.warmup, 1)):
             call()
 
-    def measure(key: str, _repeat: int) -> float:
+    def measure(key: str, _repeat: int) -> tuple[float, float | None]:
         kind, name = key.split(":", 1)
         if kind == "floor":
-            return median(timed(floor_calls[name], device)[0] for _ in range(config.steps))
+            return median_sample([wall_and_cpu(floor_calls[name], device) for _ in range(config.steps)])
         run = steady[name] if kind == "steady" else refresh[name]
-        return median(run.step(device) for _ in range(config.steps if kind == "steady" else config.refresh_steps))
+        calls = config.steps if kind == "steady" else config.refresh_steps
+        return median_sample([run.step(device) for _ in range(calls)])
 
     keys = ([f"steady:{n}" for n in steady] + [f"refresh:{n}" for n in refresh]
             + [f"floor:{n}" for n in floor_calls])
-    samples = run_alternating(keys, config.repeats, measure)
+    timings = Timings(run_alternating(keys, config.repeats, measure))
     log.info("bench optimizer: steps timed")
 
     floor_rows = []
-    adam_s, adam_min_s = _median_and_min(samples["floor:adam"])
-    floors: dict[str, tuple[float, float]] = {}
+    adam = timings.stats("floor:adam")
+    floors: dict[str, dict[str, float | None]] = {}
     for family, backs in BACK_PROJECTIONS.items():
-        forms = [f"floor:matmul-{family}"] + ([f"floor:matmul-{family}-batched"] if floor.stacks else [])
-        matmul_s = min(median(samples[k]) for k in forms)
-        matmul_min_s = min(min(samples[k]) for k in forms)
-        floors[family] = (adam_s + matmul_s, adam_min_s + matmul_min_s)
-        floor_rows.append({"family": family, "back_projections": backs, "adam_s": adam_s, "adam_min_s": adam_min_s,
-                           "matmul_s": matmul_s, "matmul_min_s": matmul_min_s,
-                           "matmul_per_matrix_s": median(samples[forms[0]]),
-                           "matmul_batched_s": median(samples[forms[1]]) if len(forms) > 1 else None,
-                           "floor_s": floors[family][0], "floor_min_s": floors[family][1]})
+        forms = [timings.stats(f"floor:matmul-{family}")]
+        if floor.stacks:
+            forms.append(timings.stats(f"floor:matmul-{family}-batched"))
+        # The faster form of the matmuls counts, statistic by statistic.
+        matmul = {k: min((f[k] for f in forms if f[k] is not None), default=None) for k in adam}
+        floors[family] = {k: (adam[k] + matmul[k]) if adam[k] is not None and matmul[k] is not None else None
+                          for k in adam}
+        floor_rows.append({"family": family, "back_projections": backs,
+                           **{f"adam_{k}": v for k, v in adam.items()}, **{f"matmul_{k}": v for k, v in matmul.items()},
+                           "matmul_per_matrix_s": forms[0]["s"], "matmul_batched_s": forms[1]["s"] if floor.stacks else None,
+                           **{f"floor_{k}": v for k, v in floors[family].items()}})
 
     records = []
     for impl in impls:
-        step_s, step_min_s = _median_and_min(samples[f"steady:{impl.name}"])
-        record: dict[str, Any] = {"method": impl.name, "implementation": impl.description, "step_s": step_s,
-                                  "step_min_s": step_min_s, "state_bytes": state_bytes(steady[impl.name].optimizer),
-                                  "floor_s": None, "step_over_floor": None, "step_over_floor_min": None,
+        step = timings.stats(f"steady:{impl.name}")
+        record: dict[str, Any] = {"method": impl.name, "implementation": impl.description,
+                                  **{f"step_{k}": v for k, v in step.items()},
+                                  "state_bytes": state_bytes(steady[impl.name].optimizer),
+                                  "floor_s": None, "floor_cpu_s": None, "step_over_floor": None,
+                                  "step_over_floor_min": None, "step_over_floor_cpu": None,
                                   "refresh_step_s": None, "refresh_extra_s": None, "gap": None,
-                                  "amortized_step_s": step_s}
+                                  "amortized_step_s": step["s"]}
         if impl.family:
-            floor_s, floor_min_s = floors[impl.family]
-            record.update({"floor_s": floor_s, "floor_min_s": floor_min_s, "step_over_floor": step_s / floor_s,
-                           "step_over_floor_min": step_min_s / floor_min_s})
+            bound = floors[impl.family]
+            record.update({**{f"floor_{k}": v for k, v in bound.items()},
+                           "step_over_floor": _ratio(step["s"], bound["s"]),
+                           "step_over_floor_min": _ratio(step["min_s"], bound["min_s"]),
+                           "step_over_floor_cpu": _ratio(step["cpu_s"], bound["cpu_s"])})
         if impl.name in refresh:
-            refresh_s, refresh_min_s = _median_and_min(samples[f"refresh:{impl.name}"])
+            refreshed = timings.stats(f"refresh:{impl.name}")
             gap = gaps[impl.family]
-            record.update({"refresh_step_s": refresh_s, "refresh_step_min_s": refresh_min_s,
-                           "refresh_extra_s": refresh_s - step_s, "gap": gap,
-                           "amortized_step_s": step_s + (refresh_s - step_s) / gap})
+            record.update({**{f"refresh_step_{k}": v for k, v in refreshed.items()},
+                           "refresh_extra_s": refreshed["s"] - step["s"], "gap": gap,
+                           "amortized_step_s": step["s"] + (refreshed["s"] - step["s"]) / gap})
         records.append(record)
-    add_ratios(records, ("step_s", "step_min_s", "amortized_step_s", "state_bytes"))
+    add_ratios(records, ("step_s", "step_min_s", "step_cpu_s", "amortized_step_s", "state_bytes"))
     by_name = {r["method"]: r for r in records}
     for record in records:
         family = next((impl.family for impl in impls if impl.name == record["method"]), None)
         reference = by_name.get(f"{family}-ref")
         if family and reference is not None and record is not reference:
-            record["ours_over_reference_step"] = record["step_s"] / reference["step_s"]
-            record["ours_over_reference_step_min"] = record["step_min_s"] / reference["step_min_s"]
-            if record.get("refresh_step_s") is not None:
-                record["ours_over_reference_refresh"] = record["refresh_step_s"] / reference["refresh_step_s"]
-                record["ours_over_reference_amortized"] = record["amortized_step_s"] / reference["amortized_step_s"]
+            for key in ("step_s", "step_min_s", "step_cpu_s", "refresh_step_s", "amortized_step_s"):
+                record[f"ours_over_reference_{key[:-2]}"] = _ratio(record.get(key), reference.get(key))
 
     svd_rows = randomized_refresh_rows(tensors, rank, config, device)
     sizes = list(config.loro_sizes or (CUDA_LORO_SIZES if device.type == "cuda" else CPU_LORO_SIZES))
@@ -481,8 +515,9 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
         "load_average_1min_before": load_before,
         "load_average_1min_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "wall_s": time.perf_counter() - started,
-        "notes": ["step_s / step_min_s: median / minimum over rounds of the median optimizer.step() time, "
-                  "fixed gradients, projector not refreshed; refresh_step_s: with an SVD refresh every step; "
+        "notes": ["step_s / step_min_s: median / minimum over rounds of the median optimizer.step() wall time, "
+                  "fixed gradients, projector not refreshed; step_cpu_s: the same in process CPU time (CPU only: "
+                  "excludes waiting for a core on a busy machine); refresh_step_s: with an SVD refresh every step; "
                   "amortized_step_s at the method's gap",
                   "floor_s: torch AdamW(foreach) on the unprojected parameters and the projected-space "
                   "tensors + the projection / back-projection matmuls alone (table_floor)",
@@ -506,19 +541,27 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
 
 def print_report(config, rank, device, meta, records, floor_rows, svd_rows, loro_rows, missing) -> None:
     threads = meta["environment"]["torch_threads"]
+    cpu = records[0].get("step_cpu_s") is not None
     print_table(
         f"bench optimizer: {meta['settings']['n_matrices']} weights of preset {config.preset} "
         f"({meta['settings']['elements']:,} elements) + {meta['settings']['plain_tensors']} norms, rank {rank}, "
-        f"{device}, {threads} thread(s); median | min of {config.repeats} rounds; load "
+        f"{device}, {threads} thread(s); wall median | min of {config.repeats} rounds"
+        + ("; CPU = process CPU time (median)" if cpu else "") + "; load "
         f"{format_value(meta['load_average_1min_before'])} -> {format_value(meta['load_average_1min_after'])}",
         records,
         [Column("method", "method", "text"), Column("step_s", "step", "seconds"),
-         Column("step_min_s", "step min", "seconds"), Column("floor_s", "floor", "seconds"),
-         Column("step_over_floor", "step/floor", "ratio"), Column("step_over_floor_min", "min/floor min", "ratio"),
-         Column("step_s_ratio", "step/AdamW", "ratio"), Column("ours_over_reference_step", "ours/ref", "ratio"),
-         Column("ours_over_reference_step_min", "ours/ref min", "ratio"),
-         Column("refresh_step_s", "refresh step", "seconds"), Column("amortized_step_s", "step @T", "seconds"),
-         Column("state_bytes", "state", "bytes")],
+         Column("step_min_s", "step min", "seconds")]
+        + ([Column("step_cpu_s", "step CPU", "seconds")] if cpu else [])
+        + [Column("floor_s", "floor", "seconds")]
+        + ([Column("floor_cpu_s", "floor CPU", "seconds")] if cpu else [])
+        + [Column("step_over_floor", "step/floor", "ratio"), Column("step_over_floor_min", "min/min", "ratio")]
+        + ([Column("step_over_floor_cpu", "CPU/CPU", "ratio")] if cpu else [])
+        + [Column("step_s_ratio", "/AdamW", "ratio")]
+        + ([Column("step_cpu_s_ratio", "CPU /AdamW", "ratio")] if cpu else [])
+        + [Column("ours_over_reference_step", "ours/ref", "ratio"), Column("ours_over_reference_step_min", "min/min", "ratio")]
+        + ([Column("ours_over_reference_step_cpu", "CPU/CPU", "ratio")] if cpu else [])
+        + [Column("refresh_step_s", "refresh", "seconds"), Column("amortized_step_s", "step @T", "seconds"),
+           Column("state_bytes", "state", "bytes")],
     )
     print_table(
         "floor of a projected step: torch AdamW(foreach) on the Adam-updated tensors + the matmuls alone",
@@ -526,7 +569,7 @@ def print_report(config, rank, device, meta, records, floor_rows, svd_rows, loro
         [Column("family", "method", "text"), Column("adam_s", "AdamW", "seconds"),
          Column("back_projections", "back-proj.", "count"), Column("matmul_per_matrix_s", "matmuls", "seconds"),
          Column("matmul_batched_s", "matmuls batched", "seconds"), Column("floor_s", "floor", "seconds"),
-         Column("floor_min_s", "floor min", "seconds")],
+         Column("floor_min_s", "floor min", "seconds"), Column("floor_cpu_s", "floor CPU", "seconds")],
     )
     print_table(
         f"projector refresh: exact SVD vs torch.svd_lowrank (q = r + {config.svd_oversample}, "
