@@ -122,6 +122,9 @@ def test_optimizer_bench_against_references(tmp_path):
         assert by_name[name]["floor_s"] == pytest.approx(floor[family]["adam_s"] + floor[family]["matmul_s"])
         assert by_name[name]["step_over_floor"] == pytest.approx(by_name[name]["step_s"] / by_name[name]["floor_s"])
     assert by_name["full"]["floor_s"] is None
+    # Fira's full-size residual passes, timed alone, extend only Fira's floor.
+    assert by_name["fira"]["floor_with_residual_s"] == pytest.approx(floor["fira"]["floor_s"] + floor["fira"]["residual_s"])
+    assert "floor_with_residual_s" not in by_name["galore"]
     # On the CPU the process CPU time is kept next to the wall time, with its own floor ratio.
     assert by_name["galore"]["step_over_floor_cpu"] == pytest.approx(
         by_name["galore"]["step_cpu_s"] / by_name["galore"]["floor_cpu_s"])
@@ -154,6 +157,13 @@ def test_optimizer_bench_floor_parts_do_the_methods_arithmetic():
         assert torch.allclose(floor.lows[index], low, atol=1e-9)
         assert torch.allclose(floor.weights[index] - before[index], -2 * 1e-3 * back, rtol=1e-3, atol=1e-8)
     assert [s for s in floor.sides[:7]] == ["right"] * 6 + ["left"]
+    before = [w.clone() for w in floor.weights]
+    floor.residual_passes()
+    for index in (0, 6):  # phi scales rows (right projection) or columns (left projection)
+        expected = tensors.grads[index] * floor.phis[index]
+        assert torch.equal(floor.residuals[index], expected)
+        assert torch.allclose(floor.weights[index] - before[index], -1e-3 * expected, rtol=1e-3, atol=1e-8)
+    assert floor.phis[0].shape == (128, 1) and floor.phis[6].shape == (1, 352)
 
 
 def test_optimizer_bench_gradients_have_the_decaying_spectrum():

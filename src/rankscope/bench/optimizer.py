@@ -24,7 +24,10 @@ same shapes:
   back-projects once, Fira twice (its residual needs back(R) as well as the update back(N)).
   On CUDA each is timed per matrix and as one batched matmul per shape, and the faster counts.
 floor = adam + matmul; step / floor is the cost of everything else (elementwise passes over
-full-size tensors such as Fira's residual, allocation, Python).
+full-size tensors, allocation, Python). Fira also has full-size elementwise work no
+implementation avoids: forming its residual S = G·phi, taking ||S|| for the limiter and adding S
+to the weight, three passes over every matrix; they are timed alone too ("residual"), and Fira's
+step is also given over floor + residual.
 
 Part 2, the randomized refresh. For each distinct (shape, side): the exact SVD (the reference's
 refresh) and `torch.svd_lowrank` with r + oversample columns and niter subspace iterations,
@@ -310,6 +313,11 @@ class Floor:
             p.grad = g
         self.adam = torch.optim.AdamW(adam_params, lr=LR, eps=EPS, foreach=True)
         self.stacks = self._stacks() if device.type == "cuda" else []
+        # Fira's residual S = G·phi (phi per row for a right projection, per column for a left one).
+        self.residuals = [torch.empty_like(w) for w in self.weights]
+        self.phis = [torch.rand(w.shape[0], 1, generator=generator).to(device) if side == "right"
+                     else torch.rand(1, w.shape[1], generator=generator).to(device)
+                     for w, side in zip(self.weights, self.sides)]
 
     def _stacks(self) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(side, G, P, W, low) stacked per distinct shape and side, for the batched form."""
@@ -326,6 +334,13 @@ class Floor:
     def matmuls(self, back_projections: int) -> None:
         for grad, weight, projector, low, side in zip(self.grads, self.weights, self.projectors, self.lows, self.sides):
             project_and_back(grad, weight, projector, low, side, back_projections)
+
+    def residual_passes(self) -> None:
+        """Fira's full-size elementwise work alone: form S = G·phi, take ||S||, add S to W."""
+        for grad, weight, residual, phi in zip(self.grads, self.weights, self.residuals, self.phis):
+            torch.mul(grad, phi, out=residual)
+            torch.linalg.vector_norm(residual)
+            weight.add_(residual, alpha=-LR)
 
     def batched_matmuls(self, back_projections: int) -> None:
         for side, grads, projectors, weights, lows in self.stacks:
@@ -425,6 +440,7 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
     refresh = {impl.name: OptimizerRun(impl, tensors, 1) for impl in impls if impl.family and impl.refresh}
     floor = Floor(tensors, rank, device)
     floor_calls: dict[str, Callable[[], None]] = {"adam": floor.adam_step}
+    floor_calls["residual-fira"] = floor.residual_passes
     for family, backs in BACK_PROJECTIONS.items():
         floor_calls[f"matmul-{family}"] = lambda backs=backs: floor.matmuls(backs)
         if floor.stacks:
@@ -460,10 +476,17 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
         matmul = {k: min((f[k] for f in forms if f[k] is not None), default=None) for k in adam}
         floors[family] = {k: (adam[k] + matmul[k]) if adam[k] is not None and matmul[k] is not None else None
                           for k in adam}
-        floor_rows.append({"family": family, "back_projections": backs,
-                           **{f"adam_{k}": v for k, v in adam.items()}, **{f"matmul_{k}": v for k, v in matmul.items()},
-                           "matmul_per_matrix_s": forms[0]["s"], "matmul_batched_s": forms[1]["s"] if floor.stacks else None,
-                           **{f"floor_{k}": v for k, v in floors[family].items()}})
+        row = {"family": family, "back_projections": backs,
+               **{f"adam_{k}": v for k, v in adam.items()}, **{f"matmul_{k}": v for k, v in matmul.items()},
+               "matmul_per_matrix_s": forms[0]["s"], "matmul_batched_s": forms[1]["s"] if floor.stacks else None,
+               **{f"floor_{k}": v for k, v in floors[family].items()}}
+        if family == "fira":
+            residual = timings.stats("floor:residual-fira")
+            row.update({f"residual_{k}": v for k, v in residual.items()})
+            row.update({f"floor_with_residual_{k}": (floors[family][k] + residual[k]) if residual[k] is not None else None
+                        for k in residual})
+        floor_rows.append(row)
+    floor_by_family = {row["family"]: row for row in floor_rows}
 
     records = []
     for impl in impls:
@@ -481,6 +504,13 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
                            "step_over_floor": _ratio(step["s"], bound["s"]),
                            "step_over_floor_min": _ratio(step["min_s"], bound["min_s"]),
                            "step_over_floor_cpu": _ratio(step["cpu_s"], bound["cpu_s"])})
+            family_floor = floor_by_family[impl.family]
+            if "floor_with_residual_s" in family_floor:
+                record.update({
+                    "floor_with_residual_s": family_floor["floor_with_residual_s"],
+                    "floor_with_residual_cpu_s": family_floor["floor_with_residual_cpu_s"],
+                    "step_over_floor_with_residual": _ratio(step["s"], family_floor["floor_with_residual_s"]),
+                    "step_over_floor_with_residual_cpu": _ratio(step["cpu_s"], family_floor["floor_with_residual_cpu_s"])})
         if impl.name in refresh:
             refreshed = timings.stats(f"refresh:{impl.name}")
             gap = gaps[impl.family]
@@ -556,6 +586,8 @@ def print_report(config, rank, device, meta, records, floor_rows, svd_rows, loro
         + ([Column("floor_cpu_s", "floor CPU", "seconds")] if cpu else [])
         + [Column("step_over_floor", "step/floor", "ratio"), Column("step_over_floor_min", "min/min", "ratio")]
         + ([Column("step_over_floor_cpu", "CPU/CPU", "ratio")] if cpu else [])
+        + [Column("step_over_floor_with_residual", "/(floor+res.)", "ratio")]
+        + ([Column("step_over_floor_with_residual_cpu", "CPU/(floor+res.)", "ratio")] if cpu else [])
         + [Column("step_s_ratio", "/AdamW", "ratio")]
         + ([Column("step_cpu_s_ratio", "CPU /AdamW", "ratio")] if cpu else [])
         + [Column("ours_over_reference_step", "ours/ref", "ratio"), Column("ours_over_reference_step_min", "min/min", "ratio")]
@@ -569,7 +601,9 @@ def print_report(config, rank, device, meta, records, floor_rows, svd_rows, loro
         [Column("family", "method", "text"), Column("adam_s", "AdamW", "seconds"),
          Column("back_projections", "back-proj.", "count"), Column("matmul_per_matrix_s", "matmuls", "seconds"),
          Column("matmul_batched_s", "matmuls batched", "seconds"), Column("floor_s", "floor", "seconds"),
-         Column("floor_min_s", "floor min", "seconds"), Column("floor_cpu_s", "floor CPU", "seconds")],
+         Column("floor_min_s", "floor min", "seconds"), Column("floor_cpu_s", "floor CPU", "seconds"),
+         Column("residual_s", "Fira residual passes", "seconds"), Column("floor_with_residual_s", "floor + residual", "seconds"),
+         Column("floor_with_residual_cpu_s", "floor + residual CPU", "seconds")],
     )
     print_table(
         f"projector refresh: exact SVD vs torch.svd_lowrank (q = r + {config.svd_oversample}, "
