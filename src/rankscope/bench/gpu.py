@@ -441,7 +441,7 @@ def plan(config: GpuCheckConfig, device: torch.device, peak_tflops: float | None
                       "ddp", lambda: ddp_path(config, device, processes, work, max(1.0, deadline - time.monotonic())),
                       40.0)
     if processes < 2:
-        ddp.run, ddp.skip = None, f"{visible} GPU(s) visible: DistributedDataParallel needs two or more"
+        ddp.run, ddp.skip = None, f"{processes} GPU(s) to use ({visible} visible): DistributedDataParallel needs two or more"
     planned.append(ddp)
     for method in config.compile_methods:
         planned.append(PlannedPath(
