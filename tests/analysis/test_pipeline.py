@@ -17,6 +17,9 @@ import torch
 from rankscope import methods
 from rankscope.analysis import AnalysisError
 from rankscope.analysis import pipeline
+from rankscope.analysis import run as analysis_run
+from rankscope.analysis.stages import landscape as landscape_stage
+from rankscope.analysis.stages import spectral as spectral_stage
 from rankscope.analysis.pipeline import (
     TABLE_COLUMNS,
     ParameterSpace,
@@ -256,7 +259,7 @@ def test_resume_skips_finished_items_and_ends_with_the_same_tables(runs, tmp_pat
     analyze_runs([straight], runs["full"], _small_settings(**settings), progress=False)
 
     calls: list[int] = []
-    original = pipeline.spectral_rows
+    original = spectral_stage.spectral_rows
 
     def failing_after_first_checkpoint(model, *args, **kwargs):
         calls.append(1)
@@ -264,14 +267,14 @@ def test_resume_skips_finished_items_and_ends_with_the_same_tables(runs, tmp_pat
             raise KeyboardInterrupt  # the user stops the analysis in the second checkpoint
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "spectral_rows", failing_after_first_checkpoint)
+    monkeypatch.setattr(spectral_stage, "spectral_rows", failing_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         analyze_runs([resumed], runs["full"], _small_settings(**settings), progress=False)
     items_after_interrupt = sorted(p.name for p in (resumed / "analysis" / "items").rglob("*.json"))
     assert any("step_000004" in str(p) for p in (resumed / "analysis" / "items").rglob("*.json"))
 
     spy = {"profiles": 0, "spectral": 0}
-    original_profiles = pipeline.evaluate_profiles
+    original_profiles = landscape_stage.evaluate_profiles
 
     def counting_profiles(*args, **kwargs):
         spy["profiles"] += 1
@@ -281,8 +284,8 @@ def test_resume_skips_finished_items_and_ends_with_the_same_tables(runs, tmp_pat
         spy["spectral"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "evaluate_profiles", counting_profiles)
-    monkeypatch.setattr(pipeline, "spectral_rows", counting_spectral)
+    monkeypatch.setattr(landscape_stage, "evaluate_profiles", counting_profiles)
+    monkeypatch.setattr(spectral_stage, "spectral_rows", counting_spectral)
     analyze_runs([resumed], runs["full"], _small_settings(**settings), progress=False)
     # Step 4 finished every item before the interrupt; only step 6's spectral item (and the items
     # after it) remain: spectral once, and no landscape of step 4 again (step 6's were done).
@@ -340,7 +343,7 @@ def test_bad_input_fails_before_any_work(runs, tmp_path, monkeypatch):
     def no_heavy_work(*args, **kwargs):
         raise AssertionError("heavy work started before the inputs were checked")
 
-    monkeypatch.setattr(pipeline, "_analyze_one", no_heavy_work)
+    monkeypatch.setattr(analysis_run, "_analyze_one", no_heavy_work)
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -7,7 +7,10 @@ The modules here hold the pure metric functions (tensors in, numbers out) define
 - :mod:`.landscape`      1-D loss-landscape summaries and the direction generators
 - :mod:`.interpolation`  barrier heights and parameter interpolation
 
-They know nothing about runs, checkpoints or models; the analysis pipeline builds on them.
+They know nothing about runs, checkpoints or models. `rankscope analyze` builds on them:
+:mod:`.run` orders the stages of :mod:`.stages` (one module per metric family: plan items,
+compute rows, its table), which share :mod:`.probe`, :mod:`.space`, :mod:`.runs` and
+:mod:`.store`; :mod:`.pipeline` gathers the public names.
 """
 
 from __future__ import annotations

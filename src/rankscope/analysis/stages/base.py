@@ -1,0 +1,38 @@
+"""The shape every stage of `rankscope analyze` has: plan its items for a checkpoint, compute one,
+and say which table its rows fill (METRICS.md, one family per stage)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from rankscope.analysis.progress import Progress
+from rankscope.analysis.runs import AnalysisContext, RunInfo
+from rankscope.analysis.store import Item, TableSpec
+
+
+class Stage(abc.ABC):
+    """One metric family for one run. Instances live for one run's analysis and may cache what
+    consecutive items share (a loaded parameter space, a run's trajectory directions)."""
+
+    table: ClassVar[TableSpec]
+
+    def __init__(self, run: RunInfo, context: AnalysisContext, progress: Progress | None = None) -> None:
+        self.run, self.context = run, context
+        self.settings = context.settings
+        self.probe = context.probe
+        self.progress = progress or Progress(run.name, 0.0, enabled=False)
+
+    @abc.abstractmethod
+    def plan(self, step: int, steps: Sequence[int]) -> list[Item]:
+        """The items of this family at ``step`` (``steps``: every step planned in this call)."""
+
+    @abc.abstractmethod
+    def compute(self, item: Item) -> dict[str, Any]:
+        """``{"rows": [...], "arrays": {...}}`` and optional ``not_applicable``, ``notes``, ``base_loss``."""
+
+    @classmethod
+    def describe(cls, run: RunInfo, context: AnalysisContext) -> dict[str, Any]:
+        """Entries this family adds to meta.json (grids, direction counts, partners)."""
+        return {}
