@@ -139,7 +139,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _print_results(out_dir) -> None:
-    from rankscope.report.collect import print_results_table
+    from rankscope.report.tables import print_results_table
 
     print_results_table(out_dir)
 

@@ -435,34 +435,6 @@ def spectral_means(spectral: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([spectral[is_mean], computed], ignore_index=True)
 
 
-def print_results_table(study_dir: str | Path) -> None:
-    """Print the results table of every scale to the terminal (what `rankscope study` and
-    `rankscope demo` show when they finish), and the failed runs with their reasons."""
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from rankscope.report.build import results_table
-
-    study = load_study(study_dir)
-    # Piped output (logs, CI) gets a wide console so rows are not wrapped into unreadable cells.
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    shown_columns = ["method", "seeds", "val loss", "val ppl", "downstream acc [%]", "params [M]",
-                     "optimizer state [MiB]", "tokens/s"]
-    for preset in study.presets():
-        _, shown = results_table(study.runs, preset)
-        table = Table(title=f"{Path(study_dir).name}: scale {preset} (mean ± std over seeds)")
-        for column in shown_columns:
-            table.add_column(column, justify="left" if column == "method" else "right")
-        for row in shown[shown_columns].itertuples(index=False):
-            table.add_row(*(str(value) for value in row))
-        console.print(table)
-    failed = study.runs[study.runs["status"] == "failed"]
-    for row in failed.itertuples(index=False):
-        console.print(f"failed: {row.run}: {row.failure_reason}", markup=False, highlight=False)
-
-
 # --- entry point ---------------------------------------------------------------------------------------
 
 
@@ -490,6 +462,6 @@ def load_study(study_dir: str | Path) -> Study:
 
 __all__ = [
     "ANALYSIS_FAMILIES", "KEY_COLUMNS", "REFERENCE_METHOD", "ReportError", "Study", "applicable_mask", "as_bool", "finite", "load_profiles",
-    "load_study", "preset_size", "print_results_table", "read_analysis_tables", "read_runs", "read_training_logs", "run_features",
+    "load_study", "preset_size", "read_analysis_tables", "read_runs", "read_training_logs", "run_features",
     "sorted_methods", "sorted_presets", "spectral_means",
 ]

@@ -1,0 +1,134 @@
+"""Interpolation-barrier figures: CCBH vs step and the IMBH matrix between methods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Patch
+
+from rankscope.report.collect import Study, applicable_mask, finite, sorted_methods
+from rankscope.report.figures.base import (
+    FigureResult,
+    _mean_band,
+    _method_legend,
+    _new_figure,
+    _no_data,
+    _save,
+    _seed_note,
+    _step_axis,
+    _table,
+    method_color,
+)
+
+
+def fig_ccbh(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
+    name, title = f"ccbh_{preset}", f"Consecutive-checkpoint barrier height (CCBH) vs step ({preset})"
+    table = _table(study, "interpolation", preset)
+    if table is None or not (table["kind"] == "ccbh").any():
+        return FigureResult(name, title, skipped=f"no CCBH rows in interpolation.csv for preset {preset}")
+    ccbh = table[table["kind"] == "ccbh"].copy()
+    not_applicable = ccbh[~applicable_mask(ccbh)]
+    ccbh = ccbh[applicable_mask(ccbh)]
+    x = "step_b" if "step_b" in ccbh.columns else "step"
+    for column in ("barrier", "relative_barrier", x):
+        if column in ccbh.columns:
+            ccbh[column] = pd.to_numeric(ccbh[column], errors="coerce")
+    methods = sorted_methods(table.loc[table["kind"] == "ccbh", "method"].unique())
+    figure = _new_figure(11, 4)
+    for ax, column, ylabel in zip(figure.subplots(1, 2), ("barrier", "relative_barrier"),
+                                  ("barrier height [nats]", "relative barrier (barrier / mean endpoint loss)")):
+        if column not in ccbh.columns or not finite(ccbh[column]).any():
+            _no_data(ax, f"no {column} values")
+            continue
+        _mean_band(ax, ccbh[finite(ccbh[column])], x, column, methods, marker="o")
+        _step_axis(ax)
+        ax.set_xlabel("training step (later checkpoint of the pair)")
+        ax.set_ylabel(ylabel)
+        ax.axhline(0.0, color="#999999", linewidth=0.6)
+        ax.set_title(column.replace("_", " "))
+    _method_legend(figure, methods)
+    figure.suptitle(title)
+    caption = "Barrier of the straight path between consecutive checkpoints, in each method's native parameters."
+    if not not_applicable.empty:
+        caption += f" Not applicable: {', '.join(sorted(set(not_applicable['run'])))}."
+    caption += _seed_note(ccbh)
+    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+
+
+def imbh_matrix(interpolation: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Methods, mean IMBH barrier between each pair of methods at each run's final step (mean over
+    the seed pairs; the barrier is symmetric in the two ends), and a matrix of cell states:
+    1 = value, 0 = not applicable, -1 = not computed."""
+    imbh = interpolation[interpolation["kind"] == "imbh"].copy()
+    if "other_run" in imbh.columns:  # a run interpolated with itself (barrier 0) is a check, not a pair
+        imbh = imbh[imbh["other_run"].astype(str) != imbh["run"].astype(str)]
+    imbh["step"] = pd.to_numeric(imbh["step"], errors="coerce")
+    imbh = imbh[imbh["step"] == imbh.groupby("run")["step"].transform("max")]
+    imbh["barrier"] = pd.to_numeric(imbh["barrier"], errors="coerce")
+    imbh["ok"] = applicable_mask(imbh)
+    methods = sorted_methods(set(imbh["method"]) | set(imbh["other_method"].dropna().astype(str)))
+    index = {m: i for i, m in enumerate(methods)}
+    values = np.full((len(methods), len(methods)), np.nan)
+    state = np.full((len(methods), len(methods)), -1)
+    sums: dict[tuple[int, int], list[float]] = {}
+    for row in imbh.itertuples(index=False):
+        other = str(row.other_method)
+        if other not in index:
+            continue
+        i, j = sorted((index[str(row.method)], index[other]))
+        if row.ok and np.isfinite(row.barrier):
+            sums.setdefault((i, j), []).append(float(row.barrier))
+        elif state[i, j] != 1:
+            state[i, j] = state[j, i] = 0
+    for (i, j), barriers in sums.items():
+        values[i, j] = values[j, i] = float(np.mean(barriers))
+        state[i, j] = state[j, i] = 1
+    return methods, values, state
+
+
+def fig_imbh(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
+    name, title = f"imbh_{preset}", f"Inter-method barrier height (IMBH), final step ({preset})"
+    table = _table(study, "interpolation", preset)
+    if table is None or not (table["kind"] == "imbh").any():
+        return FigureResult(name, title, skipped=f"no IMBH rows in interpolation.csv for preset {preset}")
+    methods, values, state = imbh_matrix(table)
+    size = 1.0 + 0.85 * len(methods)
+    figure = _new_figure(size + 1.8, size + 0.4)
+    ax = figure.subplots()
+    ax.grid(False)
+    present = values[np.isfinite(values)]
+    vmin, vmax = (float(present.min()), float(present.max())) if present.size else (0.0, 1.0)
+    if vmax <= vmin:
+        vmax = vmin + 1e-12
+    cmap = matplotlib.colormaps["viridis"]
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
+    for i in range(len(methods)):
+        for j in range(len(methods)):
+            if state[i, j] == 1:
+                shade = (values[i, j] - vmin) / (vmax - vmin)
+                ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=8.5,
+                        color="white" if shade < 0.55 else "black")
+                continue
+            hatch = "///" if state[i, j] == 0 else None
+            ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#EEEEEE",
+                                                      edgecolor="#AAAAAA", hatch=hatch, linewidth=0.5))
+            ax.text(j, i, "n/a" if state[i, j] == 0 else "—", ha="center", va="center", fontsize=8.5, color="#444444")
+    ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right")
+    ax.set_yticks(range(len(methods)), methods)
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for label, method in zip(labels, methods):
+            label.set_color(method_color(method))
+    ax.spines[["top", "right"]].set_visible(True)
+    colorbar = figure.colorbar(image, ax=ax, shrink=0.85)
+    colorbar.set_label("barrier height [nats], mean over seed pairs")
+    ax.set_title(title)
+    legend = [Patch(facecolor="#EEEEEE", edgecolor="#AAAAAA", hatch="///", label="n/a: not applicable"),
+              Patch(facecolor="#EEEEEE", edgecolor="#AAAAAA", label="—: not computed")]
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False, fontsize=8)
+    caption = ("Barrier on the straight path between two runs at the final step, interpolated in dense space. "
+               "Diagonal: same method, different seeds. n/a (hatched): a method without a dense equivalent; "
+               "—: pair not computed.")
+    return FigureResult(name, title, caption, _save(figure, out_dir, name))

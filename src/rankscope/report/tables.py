@@ -1,0 +1,197 @@
+"""The report's tables: per-scale results (mean ± std over seeds), final-checkpoint geometry,
+the significance of each difference to full-rank in words and numbers, and the predictor scores;
+plus the results table printed to the terminal when a study or the demo finishes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rankscope.report.collect import REFERENCE_METHOD, finite, load_study, sorted_methods
+from rankscope.report.document import _cell
+from rankscope.report.stats import NEEDS_SEEDS, format_mean_std, format_number, mean_std
+
+MIB = 1024.0 ** 2
+
+# Run-level metrics compared across methods: column -> (label, "higher is better?" shown only as text).
+METRIC_LABELS: dict[str, str] = {
+    "val_loss": "val loss",
+    "val_ppl": "val ppl",
+    "downstream_acc": "downstream mean acc",
+    "es_random": "expected sharpness (random)",
+    "dv_random": "direction variance (random)",
+    "es_singular_top1": "expected sharpness (top-1 singular)",
+    "es_singular_top5": "expected sharpness (top-5 singular)",
+    "dv_singular_top5": "direction variance (top-5 singular)",
+    "ccbh_final": "CCBH (last pair)",
+    "imbh_to_full": "IMBH to full-rank",
+    "effective_rank_w": "effective rank of W",
+    "stable_rank_w": "stable rank of W",
+    "effective_rank_dw": "effective rank of ΔW",
+    "cka_to_reference": "CKA to full-rank (mean over layers)",
+    "cosine_to_reference": "cosine to full-rank (mean over layers)",
+    "relative_l2_to_reference": "relative L2 to full-rank (mean over layers)",
+}
+GEOMETRY_COLUMNS = [c for c in METRIC_LABELS if c not in ("val_loss", "val_ppl", "downstream_acc")]
+
+
+def results_table(runs: pd.DataFrame, preset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(numeric table for CSV, formatted table for the report) of one preset: one row per method."""
+    rows, shown = [], []
+    in_preset = runs[runs["preset"].astype(str) == str(preset)]
+    for method in sorted_methods(in_preset["method"].dropna().unique()):
+        group = in_preset[in_preset["method"] == method]
+        trained = group[finite(group["val_loss"])]
+        failed = group[group["status"] == "failed"]
+        row: dict[str, Any] = {"preset": preset, "method": method, "n_seeds": len(trained), "n_runs": len(group),
+                               "n_failed": len(failed)}
+        for column in ("val_loss", "val_ppl", "downstream_acc", "tokens_per_sec"):
+            row[f"{column}_mean"], row[f"{column}_std"], row[f"{column}_n"] = mean_std(trained[column].astype(float))
+        for column in ("params", "trainable_params", "optimizer_state_bytes", "estimated_memory_bytes"):
+            # Fixed by the architecture and method, so the same for every seed: one number.
+            row[column] = mean_std(group[column].astype(float))[0]
+        row["failed_runs"] = "; ".join(f"{r.run}: {r.failure_reason}" for r in failed.itertuples(index=False))
+        rows.append(row)
+        accuracy = mean_std(trained["downstream_acc"].astype(float) * 100)
+        shown.append({
+            "method": method,
+            "seeds": f"{len(trained)}" + (f" ({len(failed)} failed)" if len(failed) else ""),
+            "val loss": format_mean_std(row["val_loss_mean"], row["val_loss_std"], row["val_loss_n"]),
+            "val ppl": format_mean_std(row["val_ppl_mean"], row["val_ppl_std"], row["val_ppl_n"]),
+            "downstream acc [%]": format_mean_std(*accuracy, digits=3),
+            "params [M]": _cell(row["params"] / 1e6),
+            "trainable [M]": _cell(row["trainable_params"] / 1e6),
+            "optimizer state [MiB]": _cell(row["optimizer_state_bytes"] / MIB),
+            "est. memory [MiB]": _cell(row["estimated_memory_bytes"] / MIB),
+            "tokens/s": format_mean_std(row["tokens_per_sec_mean"], row["tokens_per_sec_std"],
+                                        row["tokens_per_sec_n"], digits=3),
+            "failed runs (reason)": row["failed_runs"] or "",
+        })
+    return pd.DataFrame(rows), pd.DataFrame(shown)
+
+
+def geometry_table(features: pd.DataFrame, preset: str) -> pd.DataFrame:
+    """Final-checkpoint geometry per method: mean ± std over seeds (formatted)."""
+    in_preset = features[features["preset"].astype(str) == str(preset)]
+    columns = [c for c in GEOMETRY_COLUMNS if c in in_preset.columns and finite(in_preset[c]).any()]
+    rows = []
+    for method in sorted_methods(in_preset["method"].dropna().unique()):
+        group = in_preset[in_preset["method"] == method]
+        row = {"method": method}
+        for column in columns:
+            row[METRIC_LABELS[column]] = format_mean_std(*mean_std(group[column].astype(float)))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _significance_words(comparison: pd.DataFrame, preset: str, seed_counts: dict[str, int]) -> list[str]:
+    """Plain-language statements: per method, which metrics differ from full-rank beyond
+    seed-to-seed variation."""
+    rows = comparison[comparison["preset"] == preset]
+    if not seed_counts.get(REFERENCE_METHOD):
+        return [f"No finished full-rank ({REFERENCE_METHOD}) run at this scale, so no method can be compared with it."]
+    if rows.empty:
+        return ["No other method has results at this scale to compare with full-rank."]
+    assessable = rows[~rows["verdict"].isin(["cannot be assessed", "no values"])]
+    if assessable.empty:
+        counts = ", ".join(f"{m}: {n}" for m, n in seed_counts.items())
+        return [f"Significance cannot be assessed at this scale: {NEEDS_SEEDS} (seeds with results — {counts}). "
+                "The differences in the tables are single-seed observations and may be seed noise."]
+    sentences = []
+    for method, group in rows.groupby("method", sort=False):
+        exceeds = group[group["verdict"] == "exceeds seed variation"]
+        borderline = group[group["verdict"].str.startswith("borderline")]
+        within = group[group["verdict"] == "within seed variation"]
+        unassessed = group[group["verdict"] == "cannot be assessed"]
+        undefined = group[group["verdict"].str.startswith("undefined")]
+        no_values = group[group["verdict"] == "no values"]
+        parts = []
+        if len(exceeds):
+            parts.append("differs beyond seed-to-seed variation on " + ", ".join(
+                f"{METRIC_LABELS.get(r.metric, r.metric)} ({'+' if r.difference >= 0 else ''}{format_number(r.difference)}, "
+                f"p = {format_number(r.p_value, 2)})" for r in exceeds.itertuples()))
+        if len(borderline):
+            parts.append("borderline (only one of Welch test / bootstrap CI rejects) on " +
+                         ", ".join(METRIC_LABELS.get(m, m) for m in borderline["metric"]))
+        if len(within):
+            parts.append("stays within seed-to-seed variation on " +
+                         ", ".join(METRIC_LABELS.get(m, m) for m in within["metric"]))
+        if len(undefined):
+            parts.append("shows no seed spread at all on " + ", ".join(METRIC_LABELS.get(m, m) for m in undefined["metric"]))
+        if len(unassessed):
+            parts.append("cannot be assessed (" + NEEDS_SEEDS + ") on " +
+                         ", ".join(METRIC_LABELS.get(m, m) for m in unassessed["metric"]))
+        if len(no_values):
+            parts.append("cannot be compared on " + ", ".join(
+                f"{METRIC_LABELS.get(r.metric, r.metric)} ({r.statement})" for r in no_values.itertuples()))
+        sentences.append(f"**{method}** vs {REFERENCE_METHOD}: " + "; ".join(parts) + ".")
+    sentences.append("Test: Welch's t-test (two-sided, α = 0.05) and a 95% percentile bootstrap CI of the difference "
+                     "of means; 'differs' needs both. With few seeds the tests have little power: 'within seed "
+                     "variation' means 'not shown to differ', not 'equal'.")
+    return sentences
+
+
+def _significance_display(comparison: pd.DataFrame, preset: str) -> pd.DataFrame:
+    rows = comparison[comparison["preset"] == preset]
+    return pd.DataFrame({
+        "metric": [METRIC_LABELS.get(m, m) for m in rows["metric"]],
+        "method": rows["method"],
+        "seeds (method / full)": [f"{a} / {b}" for a, b in zip(rows["n_method"], rows["n_reference"])],
+        "difference to full": rows["difference"],
+        "95% bootstrap CI": [("–" if not np.isfinite(lo) else f"[{format_number(lo)}, {format_number(hi)}]")
+                             for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
+        "Welch p": [format_number(p, 2) if np.isfinite(p) else "–" for p in rows["p_value"]],
+        "verdict": [f"cannot be assessed: {NEEDS_SEEDS}" if v == "cannot be assessed" else
+                    (statement if v == "no values" else v) for v, statement in zip(rows["verdict"], rows["statement"])],
+    })
+
+
+def _predictor_display(predictor: pd.DataFrame) -> pd.DataFrame:
+    shown = pd.DataFrame({"feature set": predictor.get("feature_set")})
+    for score, label in (("r2_in_sample", "in-sample R²"), ("loso_pearson", "LOSO r"), ("lomo_pearson", "LOMO r")):
+        if score not in predictor.columns:
+            continue
+        values = pd.to_numeric(predictor[score], errors="coerce")
+        spread = pd.to_numeric(predictor[f"{score}_std"], errors="coerce") if f"{score}_std" in predictor.columns else None
+        texts = []
+        for index, value in values.items():
+            if not np.isfinite(value):
+                texts.append("n/a")
+            elif spread is not None and np.isfinite(spread[index]):
+                texts.append(f"{value:.3f} (± {spread[index]:.3f} over seeds)")
+            else:
+                texts.append(f"{value:.3f}")
+        shown[label] = texts
+    for column in ("n_rows", "note"):
+        if column in predictor.columns:
+            shown[column.replace("_", " ")] = predictor[column].fillna("").astype(str) if column == "note" else predictor[column]
+    return shown
+
+
+def print_results_table(study_dir: str | Path) -> None:
+    """Print the results table of every scale to the terminal (what `rankscope study` and
+    `rankscope demo` show when they finish), and the failed runs with their reasons."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    study = load_study(study_dir)
+    # Piped output (logs, CI) gets a wide console so rows are not wrapped into unreadable cells.
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    shown_columns = ["method", "seeds", "val loss", "val ppl", "downstream acc [%]", "params [M]",
+                     "optimizer state [MiB]", "tokens/s"]
+    for preset in study.presets():
+        _, shown = results_table(study.runs, preset)
+        table = Table(title=f"{Path(study_dir).name}: scale {preset} (mean ± std over seeds)")
+        for column in shown_columns:
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for row in shown[shown_columns].itertuples(index=False):
+            table.add_row(*(str(value) for value in row))
+        console.print(table)
+    failed = study.runs[study.runs["status"] == "failed"]
+    for row in failed.itertuples(index=False):
+        console.print(f"failed: {row.run}: {row.failure_reason}", markup=False, highlight=False)
