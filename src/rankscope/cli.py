@@ -223,9 +223,10 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from rankscope.analysis.pipeline import analyze_runs
     from rankscope.analysis.settings import FAMILIES, AnalysisSettings
+    from rankscope.config import dataclass_from_dict, parse_override
 
     scopes = ("all", "blocks") if args.scope == "both" else tuple(args.scope.split(","))
-    settings = AnalysisSettings(
+    fields = dict(
         metrics=tuple(args.metrics.split(",")) if args.metrics else FAMILIES,
         steps=_int_list(args.steps, "--steps"),
         probe_size=args.probe_size,
@@ -239,6 +240,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         direction_seed=args.direction_seed,
         mask_padding=not args.no_mask_padding,
     )
+    # Definitions where the study's code and ours differ: the study's is the default (docs/metrics.md).
+    for name in ("loss_average", "singular_grid", "singular_beyond_rank", "zero_matrix_gap", "last_hidden"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    fields.update(parse_override(text) for text in args.set)
+    settings = dataclass_from_dict(AnalysisSettings, fields, "analysis")
+    settings.__post_init__()
     if args.singular_k_max is not None:
         settings.singular_k_max = args.singular_k_max
         settings.singular_ks = tuple(k for k in settings.singular_ks if k <= args.singular_k_max) or (args.singular_k_max,)
@@ -374,11 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("analyze", help="landscape, interpolation, spectral and similarity metrics of every checkpoint")
+    p = sub.add_parser("analyze", help="landscape, interpolation, spectral, similarity, 2-D landscape and Hessian metrics")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders to analyse (results go to RUN_DIR/analysis/)")
     p.add_argument("--reference", required=True, metavar="FULL_RANK_RUN_DIR",
                    help="the full-rank run of the same scale and seed (similarity and IMBH partner)")
-    p.add_argument("--metrics", help="comma-separated: landscape,interpolation,spectral,similarity (default all)")
+    p.add_argument("--metrics", help="comma-separated: landscape,interpolation,spectral,similarity,landscape2d,hessian "
+                                     "(default all; landscape2d and hessian at the last step only)")
     p.add_argument("--steps", help="comma-separated checkpoint steps (default every checkpoint)")
     p.add_argument("--probe-size", type=int, help="probe sequences to use (default the whole probe set)")
     p.add_argument("--directions", type=int, default=100, help="random landscape directions (default 100)")
@@ -392,6 +401,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mask-padding", action="store_true", help="do not mask padding in similarity (as the study's code)")
     p.add_argument("--batch-size", type=int, default=32, help="probe sequences per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    definitions = p.add_argument_group("definitions", "the study's definition is the default; ours is the other choice "
+                                                      "(docs/metrics.md)")
+    definitions.add_argument("--loss-average", choices=["batch_mean", "token"],
+                             help="probe loss: mean of per-batch means (study) or token-weighted mean")
+    definitions.add_argument("--singular-grid", choices=["study", "centered"],
+                             help="singular-direction grid: numpy.arange(-0.05, 0.0501, 0.004) (study) or --grid-points "
+                                  "over +-0.05 around 0")
+    definitions.add_argument("--singular-beyond-rank", choices=["clamp", "zero"],
+                             help="k beyond a matrix's components: reuse the last (study) or perturb nothing")
+    definitions.add_argument("--zero-matrix-gap", choices=["zero", "nan"],
+                             help="spectral gap and sigma2/sigma1 of an all-zero matrix: 0 (study) or nan")
+    definitions.add_argument("--last-hidden", choices=["final_norm", "block_output"],
+                             help="last layer's activations: after the final RMSNorm (study, HF hidden_states) or raw")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other analysis setting, e.g. hessian_samples=20, landscape2d_points=21, "
+                        "hessian_every_checkpoint=true (repeatable)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("bench", help="cost of every method vs full-rank: train | infer | optimizer | analysis | all; "

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ class EvalSpec:
 class PredictorSpec:
     features: list[str] = field(default_factory=list)  # empty = the 8 geometry features
     alpha: float = 1.0
+    missing: str = "common"  # rows with a missing feature: dropped from every set (common) or imputed (impute)
 
 
 @dataclass
@@ -320,68 +320,8 @@ def _stage_eval(planned: list[PlannedRun], runs_dir: Path, status: StudyStatus, 
 # predictor
 
 
-def _final_value(frame, step: int, **where) -> float:
-    import pandas as pd
-
-    if frame is None or frame.empty:
-        return math.nan
-    mask = frame["step"] == step
-    for key, value in where.items():
-        if key not in frame.columns:
-            return math.nan
-        column = frame[key]
-        mask &= (column.astype(str) == str(value)) if not isinstance(value, (list, tuple)) else column.isin(value)
-    values = pd.to_numeric(frame.loc[mask, "value" if "value" in frame.columns else "barrier"], errors="coerce").dropna()
-    return float(values.mean()) if len(values) else math.nan
-
-
-def predictor_table(planned: list[PlannedRun], runs_dir: Path) -> "pd.DataFrame":  # noqa: F821
-    """One row per trained run: val loss, downstream accuracy, and the 8 geometry features."""
-    import pandas as pd
-
-    def read(path: Path):
-        return pd.read_csv(path) if path.is_file() else None
-
-    rows = []
-    for run in planned:
-        run_dir = runs_dir / run.name
-        summary_path = run_dir / "summary.json"
-        if not summary_path.is_file():
-            continue
-        summary = json.loads(summary_path.read_text())
-        step = run.config.train.steps
-        eval_path = run_dir / "eval" / f"step_{step:06d}.json"
-        downstream = json.loads(eval_path.read_text())["mean_acc"] if eval_path.is_file() else math.nan
-        analysis = run_dir / "analysis"
-        landscape = read(analysis / "landscape.csv")
-        interpolation = read(analysis / "interpolation.csv")
-        spectral = read(analysis / "spectral.csv")
-        similarity = read(analysis / "similarity.csv")
-        imbh = math.nan
-        if interpolation is not None and not interpolation.empty:
-            mask = (interpolation["kind"] == "imbh") & (interpolation["step_b"] == step) & (
-                interpolation["other_method"] == REFERENCE_METHOD
-            ) & interpolation["applicable"].astype(bool)
-            if run.method == REFERENCE_METHOD:
-                imbh = 0.0  # the reference against itself
-            elif mask.any():
-                imbh = float(interpolation.loc[mask, "barrier"].mean())
-        rows.append({
-            "run": run.name, "method": run.method, "scale": run.preset, "seed": run.seed,
-            "val_loss": summary["val_loss"], "downstream_acc": downstream,
-            "es_random": _final_value(landscape, step, direction_set="random", metric="expected_sharpness", scope="all"),
-            "dv_random": _final_value(landscape, step, direction_set="random", metric="direction_variance", scope="all"),
-            "es_singular_top1": _final_value(landscape, step, direction_set="singular", metric="expected_sharpness", k_max=1),
-            "es_singular_top5": _final_value(landscape, step, direction_set="singular", metric="expected_sharpness", k_max=5),
-            "imbh_to_full": imbh,
-            "effective_rank_w": _final_value(spectral, step, target="W", matrix="mean", metric="effective_rank"),
-            "stable_rank_w": _final_value(spectral, step, target="W", matrix="mean", metric="stable_rank"),
-            "cka_to_reference": _final_value(similarity, step, metric="cka"),
-        })
-    return pd.DataFrame(rows)
-
-
 def _stage_predict(planned, runs_dir: Path, out: Path, status: StudyStatus, spec: PredictorSpec) -> None:
+    from rankscope.analysis.features import predictor_table
     from rankscope.analysis.predictor import GEOMETRY_FEATURES, fit_predictors
 
     table = predictor_table(planned, runs_dir)
@@ -391,6 +331,6 @@ def _stage_predict(planned, runs_dir: Path, out: Path, status: StudyStatus, spec
         return
     geometry = list(spec.features) or list(GEOMETRY_FEATURES)
     feature_sets = {"val_loss": ["val_loss"], "geometry": geometry, "val_loss+geometry": ["val_loss", *geometry]}
-    result = fit_predictors(table, target="downstream_acc", feature_sets=feature_sets, alpha=spec.alpha)
+    result = fit_predictors(table, target="downstream_acc", feature_sets=feature_sets, alpha=spec.alpha, missing=spec.missing)
     result.to_csv(out / "predictor.csv", index=False)
 

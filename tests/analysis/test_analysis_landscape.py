@@ -45,6 +45,47 @@ def test_expected_sharpness_rejects_grids_without_zero_or_symmetry(bad_grid):
         LS.expected_sharpness(torch.zeros(len(bad_grid)), bad_grid)
 
 
+def test_arange_grid_is_numpy_arange_bit_for_bit_and_the_study_grid_has_no_zero():
+    np = pytest.importorskip("numpy")
+    for start, stop, step in (LS.STUDY_SINGULAR_GRID, (-0.003, 0.0031, 0.00025), (-0.25, 0.251, 0.02)):
+        ours = LS.arange_grid(start, stop, step).numpy()
+        assert np.array_equal(ours, np.arange(start, stop, step)), (start, stop, step)
+    study = LS.arange_grid(*LS.STUDY_SINGULAR_GRID)
+    assert study.numel() == 26 and not (study == 0).any()
+    assert LS.middle_index(26) == 13 and study[13].item() == pytest.approx(0.002)
+    assert (study[1:] - study[:-1]).sub(0.004).abs().max() < 1e-15  # spacing 0.004, not 0.05/12
+    with pytest.raises(AnalysisError):
+        LS.arange_grid(0.0, 0.001, 0.004)  # one point
+
+
+def test_expected_sharpness_with_the_studys_centre_index_hand_worked():
+    # Study (4_expected_sharpness.py): c = len // 2, offsets 1..min(c, len − 1 − c), ES the mean of
+    # ½(L(c+m) + L(c−m)) − L(c). For 6 points c = 3 and m = 1, 2 (index 0 is never used).
+    profile = torch.tensor([100.0, 5.0, 2.0, 1.0, 4.0, 9.0], dtype=torch.float64)
+    expected = ((0.5 * (4.0 + 2.0) - 1.0) + (0.5 * (9.0 + 5.0) - 1.0)) / 2  # (2 + 6) / 2 = 4
+    alphas = LS.arange_grid(-0.3, 0.3, 0.1)  # six points, no 0
+    assert LS.expected_sharpness(profile, alphas, center=LS.middle_index(6)) == pytest.approx(expected)
+    assert LS.center_to_min(profile, alphas, center=3) == 0.0
+    summary = LS.profile_summary(torch.stack([profile, profile]), alphas, center=3)
+    assert summary["expected_sharpness"] == pytest.approx(4.0) and summary["direction_variance"] == 0.0
+    with pytest.raises(AnalysisError):
+        LS.expected_sharpness(profile, alphas, center=0)  # nothing on the left
+
+
+def test_study_grid_spacing_sets_the_sharpness_of_a_quadratic():
+    # On L(α) = a·α² the shifted centre cancels: ES = a·h²·(M + 1)(2M + 1)/6 with spacing h and
+    # M = 12 offsets on both grids, so the ratio is the squared ratio of the spacings: ours
+    # (25 points over ±0.05, h = 0.05/12) is 8.5% sharper than the study's (h = 0.004).
+    a = 3.0
+    study = LS.arange_grid(*LS.STUDY_SINGULAR_GRID)
+    centred = LS.make_grid(25, 0.05)
+    es_study = LS.expected_sharpness(a * study**2, study, center=LS.middle_index(study.numel()))
+    es_centred = LS.expected_sharpness(a * centred**2, centred)
+    assert es_study == pytest.approx(a * 0.004**2 * 13 * 25 / 6, rel=1e-9)
+    assert es_centred / es_study == pytest.approx((0.05 / 12 / 0.004) ** 2, rel=1e-9)
+    assert es_centred / es_study == pytest.approx(1.0851, abs=1e-4)
+
+
 # --- summaries on a quadratic loss with known Hessian -----------------------------------------
 
 
@@ -179,8 +220,8 @@ def test_random_direction_arguments_are_checked_at_call_time():
 def test_singular_directions_of_a_diagonal_matrix_are_scaled_unit_entries():
     W = torch.diag(torch.tensor([3.0, 5.0, 1.0]))
     weights = {"w": W, "norm": torch.ones(3)}
-    weighted = list(LS.singular_directions(weights, k_max=4))
-    unweighted = list(LS.singular_directions(weights, k_max=4, weighted=False))
+    weighted = list(LS.singular_directions(weights, k_max=4, beyond_rank="zero"))
+    unweighted = list(LS.singular_directions(weights, k_max=4, weighted=False, beyond_rank="zero"))
     assert len(weighted) == 4 and all(set(d) == {"w"} for d in weighted)  # 1-D tensors are not perturbed
     for k, (index, sigma) in enumerate([(1, 5.0), (0, 3.0), (2, 1.0)]):
         expected = torch.zeros(3, 3)
@@ -191,12 +232,31 @@ def test_singular_directions_of_a_diagonal_matrix_are_scaled_unit_entries():
     assert torch.equal(unweighted[3]["w"], torch.zeros(3, 3))
 
 
+def test_singular_directions_beyond_the_rank_clamp_k_as_the_study_does():
+    # Study (Landscape4ModelPCA): comp_idx = min(k − 1, len(S) − 1). For a 3 × 3 matrix and
+    # k = 4, 5 the direction is the third (last) component again, σ-weighted or not.
+    W = torch.diag(torch.tensor([3.0, 5.0, 1.0]))
+    last = torch.zeros(3, 3)
+    last[2, 2] = 1.0
+    weighted = list(LS.singular_directions({"w": W}, k_max=5))  # the default rule is the study's
+    unweighted = list(LS.singular_directions({"w": W}, k_max=5, weighted=False, beyond_rank="clamp"))
+    for k in (2, 3, 4):
+        assert torch.allclose(weighted[k]["w"], 1.0 * last, atol=1e-6)
+        assert torch.allclose(unweighted[k]["w"], last, atol=1e-6)
+    # A wide 2 × 4 matrix has two components; k = 3 reuses the second.
+    wide = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    third = list(LS.singular_directions({"w": wide}, k_max=3))[2]["w"]
+    assert torch.allclose(third, torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]), atol=1e-6)
+    with pytest.raises(AnalysisError, match="beyond_rank"):
+        LS.singular_directions({"w": W}, beyond_rank="wrap")
+
+
 def test_weighted_singular_directions_sum_to_the_matrix():
     W = torch.randn(5, 3, generator=torch.Generator().manual_seed(6))
     total = sum(d["w"] for d in LS.singular_directions({"w": W}, k_max=3))
     assert torch.allclose(total, W, atol=1e-5)
     rank_one = torch.outer(torch.arange(1.0, 4.0), torch.ones(2))
-    directions = list(LS.singular_directions({"r": rank_one}, k_max=2, weighted=False))
+    directions = list(LS.singular_directions({"r": rank_one}, k_max=2, weighted=False, beyond_rank="zero"))
     assert torch.equal(directions[1]["r"], torch.zeros(3, 2))  # σ_2 = 0 (≤ 1e-12): zero, not an arbitrary null vector
     with pytest.raises(AnalysisError):
         LS.singular_directions({"w": W}, k_max=0)

@@ -118,10 +118,39 @@ def test_from_sv_helpers_accept_unsorted_values_and_ignore_numerical_zeros():
     assert S.spectral_summary_from_sv(sv, min_dim=3) == pytest.approx(S.spectral_summary(W))
 
 
-def test_zero_matrix_is_rank_zero_with_undefined_gap():
+def test_zero_matrix_reports_zero_for_every_metric_as_the_study_does():
+    # Study (5_ranks.py, _metrics_from_singular_values): no σ above the tolerance -> every metric 0.
     summary = S.spectral_summary(torch.zeros(4, 3))
-    assert summary["effective_rank"] == 0 and summary["stable_rank"] == 0 and summary["count_above"] == 0
-    assert math.isnan(summary["spectral_gap"])
+    for key in ("effective_rank", "stable_rank", "count_above", "numerical_rank", "spectral_gap", "sv_ratio"):
+        assert summary[key] == 0, key
+    # Our variant keeps the undefined ratios undefined.
+    ours = S.spectral_summary(torch.zeros(4, 3), undefined=float("nan"))
+    assert math.isnan(ours["spectral_gap"]) and math.isnan(ours["sv_ratio"]) and ours["effective_rank"] == 0
+    # In a batch, the zero matrix does not disturb its neighbour.
+    batch = S.spectral_summary(torch.stack([torch.zeros(3, 3), torch.diag(torch.tensor([2.0, 1.0, 0.0]))]))
+    assert batch["spectral_gap"].tolist() == [0.0, 0.5] and batch["sv_ratio"].tolist() == [0.0, 0.5]
+
+
+def test_numerical_rank_of_a_constructed_matrix():
+    # U diag(σ) Vᵀ with 4 non-zero singular values spanning 1e3 .. 1e-9: all 4 are above the
+    # study's absolute tolerance 1e-12, the 3 exact zeros are not.
+    W = with_spectrum([1e3, 1.0, 1e-3, 1e-9], 9, 7, seed=11)
+    summary = S.spectral_summary(W)
+    assert summary["numerical_rank"] == 4 and S.numerical_rank(W) == 4
+    assert summary["numerical_rank_normalized"] == pytest.approx(4 / 7)
+    assert S.numerical_rank(W, tol=1e-6) == 3  # the tolerance is a setting
+    assert S.numerical_rank(torch.zeros(5, 5)) == 0
+    # Integer rank-2 matrix built from exact products: rank 2 whatever the shape.
+    M = torch.outer(torch.arange(1.0, 7.0), torch.ones(4)) + torch.outer(torch.ones(6), torch.arange(0.0, 4.0) ** 2)
+    assert S.numerical_rank(M.double()) == 2
+
+
+def test_sv_ratio_is_the_second_over_the_first_singular_value():
+    W = with_spectrum([5.0, 2.0, 1.0], 6, 4, seed=3)
+    summary = S.spectral_summary(W)
+    assert summary["sv_ratio"] == pytest.approx(2.0 / 5.0, rel=1e-12)
+    assert summary["spectral_gap"] == pytest.approx(1.0 - summary["sv_ratio"], rel=1e-12)
+    assert S.sv_ratio_from_sv(torch.tensor([3.0])) == 0.0  # rank one: σ₂ = 0
 
 
 def test_delta_summary_describes_the_update():

@@ -70,6 +70,7 @@ def _small_settings(**changes) -> AnalysisSettings:
     base = dict(
         probe_size=PROBE, batch_size=8, device="cpu", directions=4, grid_points=5, singular_k_max=2,
         singular_ks=(1, 2), singular_unweighted=False, trajectory_components=1, interpolation_points=3,
+        singular_study_grid=(-0.05, 0.0501, 0.025), landscape2d_points=3, hessian_iterations=3, hessian_samples=2,
     )
     base.update(changes)
     return AnalysisSettings(**base)
@@ -177,17 +178,42 @@ def test_spectral_mean_rows_are_means_of_the_matrix_rows(analysed):
     for run in ("full", "lora"):
         table = _read(analysed[run] / "spectral.csv")
         targets = set(table["target"])
-        assert {"W", "dW"} <= targets
+        assert {"W_native", "dW_native", "W", "dW"} <= targets and table["applicable"].all()
         if run == "lora":
             assert {"factor_A", "factor_B"} <= targets
         for (step, target, metric), group in table.groupby(["step", "target", "metric"]):
-            matrices = group[group["matrix"] != "mean"]
+            matrices = group[~group["matrix"].isin(["mean", "pooled"])]
             mean = group[group["matrix"] == "mean"]
             assert len(mean) == 1 and mean["layer"].iloc[0] == -1
-            assert len(matrices) == 14  # 7 projections x 2 blocks
-            assert mean["value"].iloc[0] == pytest.approx(np.nanmean(matrices["value"]), rel=1e-12)
+            # 7 projections x 2 blocks; LoRA's native matrices are its frozen base, A and B.
+            assert len(matrices) == (42 if run == "lora" and target.endswith("_native") else 14), (run, target)
+            assert mean["value"].iloc[0] == pytest.approx(np.mean(matrices["value"]), rel=1e-12)
         assert set(table[table["target"] == "dW"]["metric"]) >= {"fro_norm", "relative_fro_norm"}
         assert 2 not in set(table[table["target"] == "dW"]["step"])  # no ΔW at the first checkpoint
+        full_native = table[(table["target"] == "W_native") & (table["matrix"] != "mean")]
+        if run == "full":  # a dense model's native matrices are its weights
+            merged = table[(table["target"] == "W") & (table["matrix"] != "mean")]
+            assert sorted(full_native["matrix"].str.rsplit(".", n=1).str[0]) == sorted(merged["matrix"])
+            assert np.allclose(np.sort(full_native["value"]), np.sort(merged["value"]), rtol=1e-12)
+
+
+def test_expensive_families_run_at_the_last_step_and_record_their_cost(analysed):
+    for run, last in (("full", 6), ("lora", 4)):
+        hessian = _read(analysed[run] / "hessian.csv")
+        assert set(hessian["step"]) == {last} and set(hessian["metric"]) == {"top_eigenvalue", "trace"}
+        assert hessian["applicable"].all() and np.isfinite(hessian["value"]).all()
+        assert (hessian.loc[hessian["metric"] == "top_eigenvalue", "hvps"] <= 3).all()
+        assert (hessian.loc[hessian["metric"] == "trace", "hvps"] == 2).all()
+        surfaces = _read(analysed[run] / "landscape2d.csv")
+        assert set(surfaces["step"]) == {last} and set(surfaces["pair"]) == {"random", "singular"}
+        arrays = np.load(analysed[run] / "landscape2d_surfaces.npz")
+        surface = arrays[f"random/all/step_{last:06d}"]
+        assert surface.shape == (3, 3) and surface[1, 1] == 0 and np.isfinite(surface).all()
+        assert np.allclose(arrays["axes/random"], [-0.003, 0.0, 0.003])
+        meta = json.loads((analysed[run] / "meta.json").read_text())
+        assert set(meta["cost_seconds"]) == set(TABLE_COLUMNS) and all(v > 0 for v in meta["cost_seconds"].values())
+        assert meta["loss_average"] == "batch_mean" and meta["settings"]["last_hidden"] == "final_norm"
+        assert "len // 2" in meta["grid_notes"]["singular"]
 
 
 def test_similarity_of_the_reference_with_itself_is_perfect(analysed):
@@ -313,7 +339,7 @@ def test_resume_skips_finished_items_and_ends_with_the_same_tables(runs, tmp_pat
 
 
 @pytest.mark.skipif("cola" not in methods.names(), reason="CoLA is not registered")
-def test_cola_gets_not_applicable_imbh_rows_and_factor_spectra(runs, tmp_path):
+def test_cola_gets_not_applicable_imbh_rows_and_update_spectra_of_its_factors(runs, tmp_path):
     cola = _train(tmp_path / "cola", "cola", 4, "2,4")
     settings = _small_settings(metrics=("interpolation", "spectral"))
     out = analyze_runs([cola], runs["full"], settings, progress=False)["cola"]
@@ -325,7 +351,20 @@ def test_cola_gets_not_applicable_imbh_rows_and_factor_spectra(runs, tmp_path):
     ccbh = table[table["kind"] == "ccbh"]
     assert len(ccbh) == 1 and ccbh["applicable"].all()  # native parameters interpolate fine
     spectral = _read(out / "spectral.csv")
-    assert set(spectral["target"]) == {"factor_A", "factor_B"}
+    # CoLA's native matrices are its factors: W and ΔW of A and B as the study reports them
+    # (bug: it used to get no ΔW rows at all); its merged W and ΔW are not applicable, with the reason.
+    assert {"W_native", "dW_native", "factor_A", "factor_B"} <= set(spectral["target"])
+    native = spectral[(spectral["target"] == "dW_native") & (spectral["step"] == 4)]
+    matrices = set(native["matrix"]) - {"mean", "pooled"}
+    assert len(matrices) == 2 * 7 * 2 and all(m.endswith((".A", ".B")) for m in matrices)  # 2 blocks x 7 projections x (A, B)
+    assert native["applicable"].all() and np.isfinite(native["value"]).all()
+    pooled = native[(native["matrix"] == "pooled")].set_index("metric")["value"]
+    per_matrix = native[(native["metric"] == "fro_norm") & native["matrix"].isin(matrices)]["value"]
+    assert pooled["fro_norm"] == pytest.approx(np.sqrt((per_matrix**2).sum()), rel=1e-12)
+    merged = spectral[spectral["target"].isin(["W", "dW"])]
+    assert len(merged) > 0 and not merged["applicable"].any() and merged["value"].isna().all()
+    assert merged["reason"].str.contains("no dense weight").all()
+    assert set(merged[merged["target"] == "dW"]["step"]) == {4}  # ΔW rows only where there is a previous checkpoint
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -394,7 +433,7 @@ def test_a_low_rank_reference_is_allowed_with_a_warning(runs, tmp_path, caplog):
     assert "not full-rank" in json.loads((out / "meta.json").read_text())["warnings"][0]
     # The LoRA reference has no checkpoint at step 6: every similarity row says so.
     similarity = _read(out / "similarity.csv")
-    assert len(similarity) == 3 * 4 and not similarity["applicable"].any() and similarity["value"].isna().all()
+    assert len(similarity) == 3 * 6 and not similarity["applicable"].any() and similarity["value"].isna().all()  # 3 layers x 6 metrics
     assert similarity["reason"].str.contains("no checkpoint at step 6").all()
 
 
@@ -421,6 +460,27 @@ def test_dense_space_equals_native_space_for_a_full_rank_run(runs, tmp_path):
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     notes = json.loads((dense / "meta.json").read_text())["notes"]
     assert {n["space_used"] for n in notes.values()} == {"dense"}
+
+
+def test_cli_analyze_takes_our_definitions_by_name_and_checks_every_setting(runs, tmp_path, capsys):
+    from rankscope.cli import main
+
+    run = _copy_run(runs["full"], tmp_path / "full")
+    code = main(["analyze", str(run), "--reference", str(runs["full"]), "--metrics", "spectral,similarity", "--steps", "6",
+                 "--probe-size", "4", "--device", "cpu", "--loss-average", "token", "--last-hidden", "block_output",
+                 "--zero-matrix-gap", "nan", "--singular-grid", "centered", "--singular-beyond-rank", "zero",
+                 "--set", "rank_tol=1e-6", "--set", "hessian_samples=3"])
+    assert code == 0
+    settings = json.loads((run / "analysis" / "meta.json").read_text())["settings"]
+    assert (settings["loss_average"], settings["last_hidden"], settings["zero_matrix_gap"]) == ("token", "block_output", "nan")
+    assert (settings["singular_grid"], settings["singular_beyond_rank"]) == ("centered", "zero")
+    assert settings["rank_tol"] == 1e-6 and settings["hessian_samples"] == 3
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--reference", str(runs["full"]), "--set", "hesian_samples=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'analysis.hessian_samples'" in err[0]
+    assert main(["analyze", str(run), "--reference", str(runs["full"]), "--set", "landscape2d_points=4"]) == 2
+    assert "landscape2d_points must be odd" in capsys.readouterr().err
 
 
 def test_cli_analyze_prints_one_error_line_for_missing_steps(runs, capsys):

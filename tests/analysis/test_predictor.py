@@ -46,7 +46,7 @@ def test_val_loss_predicts_a_linear_target_almost_perfectly():
     assert row["loso_pearson"] > 0.999
     assert row["lomo_pearson"] > 0.999
     assert row["n_rows"] == 12 and row["n_dropped"] == 0
-    assert row["note"] == ""
+    assert row["note"] == "every feature set fit on the same 12 runs"
     # geometry here is noise: it must not look as good out of sample
     assert result.loc["geometry", "loso_pearson"] < 0.9
 
@@ -106,17 +106,44 @@ def test_constant_held_out_predictions_give_nan_pearson():
     assert "predictions are constant" in row["note"]
 
 
-def test_rows_with_missing_features_are_dropped_and_counted():
-    table = _table()
-    table.loc[[0, 5], "cka_to_reference"] = np.nan
+def test_every_feature_set_is_fit_on_the_same_runs():
+    # Bug: CoLA (no IMBH) used to be in the val-loss-only fit but not in the geometry fits, so the
+    # three rows scored different runs. Now a run missing any feature leaves every set.
+    table = _table(noise=0.05, rng_seed=2)
+    table["run"] = [f"{m}-{s}" for m, s in zip(table["method"], table["scale"])]
+    table.loc[table["method"] == "cola", "imbh_to_full"] = np.nan
     result = _by_set(fit_predictors(table))
-    assert result.loc["val_loss", "n_dropped"] == 0
-    assert result.loc["geometry", "n_dropped"] == 2 and result.loc["geometry", "n_rows"] == 10
-    assert "dropped 2 of 12 rows" in result.loc["val_loss+geometry", "note"]
+    assert set(result["n_rows"]) == {9} and set(result["n_dropped"]) == {3}
+    for name in result.index:
+        assert "every feature set fit on the same 9 runs; dropped for a missing feature: cola-20m, cola-60m, cola-130m" in \
+            result.loc[name, "note"]
+    without_cola = table[table["method"] != "cola"]
+    alone = _by_set(fit_predictors(without_cola, feature_sets={"val_loss": ["val_loss"]})).loc["val_loss"]
+    for score in ("r2_in_sample", "loso_pearson", "lomo_pearson"):
+        assert result.loc["val_loss", score] == pytest.approx(alone[score], abs=1e-12)
 
     without_column = table.drop(columns=["imbh_to_full"])
     row = _by_set(fit_predictors(without_column)).loc["geometry"]
     assert math.isnan(row["r2_in_sample"]) and "imbh_to_full" in row["note"]
+    # A feature no run has does not drop runs from the sets that do not use it.
+    empty = table.assign(imbh_to_full=np.nan)
+    result = _by_set(fit_predictors(empty))
+    assert result.loc["val_loss", "n_rows"] == 12 and not math.isnan(result.loc["val_loss", "r2_in_sample"])
+    assert "no run has a value for: imbh_to_full" in result.loc["geometry", "note"]
+
+
+def test_impute_keeps_every_run_and_fills_features_inside_each_fold():
+    table = _table(noise=0.05, rng_seed=2)
+    table.loc[table["method"] == "cola", "imbh_to_full"] = np.nan
+    result = _by_set(fit_predictors(table, missing="impute"))
+    assert set(result["n_rows"]) == {12} and set(result["missing"]) == {"impute"}
+    assert "3 missing feature values imputed" in result.loc["geometry", "note"]
+    # Imputation happens inside each fit: the in-sample fit equals an explicit mean fill.
+    filled = table.assign(imbh_to_full=table["imbh_to_full"].fillna(table["imbh_to_full"].mean()))
+    explicit = _by_set(fit_predictors(filled)).loc["geometry", "r2_in_sample"]
+    assert result.loc["geometry", "r2_in_sample"] == pytest.approx(explicit, abs=1e-12)
+    with pytest.raises(ValueError, match="missing-feature rule"):
+        fit_predictors(table, missing="drop")
 
 
 def test_several_seeds_report_mean_and_std_over_per_seed_fits():

@@ -188,8 +188,9 @@ def test_analysis_bench_point_costs(tmp_path):
     check_one_record_per_method(payload, rows, png, ["full", "lowrank"], "landscape_point_s_ratio")
     full, lowrank = payload["records"]
     assert full["spectral_rows_per_s_ratio"] == pytest.approx(1.0)
-    # One layer, 7 projections: 7 metrics per W + 8 per dW, per matrix plus the means.
-    assert full["spectral_rows"] == (7 + 1) * 7 + (7 + 1) * 8
+    # One layer, 7 projections, native and merged W alike: 10 metrics per W and 11 per dW, per
+    # matrix plus the means, and 3 pooled numbers per dW.
+    assert full["spectral_rows"] == 2 * ((7 + 1) * 10 + (7 + 1) * 11 + 3)
     assert lowrank["spectral_rows"] > full["spectral_rows"]  # factors A and B add rows
     assert full["landscape_over_forward"] > 0
 

@@ -13,6 +13,7 @@ time, so a pipeline holds a single direction in memory while it evaluates the gr
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -24,6 +25,10 @@ from rankscope.errors import did_you_mean
 DEFAULT_GRID_POINTS = 25
 DEFAULT_RANDOM_RADIUS = 0.003
 DEFAULT_SINGULAR_RADIUS = 0.05
+# The study's singular-direction grid: numpy.arange(x_min, x_max, x_interval) with the values of
+# its launcher (low-rank-geometry, loss-landscape/scripts/bash_scripts/pca_top20_60m.sh: --x_min
+# -0.05 --x_max 0.0501 --x_interval 0.004): 26 points, spacing 0.004, no 0, centre index 13 (α = 0.002).
+STUDY_SINGULAR_GRID = (-0.05, 0.0501, 0.004)
 SV_TOLERANCE = 1e-12  # singular values at or below count as zero (same rule as spectral.py)
 
 ArrayLike = torch.Tensor | Sequence[float]
@@ -58,11 +63,28 @@ def make_grid(n_points: int = DEFAULT_GRID_POINTS, radius: float = DEFAULT_RANDO
     return torch.arange(-half, half + 1, dtype=torch.float64) * (radius / half)
 
 
-def grid_center(alphas: ArrayLike) -> int:
-    """Index c of α = 0 in a valid grid: 1-D, increasing, odd length, symmetric about 0.
+def arange_grid(start: float, stop: float, step: float) -> torch.Tensor:
+    """``numpy.arange(start, stop, step)`` bit for bit (fp64): ``ceil((stop − start) / step)``
+    points ``start + i·δ`` with ``δ = (start + step) − start``, as numpy fills it.
 
-    Raises :class:`~rankscope.analysis.AnalysisError` (a ``ValueError``) otherwise.
+    This is how the study's landscape scripts build their α axis (``Landscape4Model.synthesize_coordinates``).
     """
+    if not (step > 0 and stop > start):
+        raise AnalysisError(f"an arange grid needs step > 0 and stop > start, got ({start}, {stop}, {step})")
+    count = int(math.ceil((stop - start) / step))
+    if count < 3:
+        raise AnalysisError(f"the grid ({start}, {stop}, {step}) has {count} points; a profile needs at least 3")
+    delta = (start + step) - start
+    return start + torch.arange(count, dtype=torch.float64) * delta
+
+
+def middle_index(n_points: int) -> int:
+    """The study's centre of any grid: ``len // 2`` (4_expected_sharpness.py, ``_resolve_center_index``)."""
+    return n_points // 2
+
+
+def check_grid(alphas: ArrayLike) -> torch.Tensor:
+    """A valid α axis: 1-D, finite, strictly increasing, at least 3 points (any spacing or centre)."""
     a = _as_float64(alphas)
     if a.ndim != 1 or a.numel() < 3:
         raise AnalysisError(f"the α grid must be 1-D with at least 3 points, got shape {tuple(a.shape)}")
@@ -70,6 +92,15 @@ def grid_center(alphas: ArrayLike) -> int:
         raise AnalysisError("the α grid contains nan or inf values")
     if not (a[1:] > a[:-1]).all():
         raise AnalysisError("the α grid must be strictly increasing; sort it (make_grid builds one)")
+    return a
+
+
+def grid_center(alphas: ArrayLike) -> int:
+    """Index c of α = 0 in a valid grid: 1-D, increasing, odd length, symmetric about 0.
+
+    Raises :class:`~rankscope.analysis.AnalysisError` (a ``ValueError``) otherwise.
+    """
+    a = check_grid(alphas)
     if a.numel() % 2 == 0:
         raise AnalysisError(
             f"the α grid has {a.numel()} points, so it cannot be symmetric and contain 0; use an odd count"
@@ -83,8 +114,17 @@ def grid_center(alphas: ArrayLike) -> int:
     return c
 
 
-def _profile_center(profile: torch.Tensor, alphas: ArrayLike | None) -> int:
+def _profile_center(profile: torch.Tensor, alphas: ArrayLike | None, center: int | None = None) -> int:
     n = profile.shape[-1]
+    if center is not None:
+        # An explicit centre (the study's len // 2 on a grid that need not contain 0).
+        if alphas is not None:
+            n_alphas = check_grid(alphas).numel()
+            if n_alphas != n:
+                raise AnalysisError(f"the profile has {n} points but the α grid has {n_alphas}; evaluate every grid point")
+        if not 0 <= center < n:
+            raise AnalysisError(f"the centre index {center} is outside the profile's {n} points")
+        return center
     if alphas is None:
         if n < 3 or n % 2 == 0:
             raise AnalysisError(f"a profile needs an odd number (>= 3) of grid points with α = 0 in the middle, got {n}")
@@ -99,19 +139,25 @@ def _profile_center(profile: torch.Tensor, alphas: ArrayLike | None) -> int:
 # --- summary numbers --------------------------------------------------------------------------
 
 
-def expected_sharpness(profile_mean: ArrayLike, alphas: ArrayLike) -> float | torch.Tensor:
+def expected_sharpness(profile_mean: ArrayLike, alphas: ArrayLike | None, center: int | None = None) -> float | torch.Tensor:
     """``ES = (1/M) Σ_{m=1..M} [½(L̄(α_{c+m}) + L̄(α_{c−m})) − L̄(α_c)]`` over the last dimension.
 
     ``profile_mean`` is the profile averaged over directions, shape ``(G,)`` or ``(..., G)``.
+    Without ``center`` the grid must be symmetric about α = 0 (c is the 0); with ``center`` (the
+    study's ``len // 2`` on any grid) ``M = min(c, G − 1 − c)``, as the study's
+    ``4_expected_sharpness.py`` computes it.
     """
     profile = _as_float64(profile_mean)
     if profile.ndim == 0:
         raise AnalysisError("profile_mean must have the grid as its last dimension, got a scalar")
-    c = _profile_center(profile, alphas)
-    center = profile[..., c : c + 1]
-    left = profile[..., :c].flip(-1)  # α_{c−1}, α_{c−2}, ..., α_0: pairs with α_{c+1}, α_{c+2}, ...
-    right = profile[..., c + 1 :]
-    return _as_output((0.5 * (left + right) - center).mean(-1))
+    c = _profile_center(profile, alphas, center)
+    half = min(c, profile.shape[-1] - 1 - c)
+    if half < 1:
+        raise AnalysisError(f"the centre index {c} leaves no point on one side of a {profile.shape[-1]}-point profile")
+    center_value = profile[..., c : c + 1]
+    left = profile[..., c - half : c].flip(-1)  # α_{c−1}, α_{c−2}, ...: pairs with α_{c+1}, α_{c+2}, ...
+    right = profile[..., c + 1 : c + 1 + half]
+    return _as_output((0.5 * (left + right) - center_value).mean(-1))
 
 
 def direction_variance(profiles: ArrayLike) -> float | torch.Tensor:
@@ -128,32 +174,33 @@ def direction_variance(profiles: ArrayLike) -> float | torch.Tensor:
     return _as_output(p.var(dim=-2, correction=0).mean(-1))
 
 
-def center_to_min(profile_mean: ArrayLike, alphas: ArrayLike | None = None) -> float | torch.Tensor:
-    """``L̄(0) − min_j L̄(α_j)`` (≥ 0; > 0 when θ is not at the minimum along the profile).
+def center_to_min(profile_mean: ArrayLike, alphas: ArrayLike | None = None, center: int | None = None) -> float | torch.Tensor:
+    """``L̄(α_c) − min_j L̄(α_j)`` (≥ 0; > 0 when the centre is not the minimum along the profile).
 
-    Without ``alphas`` the grid is taken to be symmetric with α = 0 at the middle index.
+    Without ``alphas`` or ``center`` the grid is taken to be symmetric with α = 0 at the middle index.
     """
     profile = _as_float64(profile_mean)
     if profile.ndim == 0:
         raise AnalysisError("profile_mean must have the grid as its last dimension, got a scalar")
-    c = _profile_center(profile, alphas)
+    c = _profile_center(profile, alphas, center)
     return _as_output(profile[..., c] - profile.amin(-1))
 
 
-def profile_summary(profiles: ArrayLike, alphas: ArrayLike) -> dict[str, float | torch.Tensor]:
+def profile_summary(profiles: ArrayLike, alphas: ArrayLike, center: int | None = None) -> dict[str, float | torch.Tensor]:
     """All summary numbers of a set of profiles ``(n_directions, G)`` on one grid.
 
     Keys: ``expected_sharpness``, ``direction_variance``, ``center_to_min`` (all of the mean
-    profile, DV across directions) and ``profile_mean`` (fp64 tensor ``(G,)``).
+    profile, DV across directions) and ``profile_mean`` (fp64 tensor ``(G,)``). ``center`` as in
+    :func:`expected_sharpness`.
     """
     p = _as_float64(profiles)
     if p.ndim != 2:
         raise AnalysisError(f"profiles must have shape (n_directions, n_grid), got {tuple(p.shape)}")
     mean = p.mean(0)
     return {
-        "expected_sharpness": expected_sharpness(mean, alphas),
+        "expected_sharpness": expected_sharpness(mean, alphas, center),
         "direction_variance": direction_variance(p),
-        "center_to_min": center_to_min(mean, alphas),
+        "center_to_min": center_to_min(mean, alphas, center),
         "profile_mean": mean,
     }
 
@@ -281,22 +328,35 @@ def random_directions(
 # --- singular directions ----------------------------------------------------------------------
 
 
+BEYOND_RANK_RULES = ("clamp", "zero")
+
+
 def singular_directions(
     weights: Mapping[str, torch.Tensor],
     k_max: int = 20,
     weighted: bool = True,
     *,
+    beyond_rank: str = "clamp",
     dtype: torch.dtype = torch.float32,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield, for k = 1..k_max, ``{name: σ_k·u_k·v_kᵀ}`` for every 2-D tensor of ``weights``.
 
-    ``weighted=False`` gives ``u_k·v_kᵀ``. Where k exceeds the rank (σ_k ≤ 1e-12 or
-    k > min(m, n)) the entry is zero. Tensors that are not 2-D are left out of the dicts
+    ``weighted=False`` gives ``u_k·v_kᵀ``. Tensors that are not 2-D are left out of the dicts
     (a direction of zero there: nothing to perturb). The SVDs are computed once, in fp64 on the
-    tensors' device, when this function is called; only the top k_max triplets are kept.
+    tensors' device, when this function is called.
+
+    Where a matrix has fewer components than k:
+
+    - ``beyond_rank="clamp"`` (the study's rule, ``Landscape4ModelPCA._rank_k_directions_for_name``:
+      ``comp_idx = min(k − 1, len(S) − 1)``): k > min(m, n) reuses the last component, and a
+      component whose σ_k is numerically zero is used as the SVD gives it (σ_k·u_k·v_kᵀ ≈ 0
+      weighted, the unit u_k·v_kᵀ unweighted);
+    - ``beyond_rank="zero"`` (ours): the entry is zero where σ_k ≤ 1e-12 or k > min(m, n).
     """
     if not isinstance(k_max, int) or k_max < 1:
         raise AnalysisError(f"k_max must be a positive integer, got {k_max!r}")
+    if beyond_rank not in BEYOND_RANK_RULES:
+        raise AnalysisError(f"unknown beyond_rank rule {beyond_rank!r}{did_you_mean(str(beyond_rank), BEYOND_RANK_RULES)}")
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for name, W in weights.items():
         if W.ndim != 2:
@@ -309,9 +369,10 @@ def singular_directions(
         for k in range(k_max):
             direction: dict[str, torch.Tensor] = {}
             for name, (U, S, Vh) in factors.items():
-                if k < S.numel() and S[k] > SV_TOLERANCE:
-                    scale = S[k] if weighted else 1.0
-                    direction[name] = (scale * torch.outer(U[:, k], Vh[k])).to(dtype)
+                index = min(k, S.numel() - 1) if beyond_rank == "clamp" else k
+                if beyond_rank == "clamp" or (index < S.numel() and S[index] > SV_TOLERANCE):
+                    scale = S[index] if weighted else 1.0
+                    direction[name] = (scale * torch.outer(U[:, index], Vh[index])).to(dtype)
                 else:
                     direction[name] = torch.zeros(shapes[name], dtype=dtype, device=U.device)
             yield direction

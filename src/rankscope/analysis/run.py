@@ -79,7 +79,7 @@ def analyze_runs(
         log.warning(message)
 
     device = resolve_device(settings.device)
-    probe = Probe(reference_probe, settings.batch_size, device, settings.mask_padding)
+    probe = Probe(reference_probe, settings.batch_size, device, settings.mask_padding, settings.loss_average)
     context = AnalysisContext(settings, reference_run, runs, probe, ModelCache(device, size=4), progress, warnings)
     return {run.name: _analyze_one(run, context) for run in runs}
 
@@ -99,7 +99,8 @@ def _analyze_one(run: RunInfo, context: AnalysisContext) -> Path:
             before = bar.done
             payload = stages[item.table].compute(item)
             bar.advance(max(0.0, 1.0 - (bar.done - before)))  # top up to exactly one unit per item
-            payload.update(key=item.key, family=item.family, step=item.step, run=run.name)
+            payload.update(key=item.key, family=item.family, step=item.step, run=run.name,
+                           seconds=time.perf_counter() - started)
             write_json_atomic(item.path(analysis_dir), payload)
             bar.item_done(f"step {item.step} {item.family}", time.perf_counter() - started)
     _write_meta(run, context, analysis_dir)
@@ -123,6 +124,7 @@ def _write_meta(run: RunInfo, context: AnalysisContext, analysis_dir: Path) -> d
             "data_fingerprint": run.data_fingerprint, "packed": True,
         },
         "mask_padding": s.mask_padding, "mask_padding_note": PACKED_NOTE,
+        "loss_average": s.loss_average,
     }
     for stage in STAGES:
         for key, value in stage.describe(run, context).items():

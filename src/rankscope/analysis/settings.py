@@ -1,8 +1,10 @@
 """`AnalysisSettings`: every knob of `rankscope analyze`, validated before any heavy work.
 
-Defaults follow METRICS.md. The settings that decide a family's numbers are hashed into the key
-of every finished item (see :meth:`AnalysisSettings.family_settings`), so a re-run with the same
-settings skips finished work and a re-run with other settings recomputes it.
+Defaults follow the study's code wherever it defines a metric (docs/metrics.md names the file
+for each); our own definitions are named options next to them. The settings that decide a
+family's numbers are hashed into the key of every finished item (see
+:meth:`AnalysisSettings.family_settings`), so a re-run with the same settings skips finished
+work and a re-run with other settings recomputes it.
 """
 
 from __future__ import annotations
@@ -15,13 +17,27 @@ from typing import Any
 
 from rankscope.analysis import AnalysisError
 from rankscope.analysis.interpolation import DEFAULT_INTERPOLATION_POINTS
-from rankscope.analysis.landscape import DEFAULT_GRID_POINTS, DEFAULT_RANDOM_RADIUS, DEFAULT_SINGULAR_RADIUS
-from rankscope.analysis.spectral import DEFAULT_THRESHOLD
+from rankscope.analysis.landscape import (
+    BEYOND_RANK_RULES,
+    DEFAULT_GRID_POINTS,
+    DEFAULT_RANDOM_RADIUS,
+    DEFAULT_SINGULAR_RADIUS,
+    STUDY_SINGULAR_GRID,
+)
+from rankscope.analysis.spectral import DEFAULT_RANK_TOL, DEFAULT_THRESHOLD
 from rankscope.errors import did_you_mean
 
-FAMILIES: tuple[str, ...] = ("landscape", "interpolation", "spectral", "similarity")
+FAMILIES: tuple[str, ...] = ("landscape", "interpolation", "spectral", "similarity", "landscape2d", "hessian")
 SCOPES: tuple[str, ...] = ("all", "blocks")
 SPACES: tuple[str, ...] = ("native", "dense")
+# Each choice: the study's value first (the default), then ours.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss_average": ("batch_mean", "token"),
+    "singular_grid": ("study", "centered"),
+    "singular_beyond_rank": BEYOND_RANK_RULES,
+    "zero_matrix_gap": ("zero", "nan"),
+    "last_hidden": ("final_norm", "block_output"),
+}
 
 
 @dataclass
@@ -33,12 +49,22 @@ class AnalysisSettings:
     probe_size: int | None = None
     batch_size: int = 32  # sequences per forward pass
     device: str = "auto"
+    # L(θ) on the probe set: the mean of per-batch mean losses (`batch_mean`, the study's
+    # compute_nll_loss) or the exact token-weighted mean (`token`). With no padding and a probe
+    # size that is a multiple of batch_size the two agree.
+    loss_average: str = "batch_mean"
 
     # Landscape (METRICS.md §1).
     directions: int = 100
     grid_points: int = DEFAULT_GRID_POINTS
     random_radius: float = DEFAULT_RANDOM_RADIUS
-    singular_radius: float = DEFAULT_SINGULAR_RADIUS
+    singular_radius: float = DEFAULT_SINGULAR_RADIUS  # the `centered` singular grid
+    # `study`: numpy.arange(*singular_study_grid), ES around index len // 2 (the study's grid, no
+    # α = 0); `centered`: grid_points over ±singular_radius with 0 in the middle (ours).
+    singular_grid: str = "study"
+    singular_study_grid: tuple[float, float, float] = STUDY_SINGULAR_GRID  # (x_min, x_max, x_interval)
+    # k beyond a matrix's components: `clamp` reuses the last one (study), `zero` perturbs nothing (ours).
+    singular_beyond_rank: str = "clamp"
     scopes: tuple[str, ...] = ("all",)
     filter_normalized: bool = False  # adds the `random_filter` direction set
     singular_k_max: int = 20
@@ -58,15 +84,38 @@ class AnalysisSettings:
     # Spectral (§3).
     spectral_threshold: float = DEFAULT_THRESHOLD
     spectral_factors: bool = True  # also the factors of every factored layer
+    rank_tol: float = DEFAULT_RANK_TOL  # numerical rank: #σ > rank_tol (the study's absolute tolerance)
+    zero_matrix_gap: str = "zero"  # spectral gap and σ2/σ1 of an all-zero matrix: 0 (study) or nan (ours)
 
     # Similarity (§4).
     mask_padding: bool = True
+    # The last layer's activations: after the final RMSNorm (`final_norm`, HF hidden_states as the
+    # study reads them) or the raw output of the last block (`block_output`).
+    last_hidden: str = "final_norm"
+
+    # 2-D landscape: L(θ + x·d1 + y·d2) on a points × points grid over the 1-D radii, for a
+    # pair of random directions and the top-2 singular directions; at the last step unless
+    # landscape2d_every_checkpoint (points² forward passes per pair and checkpoint).
+    landscape2d_points: int = 11
+    landscape2d_pairs: tuple[str, ...] = ("random", "singular")
+    landscape2d_every_checkpoint: bool = False
+
+    # Hessian of the probe loss (Hessian-vector products by double backward): the top eigenvalue
+    # by power iteration (stops when the relative change is below hessian_tolerance, at most
+    # hessian_iterations products) and the trace by Hutchinson's estimator with hessian_samples
+    # Rademacher vectors. At the last step unless hessian_every_checkpoint.
+    hessian_iterations: int = 20
+    hessian_tolerance: float = 1e-3
+    hessian_samples: int = 10
+    hessian_every_checkpoint: bool = False
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept in meta.json
 
     def __post_init__(self) -> None:
         self.metrics = tuple(self.metrics)
         self.scopes = tuple(self.scopes)
+        self.landscape2d_pairs = tuple(self.landscape2d_pairs)
+        self.singular_study_grid = tuple(float(v) for v in self.singular_study_grid)
         self.singular_ks = tuple(sorted(set(self.singular_ks)))
         if self.steps is not None:
             self.steps = tuple(sorted(set(int(s) for s in self.steps)))
@@ -99,6 +148,26 @@ class AnalysisSettings:
             )
         if self.trajectory_components < 1:
             raise AnalysisError(f"trajectory_components must be >= 1, got {self.trajectory_components}")
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise AnalysisError(f"unknown {name} {value!r}{did_you_mean(str(value), choices)}; choose from {', '.join(choices)}")
+        if len(self.singular_study_grid) != 3:
+            raise AnalysisError(f"singular_study_grid is (x_min, x_max, x_interval), got {list(self.singular_study_grid)}")
+        x_min, x_max, step = self.singular_study_grid
+        if not (step > 0 and x_max > x_min and (x_max - x_min) / step >= 3):
+            raise AnalysisError(
+                f"singular_study_grid {list(self.singular_study_grid)} must give >= 3 points (x_min < x_max, x_interval > 0)"
+            )
+        if self.landscape2d_points < 3 or self.landscape2d_points % 2 == 0:
+            raise AnalysisError(f"landscape2d_points must be odd and >= 3 so the grid contains (0, 0), got {self.landscape2d_points}")
+        for pair in self.landscape2d_pairs:
+            if pair not in ("random", "singular"):
+                raise AnalysisError(f"unknown 2-D landscape pair {pair!r}{did_you_mean(pair, ('random', 'singular'))}; use random or singular")
+        if self.hessian_iterations < 1 or self.hessian_samples < 1 or not self.hessian_tolerance > 0:
+            raise AnalysisError("hessian_iterations and hessian_samples must be >= 1 and hessian_tolerance > 0")
+        if not self.rank_tol >= 0:
+            raise AnalysisError(f"rank_tol must be >= 0, got {self.rank_tol}")
         if self.interpolation_points < 3:
             raise AnalysisError(f"interpolation needs >= 3 points, got {self.interpolation_points}")
         if self.batch_size < 1:
@@ -113,20 +182,30 @@ class AnalysisSettings:
     def family_settings(self, family: str) -> dict[str, Any]:
         """The settings that decide the numbers of one item family (landscape:<set>:<scope>, ...)."""
         head = family.split(":")[0]
+        loss = {"loss_average": self.loss_average}
         if head == "landscape":
             direction_set = family.split(":")[1]
-            common = {"grid_points": self.grid_points, "space": self.space}
+            common = {"grid_points": self.grid_points, "space": self.space, **loss}
             if direction_set in ("random", "random_filter"):
                 return {**common, "directions": self.directions, "radius": self.random_radius, "seed": self.direction_seed}
             if direction_set in ("singular", "singular_unweighted"):
-                return {**common, "k_max": self.singular_k_max, "ks": list(self.singular_ks), "radius": self.singular_radius}
+                return {**common, "k_max": self.singular_k_max, "ks": list(self.singular_ks), "radius": self.singular_radius,
+                        "grid": self.singular_grid, "study_grid": list(self.singular_study_grid),
+                        "beyond_rank": self.singular_beyond_rank}
             return {**common, "components": self.trajectory_components}
+        if head == "landscape2d":
+            return {"points": self.landscape2d_points, "random_radius": self.random_radius, "singular_radius": self.singular_radius,
+                    "seed": self.direction_seed, "space": self.space, "beyond_rank": self.singular_beyond_rank, **loss}
         if head == "interpolation":
-            return {"points": self.interpolation_points}
+            return {"points": self.interpolation_points, **loss}
         if head == "spectral":
-            return {"threshold": self.spectral_threshold, "factors": self.spectral_factors}
+            return {"threshold": self.spectral_threshold, "factors": self.spectral_factors, "rank_tol": self.rank_tol,
+                    "zero_matrix_gap": self.zero_matrix_gap}
         if head == "similarity":
-            return {"mask_padding": self.mask_padding}
+            return {"mask_padding": self.mask_padding, "last_hidden": self.last_hidden}
+        if head == "hessian":
+            return {"iterations": self.hessian_iterations, "tolerance": self.hessian_tolerance,
+                    "samples": self.hessian_samples, "seed": self.direction_seed, **loss}
         raise AnalysisError(f"unknown item family {family!r}")
 
     def to_dict(self) -> dict[str, Any]:

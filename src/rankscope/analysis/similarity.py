@@ -206,7 +206,7 @@ class CKAAccumulator:
 
 
 class SimilarityAccumulator(CKAAccumulator):
-    """CKA plus mean cosine, mean L2 and relative L2 over rows fed in batches.
+    """CKA plus mean cosine, mean L2, relative L2 and both mean row norms over rows fed in batches.
 
     X is the reference and Y the compared run; both must have the same width.
     """
@@ -218,6 +218,7 @@ class SimilarityAccumulator(CKAAccumulator):
         self._sum_cos = 0.0
         self._sum_dist = 0.0
         self._sum_ref_norm = 0.0
+        self._sum_norm = 0.0
 
     def _update_rowwise(self, X: torch.Tensor, Y: torch.Tensor) -> None:
         cos, dist, x_norm = _rowwise(X, Y)
@@ -225,6 +226,17 @@ class SimilarityAccumulator(CKAAccumulator):
         self._sum_cos = self._sum_cos + cos.sum()
         self._sum_dist = self._sum_dist + dist.sum()
         self._sum_ref_norm = self._sum_ref_norm + x_norm.sum()
+        self._sum_norm = self._sum_norm + torch.linalg.vector_norm(Y, dim=1).sum()
+
+    def mean_norm(self) -> float:
+        """mean_n ‖Y_n‖₂: the compared run's mean activation norm (the study's target_mean_norm)."""
+        _require_rows(self.count)
+        return float(self._sum_norm) / self.count
+
+    def reference_mean_norm(self) -> float:
+        """mean_n ‖X_n‖₂ (the study's baseline_mean_norm)."""
+        _require_rows(self.count)
+        return float(self._sum_ref_norm) / self.count
 
     def cosine(self) -> float:
         _require_rows(self.count)
@@ -240,11 +252,13 @@ class SimilarityAccumulator(CKAAccumulator):
         return float(self._sum_dist) / ref_norm if ref_norm > 0 else float("inf")
 
     def result(self) -> dict[str, float]:
-        """``{"cka", "cosine", "l2", "relative_l2", "count"}``."""
+        """``{"cka", "cosine", "l2", "relative_l2", "mean_norm", "reference_mean_norm", "count"}``."""
         return {
             "cka": self.cka(),
             "cosine": self.cosine(),
             "l2": self.l2(),
             "relative_l2": self.relative_l2(),
+            "mean_norm": self.mean_norm(),
+            "reference_mean_norm": self.reference_mean_norm(),
             "count": self.count,
         }

@@ -62,6 +62,20 @@ class ParameterSpace:
             self._dirty.add(name)
 
     @torch.no_grad()
+    def set_plane_point(self, x: float, y: float, d1: Mapping[str, torch.Tensor], d2: Mapping[str, torch.Tensor]) -> None:
+        """Write θ + x·d1 + y·d2 (from the master, in fp32) into every parameter either direction
+        names; the others stay at θ."""
+        names = set(d1) | set(d2)
+        self.restore(exclude=names)
+        for name in names:
+            value = self.master[name].clone()
+            for coefficient, direction in ((x, d1), (y, d2)):
+                if name in direction and coefficient != 0.0:
+                    value.add_(direction[name], alpha=float(coefficient))
+            self.params[name].copy_(value)
+            self._dirty.add(name)
+
+    @torch.no_grad()
     def set_values(self, values: Mapping[str, torch.Tensor]) -> None:
         """Write the given tensors (e.g. an interpolated point) into the named parameters."""
         self.restore(exclude=values.keys())

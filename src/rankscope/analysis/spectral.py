@@ -13,10 +13,14 @@ Return types: a single matrix (1-D ``sv``) gives Python numbers; a batch gives a
 shape ``(k,)``.
 
 Degenerate inputs (a zero matrix, e.g. the frozen base of ReLoRA between merges, whose ΔW is 0):
-effective rank, stable rank and count are 0, and the spectral gap is ``nan`` (undefined).
+every metric is 0, as the study's ``_metrics_from_singular_values`` reports it
+(low-rank-geometry, loss-landscape/scripts/single_checkpoint_scripts/5_ranks.py). The spectral
+gap and σ₂/σ₁ are undefined there; ``undefined=float("nan")`` gives ``nan`` instead (our variant).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,6 +28,7 @@ from rankscope.analysis import AnalysisError
 
 SV_TOLERANCE = 1e-12
 DEFAULT_THRESHOLD = 0.1
+DEFAULT_RANK_TOL = 1e-12  # the study's `--rank_tol` default (None -> eps = 1e-12)
 
 NumberOrTensor = float | int | torch.Tensor
 
@@ -95,14 +100,34 @@ def stable_rank_from_sv(sv: torch.Tensor) -> NumberOrTensor:
     return _as_output(torch.where(top > 0, energy / (safe_top * safe_top), torch.zeros_like(energy)))
 
 
-def spectral_gap_from_sv(sv: torch.Tensor) -> NumberOrTensor:
-    """``(σ_1 − σ_2) / σ_1`` (σ_2 = 0 for a rank-1 matrix, giving 1); ``nan`` for a zero matrix."""
-    s = _kept(_check_sv(sv))
+def _top_two(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Pad with two zeros so that top-2 exists for any length; the values need not come sorted.
     padded = torch.nn.functional.pad(s, (0, 2))
     top2 = torch.topk(padded, 2, dim=-1).values
-    sigma1, sigma2 = top2[..., 0], top2[..., 1]
-    return _as_output((sigma1 - sigma2) / sigma1)  # 0/0 -> nan for a zero matrix, as documented
+    return top2[..., 0], top2[..., 1]
+
+
+def spectral_gap_from_sv(sv: torch.Tensor, undefined: float = 0.0) -> NumberOrTensor:
+    """``(σ_1 − σ_2) / σ_1`` (σ_2 = 0 for a rank-1 matrix, giving 1); ``undefined`` for a zero
+    matrix (0 as the study reports it, or ``nan``)."""
+    s = _kept(_check_sv(sv))
+    sigma1, sigma2 = _top_two(s)
+    safe = torch.where(sigma1 > 0, sigma1, torch.ones_like(sigma1))
+    return _as_output(torch.where(sigma1 > 0, (sigma1 - sigma2) / safe, torch.full_like(sigma1, undefined)))
+
+
+def sv_ratio_from_sv(sv: torch.Tensor, undefined: float = 0.0) -> NumberOrTensor:
+    """``σ_2 / σ_1`` (the study's ``singular_value_ratio``); ``undefined`` for a zero matrix."""
+    s = _kept(_check_sv(sv))
+    sigma1, sigma2 = _top_two(s)
+    safe = torch.where(sigma1 > 0, sigma1, torch.ones_like(sigma1))
+    return _as_output(torch.where(sigma1 > 0, sigma2 / safe, torch.full_like(sigma1, undefined)))
+
+
+def numerical_rank_from_sv(sv: torch.Tensor, tol: float = DEFAULT_RANK_TOL) -> NumberOrTensor:
+    """``#{σ_i > tol}``: the study's ``rank`` (an absolute tolerance, 1e-12 by default)."""
+    s = _check_sv(sv)
+    return _as_output((s > tol).sum(-1))
 
 
 def count_above_from_sv(sv: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> NumberOrTensor:
@@ -112,26 +137,33 @@ def count_above_from_sv(sv: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) 
 
 
 def spectral_summary_from_sv(
-    sv: torch.Tensor, min_dim: int, threshold: float = DEFAULT_THRESHOLD
+    sv: torch.Tensor, min_dim: int, threshold: float = DEFAULT_THRESHOLD, *,
+    rank_tol: float = DEFAULT_RANK_TOL, undefined: float = 0.0,
 ) -> dict[str, NumberOrTensor]:
     """Every spectral metric from precomputed singular values.
 
     ``min_dim`` is ``min(m, n)`` of the matrix (the values kept may be fewer), used for the
-    normalized variants.
+    normalized variants; ``undefined`` is the spectral gap and σ₂/σ₁ of a zero matrix.
     """
     if min_dim <= 0:
         raise AnalysisError(f"min_dim must be min(m, n) of the matrix (> 0), got {min_dim}")
-    s = _kept(_check_sv(sv))
+    raw = _check_sv(sv)
+    s = _kept(raw)
     erank = effective_rank_from_sv(s)
     count = count_above_from_sv(s, threshold)
+    rank = numerical_rank_from_sv(raw, rank_tol)
     sigma_max = s.amax(-1) if s.shape[-1] else s.sum(-1)
+    as_float = lambda n: n.to(torch.float64) if isinstance(n, torch.Tensor) else n  # noqa: E731
     return {
         "effective_rank": erank,
         "effective_rank_normalized": erank / min_dim,
         "stable_rank": stable_rank_from_sv(s),
-        "spectral_gap": spectral_gap_from_sv(s),
+        "spectral_gap": spectral_gap_from_sv(s, undefined),
+        "sv_ratio": sv_ratio_from_sv(s, undefined),
         "count_above": count,
-        "count_above_normalized": (count.to(torch.float64) if isinstance(count, torch.Tensor) else count) / min_dim,
+        "count_above_normalized": as_float(count) / min_dim,
+        "numerical_rank": rank,
+        "numerical_rank_normalized": as_float(rank) / min_dim,
         "sigma_max": _as_output(sigma_max),
         "frobenius_norm": _as_output(torch.sqrt((s * s).sum(-1))),
         "num_singular_values": _as_output((s > 0).sum(-1)),
@@ -151,9 +183,15 @@ def stable_rank(W: torch.Tensor) -> NumberOrTensor:
     return stable_rank_from_sv(singular_values(W))
 
 
-def spectral_gap(W: torch.Tensor) -> NumberOrTensor:
+def spectral_gap(W: torch.Tensor, undefined: float = 0.0) -> NumberOrTensor:
     """Spectral gap of W (see :func:`spectral_gap_from_sv`)."""
-    return spectral_gap_from_sv(singular_values(W))
+    return spectral_gap_from_sv(singular_values(W), undefined)
+
+
+def numerical_rank(W: torch.Tensor, tol: float = DEFAULT_RANK_TOL) -> NumberOrTensor:
+    """Number of singular values of W above ``tol`` (see :func:`numerical_rank_from_sv`)."""
+    _check_matrix(W)
+    return numerical_rank_from_sv(torch.linalg.svdvals(W.detach().to(torch.float64)), tol)
 
 
 def count_above(W: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> NumberOrTensor:
@@ -161,24 +199,30 @@ def count_above(W: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> Number
     return count_above_from_sv(singular_values(W), threshold)
 
 
-def spectral_summary(W: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> dict[str, NumberOrTensor]:
+def spectral_summary(
+    W: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, *, rank_tol: float = DEFAULT_RANK_TOL, undefined: float = 0.0,
+) -> dict[str, NumberOrTensor]:
     """All spectral metrics of W (or of each matrix of a batch) from a single SVD.
 
-    Keys: effective_rank, effective_rank_normalized, stable_rank, spectral_gap, count_above,
-    count_above_normalized, sigma_max, frobenius_norm, num_singular_values.
+    Keys: effective_rank, effective_rank_normalized, stable_rank, spectral_gap, sv_ratio,
+    count_above, count_above_normalized, numerical_rank, numerical_rank_normalized, sigma_max,
+    frobenius_norm, num_singular_values.
     """
-    sv = singular_values(W)
-    return spectral_summary_from_sv(sv, min(W.shape[-2], W.shape[-1]), threshold)
+    _check_matrix(W)
+    sv = torch.linalg.svdvals(W.detach().to(torch.float64))  # kept raw: the numerical rank has its own tolerance
+    return spectral_summary_from_sv(sv, min(W.shape[-2], W.shape[-1]), threshold, rank_tol=rank_tol, undefined=undefined)
 
 
 def delta_summary(
-    W_prev: torch.Tensor, W_next: torch.Tensor, threshold: float = DEFAULT_THRESHOLD
+    W_prev: torch.Tensor, W_next: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, *,
+    rank_tol: float = DEFAULT_RANK_TOL, undefined: float = 0.0,
 ) -> dict[str, NumberOrTensor]:
     """Spectral summary of the update ``ΔW = W_next − W_prev`` plus its size.
 
     The difference is taken in fp64 so that small updates of bf16/fp32 weights do not cancel.
-    Extra keys: ``delta_frobenius`` = ‖ΔW‖_F and ``relative_delta_frobenius`` = ‖ΔW‖_F / ‖W_prev‖_F
-    (``inf`` if W_prev is zero and ΔW is not).
+    Extra keys: ``delta_frobenius`` = ‖ΔW‖_F, ``previous_frobenius`` = ‖W_prev‖_F and
+    ``relative_delta_frobenius`` = ‖ΔW‖_F / ‖W_prev‖_F (``nan`` if W_prev is zero, as the study's
+    ``update_to_prev_ratio``).
     """
     _check_matrix(W_prev)
     _check_matrix(W_next)
@@ -189,9 +233,11 @@ def delta_summary(
         )
     prev64 = W_prev.detach().to(torch.float64)
     delta = W_next.detach().to(device=prev64.device, dtype=torch.float64) - prev64
-    summary = spectral_summary(delta, threshold)
+    summary = spectral_summary(delta, threshold, rank_tol=rank_tol, undefined=undefined)
     delta_norm = torch.linalg.matrix_norm(delta)  # Frobenius, over the last two dims
     prev_norm = torch.linalg.matrix_norm(prev64)
+    safe = torch.where(prev_norm > 0, prev_norm, torch.ones_like(prev_norm))
     summary["delta_frobenius"] = _as_output(delta_norm)
-    summary["relative_delta_frobenius"] = _as_output(delta_norm / prev_norm)
+    summary["previous_frobenius"] = _as_output(prev_norm)
+    summary["relative_delta_frobenius"] = _as_output(torch.where(prev_norm > 0, delta_norm / safe, torch.full_like(prev_norm, math.nan)))
     return summary

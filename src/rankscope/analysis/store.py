@@ -74,12 +74,14 @@ def write_tables(
     analysis_dir: Path, keys: Mapping[str, Any], items: Sequence[Item], tables: Sequence[TableSpec], selected: Sequence[str],
 ) -> dict[str, Any]:
     """Rebuild the selected tables and npz files from the finished item files; returns what the
-    items recorded besides rows (finished keys, not-applicable reasons, base losses, notes)."""
+    items recorded besides rows (finished keys, not-applicable reasons, base losses, notes, and
+    the seconds spent per table)."""
     import pandas as pd
 
     rows: dict[str, list[dict[str, Any]]] = {spec.name: [] for spec in tables}
     arrays: dict[str, dict[str, np.ndarray]] = {spec.name: {} for spec in tables if spec.arrays_file}
     finished, not_applicable, base_losses, notes = [], {}, {}, {}
+    seconds: dict[str, float] = {}
     for item in items:
         path = item.path(analysis_dir)
         if not path.is_file():
@@ -97,6 +99,7 @@ def write_tables(
             base_losses[str(item.step)] = payload["base_loss"]
         if payload.get("notes"):
             notes[item.key] = payload["notes"]
+        seconds[item.table] = seconds.get(item.table, 0.0) + float(payload.get("seconds", 0.0))
 
     for spec in tables:
         if spec.name not in selected:
@@ -107,4 +110,5 @@ def write_tables(
         write_csv_atomic(frame, analysis_dir / f"{spec.name}.csv")
         if spec.arrays_file:
             write_npz_atomic(arrays[spec.name], analysis_dir / spec.arrays_file)
-    return {"base_losses": base_losses, "not_applicable": not_applicable, "notes": notes, "finished": finished}
+    return {"base_losses": base_losses, "not_applicable": not_applicable, "notes": notes, "finished": finished,
+            "cost_seconds": seconds}

@@ -5,7 +5,7 @@
   evaluate the probe loss) and one interpolation point (form (1−α)θ_a + αθ_b afresh, evaluate);
   reported in seconds and relative to the plain forward, which is the floor a point can cost.
 - Spectral metrics: rows of spectral.csv per second, from `pipeline.spectral_rows` on the
-  model (W, ΔW against a previous checkpoint, and the factors of factored layers), and matrices
+  model (native and merged W and ΔW against a previous checkpoint, and the factors of factored layers), and matrices
   per second of `rankscope.analysis.spectral.spectral_summary` on each targeted weight alone.
 
 Models are freshly initialized (cost does not depend on the values) and the probe set is random
@@ -56,7 +56,7 @@ class AnalysisBenchConfig:
     seed: int = 0
 
 
-def spectral_cost(model: torch.nn.Module, previous: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+def spectral_cost(model: torch.nn.Module, previous: dict[str, dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
     """Seconds for all spectral.csv rows of the model, and for spectral_summary per matrix."""
     from rankscope.analysis import pipeline
     from rankscope.analysis.spectral import spectral_summary
@@ -94,12 +94,14 @@ def run_analysis_bench(config: AnalysisBenchConfig, out_dir=None, show: bool = T
     vocab = models[names[0]].config.vocab_size
     probe = torch.randint(0, vocab, (config.probe_sequences, config.seq_len),
                           generator=torch.Generator().manual_seed(config.seed))
-    previous: dict[str, dict[str, torch.Tensor]] = {}
+    previous: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for name, model in models.items():
-        weights = pipeline.spectral_matrices(model, factors=False)["W"]
         generator = torch.Generator().manual_seed(config.seed + 1)
-        # A stand-in for the previous checkpoint: the weights minus a small random update.
-        previous[name] = {n: W.detach().cpu() - 1e-3 * torch.randn(W.shape, generator=generator) for n, W in weights.items()}
+        # A stand-in for the previous checkpoint: the matrices minus a small random update.
+        previous[name] = {
+            target: {n: W.detach().cpu() - 1e-3 * torch.randn(W.shape, generator=generator) for n, W in weights.items()}
+            for target, weights in pipeline.spectral_matrices(model, factors=False).items()
+        }
 
     def measure(name: str, _repeat: int) -> dict[str, Any]:
         cost = pipeline.measure_point_cost(models[name], probe, batch_size=config.batch_size, device=device,
@@ -128,7 +130,7 @@ def run_analysis_bench(config: AnalysisBenchConfig, out_dir=None, show: bool = T
         "environment": environment(device),
         "wall_s": time.perf_counter() - started,
         "notes": ["*_over_forward: cost of one point relative to one plain forward over the probe set (the floor is 1)",
-                  "spectral_rows_per_s: rows of spectral.csv (W, dW, factors; per matrix and means) per second"],
+                  "spectral_rows_per_s: rows of spectral.csv (native and merged W and dW, factors; per matrix, means, pooled) per second"],
     }
     result = BenchResult("analysis", records, meta)
     write_result(result, out_dir, RatioPlot(

@@ -7,8 +7,11 @@ import abc
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from torch import nn
+
 from rankscope.analysis.progress import Progress
 from rankscope.analysis.runs import AnalysisContext, RunInfo
+from rankscope.analysis.space import build_dense_model
 from rankscope.analysis.store import Item, TableSpec
 
 
@@ -31,6 +34,23 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     def compute(self, item: Item) -> dict[str, Any]:
         """``{"rows": [...], "arrays": {...}}`` and optional ``not_applicable``, ``notes``, ``base_loss``."""
+
+    def model_in_space(self, step: int) -> tuple[nn.Module, str]:
+        """The run's model at ``step`` in the space a perturbation acts on (``settings.space``):
+        its native parameters, or a plain model of its merged dense weights where it has them;
+        and a note saying which it is."""
+        models = self.context.models
+        loaded = models.get(self.run, step)
+        if self.settings.space != "dense":
+            return loaded.model, "native"
+        dense = models.dense(self.run, step)
+        if isinstance(dense, str):
+            return loaded.model, f"native ({dense})"
+        return build_dense_model(loaded.model_config, dense, self.probe.device), "dense"
+
+    def at_last_step_only(self, every_checkpoint: bool, step: int, steps: Sequence[int]) -> bool:
+        """Whether an expensive family skips ``step`` (it runs at the last planned step only)."""
+        return not every_checkpoint and step != max(steps)
 
     @classmethod
     def describe(cls, run: RunInfo, context: AnalysisContext) -> dict[str, Any]:

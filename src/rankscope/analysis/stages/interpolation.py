@@ -154,7 +154,7 @@ class InterpolationStage(Stage):
         previous = self.run.previous_step(step)
         if previous is not None:
             items.append(Item(step, "interpolation:ccbh", settings_hash({**base, "previous": previous}), {"previous": previous}))
-        imbh_here = s.imbh_every_checkpoint or step == max(steps)
+        imbh_here = not self.at_last_step_only(s.imbh_every_checkpoint, step, steps)
         for other in (self.context.others(self.run) if imbh_here else []):
             payload = {**base, "other": str(other.path.resolve())}
             items.append(Item(step, f"interpolation:imbh:{other.name}", settings_hash(payload), {"other": other}))

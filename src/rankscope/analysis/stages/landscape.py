@@ -22,7 +22,7 @@ from rankscope.analysis import AnalysisError
 from rankscope.analysis import landscape as land
 from rankscope.analysis.probe import Probe
 from rankscope.analysis.settings import AnalysisSettings, settings_hash
-from rankscope.analysis.space import ParameterSpace, build_dense_model, scope_parameter_names
+from rankscope.analysis.space import ParameterSpace, scope_parameter_names
 from rankscope.analysis.stages.base import Stage
 from rankscope.analysis.store import KEY_COLUMNS, Item, TableSpec
 
@@ -46,13 +46,14 @@ def evaluate_profiles(
     alphas: Sequence[float] | torch.Tensor,
     on_direction: Callable[[], None] | None = None,
 ) -> LandscapeProfiles:
-    """L(θ + α·d) − L(θ) for every direction and every α of the grid.
+    """L(θ + α·d) − L(θ) for every direction and every α of the grid (any increasing grid: the
+    study's singular grid has no α = 0).
 
-    α = 0 is evaluated once before and once after the sweep (not per direction: θ + 0·d is θ);
-    the two must agree bit for bit (the model is restored exactly); a mismatch is logged.
+    L(θ) is evaluated once before and once after the sweep; where the grid holds α = 0 exactly
+    that point is L(θ) itself and is not evaluated again per direction (θ + 0·d is θ). The two
+    evaluations of L(θ) must agree bit for bit (the model is restored exactly); a mismatch is logged.
     """
-    grid = torch.as_tensor(alphas, dtype=torch.float64)
-    center = land.grid_center(grid)
+    grid = land.check_grid(alphas)
     space.restore()
     base = probe.loss(space.model)
     rows = []
@@ -61,7 +62,7 @@ def evaluate_profiles(
             direction = {n: d.to(probe.device) for n, d in direction.items()}
             losses = np.zeros(grid.numel(), dtype=np.float64)
             for j, alpha in enumerate(grid.tolist()):
-                if j == center:
+                if alpha == 0.0:
                     continue
                 space.set_point(alpha, direction)
                 losses[j] = probe.loss(space.model) - base
@@ -82,10 +83,12 @@ def evaluate_profiles(
 
 
 def landscape_summary_rows(
-    profiles: np.ndarray, alphas: np.ndarray, direction_set: str, scope: str, k_max: int | None = None
+    profiles: np.ndarray, alphas: np.ndarray, direction_set: str, scope: str, k_max: int | None = None,
+    center: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The three summary numbers of a set of profiles, as landscape.csv rows (without the keys)."""
-    summary = land.profile_summary(torch.as_tensor(profiles), torch.as_tensor(alphas))
+    """The three summary numbers of a set of profiles, as landscape.csv rows (without the keys);
+    ``center`` as in :func:`rankscope.analysis.landscape.expected_sharpness`."""
+    summary = land.profile_summary(torch.as_tensor(profiles), torch.as_tensor(alphas), center)
     return [
         {"direction_set": direction_set, "k_max": k_max, "scope": scope, "metric": metric, "value": float(summary[metric])}
         for metric in LANDSCAPE_METRICS
@@ -103,18 +106,29 @@ def random_direction_set(
 
 
 def singular_direction_set(
-    space: ParameterSpace, scope_names: Sequence[str], k_max: int, weighted: bool
+    space: ParameterSpace, scope_names: Sequence[str], k_max: int, weighted: bool, beyond_rank: str = "clamp"
 ) -> Iterator[dict[str, torch.Tensor]]:
     weights = {name: space.master[name] for name in scope_names if space.master[name].ndim == 2}
-    return land.singular_directions(weights, k_max=k_max, weighted=weighted)
+    return land.singular_directions(weights, k_max=k_max, weighted=weighted, beyond_rank=beyond_rank)
+
+
+def singular_grid(settings: AnalysisSettings) -> tuple[torch.Tensor, int | None]:
+    """The α axis of the singular direction sets and its centre index (None: the α = 0 of a
+    symmetric grid). ``study``: numpy.arange(*singular_study_grid), centre len // 2, as the
+    study's 3b_landscape_2d_pca_topk_components_variants.py / 4b_pca_aggregate_subsets.py."""
+    if settings.singular_grid == "study":
+        alphas = land.arange_grid(*settings.singular_study_grid)
+        return alphas, land.middle_index(alphas.numel())
+    return land.make_grid(settings.grid_points, settings.singular_radius), None
 
 
 def singular_summary_rows(
-    profiles: np.ndarray, alphas: np.ndarray, direction_set: str, scope: str, ks: Sequence[int]
+    profiles: np.ndarray, alphas: np.ndarray, direction_set: str, scope: str, ks: Sequence[int], center: int | None = None,
 ) -> list[dict[str, Any]]:
+    """Summaries over the first K singular directions for every K (the study's top-K subsets)."""
     rows = []
     for k in ks:
-        rows += landscape_summary_rows(profiles[: min(k, profiles.shape[0])], alphas, direction_set, scope, k_max=k)
+        rows += landscape_summary_rows(profiles[: min(k, profiles.shape[0])], alphas, direction_set, scope, k_max=k, center=center)
     return rows
 
 
@@ -135,10 +149,11 @@ def landscape_family(
         result = evaluate_profiles(space, probe, directions, land.make_grid(s.grid_points, s.random_radius))
         rows += landscape_summary_rows(result.profiles, result.alphas, direction_set, scope)
         profiles[direction_set] = result.profiles
+    alphas, center = singular_grid(s)
     for direction_set in ["singular"] + (["singular_unweighted"] if s.singular_unweighted else []):
-        directions = singular_direction_set(space, names, s.singular_k_max, weighted=direction_set == "singular")
-        result = evaluate_profiles(space, probe, directions, land.make_grid(s.grid_points, s.singular_radius))
-        rows += singular_summary_rows(result.profiles, result.alphas, direction_set, scope, s.singular_ks)
+        directions = singular_direction_set(space, names, s.singular_k_max, direction_set == "singular", s.singular_beyond_rank)
+        result = evaluate_profiles(space, probe, directions, alphas)
+        rows += singular_summary_rows(result.profiles, result.alphas, direction_set, scope, s.singular_ks, center)
         profiles[direction_set] = result.profiles
     return rows, profiles
 
@@ -191,13 +206,20 @@ class LandscapeStage(Stage):
     @classmethod
     def describe(cls, run, context) -> dict[str, Any]:
         s = context.settings
+        alphas, center = singular_grid(s)
+        singular_note = (
+            f"the study's grid numpy.arange{tuple(s.singular_study_grid)}; summaries around index {center} "
+            f"(alpha = {alphas[center].item():.6g}), the study's len // 2" if center is not None
+            else "symmetric grid with alpha = 0 in the middle (singular_grid=centered)"
+        )
         return {
             "grids": {
                 "random": land.make_grid(s.grid_points, s.random_radius).tolist(),
-                "singular": land.make_grid(s.grid_points, s.singular_radius).tolist(),
+                "singular": alphas.tolist(),
                 "trajectory_pca": land.make_grid(s.grid_points, 1.0).tolist(),
             },
             "grid_notes": {
+                "singular": singular_note,
                 "trajectory_pca": "directions scaled so that alpha = +-1 reaches the farthest checkpoint along each component",
             },
             "directions": {
@@ -214,16 +236,8 @@ class LandscapeStage(Stage):
         key = (step, self.settings.space)
         if key not in self._spaces:
             self._spaces.clear()  # one step at a time
-            models = self.context.models
-            loaded = models.get(self.run, step)
-            if self.settings.space == "dense":
-                dense = models.dense(self.run, step)
-                if isinstance(dense, str):
-                    self._spaces[key] = (ParameterSpace(loaded.model), f"native ({dense})")
-                else:
-                    self._spaces[key] = (ParameterSpace(build_dense_model(loaded.model_config, dense, self.probe.device)), "dense")
-            else:
-                self._spaces[key] = (ParameterSpace(loaded.model), "native")
+            model, note = self.model_in_space(step)
+            self._spaces[key] = (ParameterSpace(model), note)
         return self._spaces[key]
 
     def _snapshot(self, step: int, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -266,14 +280,15 @@ class LandscapeStage(Stage):
         names = scope_parameter_names(space.model, scope)
         device = self.probe.device
         notes: dict[str, Any] = {"space_used": space_note}
+        center = None
         if direction_set in ("random", "random_filter"):
             count = s.directions
             directions = random_direction_set(space, names, count, s.direction_seed, direction_set == "random_filter", device)
             alphas = land.make_grid(s.grid_points, s.random_radius)
         elif direction_set in ("singular", "singular_unweighted"):
             count = s.singular_k_max
-            directions = singular_direction_set(space, names, count, weighted=direction_set == "singular")
-            alphas = land.make_grid(s.grid_points, s.singular_radius)
+            directions = singular_direction_set(space, names, count, direction_set == "singular", s.singular_beyond_rank)
+            alphas, center = singular_grid(s)
         else:
             directions, explained = trajectory  # type: ignore[misc]
             count = len(directions)
@@ -281,7 +296,7 @@ class LandscapeStage(Stage):
             notes["explained_variance_ratio"] = explained
         result = evaluate_profiles(space, self.probe, directions, alphas, on_direction=lambda: self.progress.advance(1.0 / count))
         if direction_set.startswith("singular"):
-            rows = singular_summary_rows(result.profiles, result.alphas, direction_set, scope, s.singular_ks)
+            rows = singular_summary_rows(result.profiles, result.alphas, direction_set, scope, s.singular_ks, center)
         else:
             rows = landscape_summary_rows(result.profiles, result.alphas, direction_set, scope)
         key = f"{direction_set}/{scope}/step_{item.step:06d}"

@@ -1,0 +1,166 @@
+"""Final-checkpoint features of a run, read from its analysis tables: the predictor's eight
+geometry features (METRICS.md §5) and the other run-level numbers the report compares. One
+implementation serves both: :func:`predictor_table` (the study's predict stage) and the report.
+
+Every feature uses the study's definition (docs/metrics.md) and the landscape's primary scope
+(``all`` when present): expected sharpness and direction variance along random directions,
+expected sharpness along the top-1 and top-5 singular directions, IMBH to the full-rank run,
+effective and stable rank of the study's W (every native 2-D matrix, defined for every method,
+CoLA included) and mean CKA to the reference. `_merged` marks our merged-weight variants. A
+feature that does not apply to a run is NaN and ``not_applicable`` says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+REFERENCE_METHOD = "full"
+TABLES = ("landscape", "interpolation", "spectral", "similarity", "hessian")
+
+LANDSCAPE_FEATURES = {  # name -> (direction_set, k_max, metric)
+    "es_random": ("random", None, "expected_sharpness"),
+    "dv_random": ("random", None, "direction_variance"),
+    "es_singular_top1": ("singular", 1, "expected_sharpness"),
+    "es_singular_top5": ("singular", 5, "expected_sharpness"),
+    "dv_singular_top5": ("singular", 5, "direction_variance"),
+}
+SPECTRAL_FEATURES = {  # name -> (target, matrix, metric)
+    "effective_rank_w": ("W_native", "mean", "effective_rank"),
+    "stable_rank_w": ("W_native", "mean", "stable_rank"),
+    "numerical_rank_ratio_w": ("W_native", "mean", "numerical_rank_ratio"),
+    "sv_ratio_w": ("W_native", "mean", "sv_ratio"),
+    "effective_rank_w_merged": ("W", "mean", "effective_rank"),
+    "stable_rank_w_merged": ("W", "mean", "stable_rank"),
+    "effective_rank_dw": ("dW_native", "mean", "effective_rank"),
+    "update_ratio_pooled": ("dW_native", "pooled", "relative_fro_norm"),
+}
+SIMILARITY_FEATURES = {"cka_to_reference": "cka", "cosine_to_reference": "cosine", "relative_l2_to_reference": "relative_l2",
+                       "activation_norm": "mean_norm"}  # means over layers
+HESSIAN_FEATURES = {"hessian_top_eigenvalue": "top_eigenvalue", "hessian_trace": "trace"}
+
+
+def _is_true(values: pd.Series) -> pd.Series:
+    """CSV round trips turn bools into True / 'True' / 'true'; read them all back."""
+    return values.astype(str).str.strip().str.lower().isin(["true", "1", "1.0"])
+
+
+def _select(frame: pd.DataFrame | None, **where: Any) -> pd.DataFrame:
+    """Rows matching every ``where`` (numbers compared as numbers: an int column with gaps comes
+    back from CSV as floats, 1.0 not "1")."""
+    if frame is None or frame.empty:
+        return pd.DataFrame()
+    mask = pd.Series(True, index=frame.index)
+    for key, value in where.items():
+        if key not in frame.columns:
+            return frame.iloc[0:0]
+        column = frame[key]
+        mask &= (pd.to_numeric(column, errors="coerce") == value) if isinstance(value, (int, float)) else (column.astype(str) == str(value))
+    return frame[mask]
+
+
+def _at_step(frame: pd.DataFrame, step: int | None, column: str = "step") -> pd.DataFrame:
+    """Rows at ``step`` (None: the last step the frame has)."""
+    if frame.empty or column not in frame.columns:
+        return frame.iloc[0:0] if not frame.empty else frame
+    steps = pd.to_numeric(frame[column], errors="coerce")
+    return frame[steps == (steps.max() if step is None else step)]
+
+
+def _mean(frame: pd.DataFrame, column: str = "value") -> float:
+    """Mean of the applicable rows' ``column``; NaN when there is none."""
+    if frame.empty or column not in frame.columns:
+        return math.nan
+    if "applicable" in frame.columns:
+        frame = frame[_is_true(frame["applicable"])]
+    numbers = pd.to_numeric(frame[column], errors="coerce").dropna()
+    return float(numbers.mean()) if len(numbers) else math.nan
+
+
+def _primary_scope(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    if frame is None or frame.empty or "scope" not in frame.columns:
+        return frame
+    scopes = frame["scope"].dropna().astype(str).unique().tolist()
+    return frame[frame["scope"].astype(str) == ("all" if "all" in scopes else scopes[0])] if scopes else frame
+
+
+def _imbh_to_full(interpolation: pd.DataFrame | None, run: str) -> pd.DataFrame:
+    rows = _select(interpolation, kind="imbh", other_method=REFERENCE_METHOD)
+    if "other_run" in rows.columns:  # a run interpolated with itself is a sanity check, not a pair
+        rows = rows[rows["other_run"].astype(str) != run]
+    return rows
+
+
+def _reason(rows: pd.DataFrame) -> str | None:
+    if rows.empty or "applicable" not in rows.columns:
+        return None
+    reasons = rows.loc[~_is_true(rows["applicable"]), "reason"].dropna().astype(str) if "reason" in rows.columns else pd.Series()
+    return sorted(set(reasons))[0] if len(reasons) else None
+
+
+def final_features(tables: Mapping[str, pd.DataFrame | None], run: str, method: str, step: int | None = None,
+                   reference_imbh: str = "zero") -> dict[str, Any]:
+    """The features of one run (its rows of each analysis table) at ``step`` (None: each table's
+    last step). ``reference_imbh``: the full-rank run's own IMBH to full-rank is 0 (``zero``, the
+    predictor's) or the barrier to the full-rank runs of other seeds (``seeds``, the report's
+    seed-to-seed baseline)."""
+    landscape = _primary_scope(tables.get("landscape"))
+    interpolation, spectral = tables.get("interpolation"), tables.get("spectral")
+    similarity, hessian = tables.get("similarity"), _primary_scope(tables.get("hessian"))
+    out: dict[str, Any] = {}
+    for name, (direction_set, k_max, metric) in LANDSCAPE_FEATURES.items():
+        where = {"direction_set": direction_set, "metric": metric, **({"k_max": k_max} if k_max else {})}
+        out[name] = _mean(_at_step(_select(landscape, **where), step))
+    out["ccbh_final"] = _mean(_at_step(_select(interpolation, kind="ccbh"), step, "step_b"), "barrier")
+    to_full = _at_step(_imbh_to_full(interpolation, run), step)
+    out["imbh_to_full"] = 0.0 if method == REFERENCE_METHOD and reference_imbh == "zero" else _mean(to_full, "barrier")
+    for name, (target, matrix, metric) in SPECTRAL_FEATURES.items():
+        out[name] = _mean(_at_step(_select(spectral, target=target, matrix=matrix, metric=metric), step))
+    for name, metric in SIMILARITY_FEATURES.items():
+        out[name] = _mean(_at_step(_select(similarity, metric=metric), step))
+    for name, metric in HESSIAN_FEATURES.items():
+        out[name] = _mean(_at_step(_select(hessian, metric=metric), step))
+
+    reasons = {
+        "imbh_to_full": _reason(to_full) if method != REFERENCE_METHOD else None,
+        "effective_rank_w_merged": _reason(_at_step(_select(spectral, target="W"), step)),
+        "cka_to_reference": _reason(_at_step(_select(similarity, metric="cka"), step)),
+        "hessian_top_eigenvalue": _reason(_at_step(_select(hessian, metric="top_eigenvalue"), step)),
+    }
+    out["not_applicable"] = "; ".join(f"{feature}: {reason}" for feature, reason in reasons.items() if reason)
+    return out
+
+
+def read_tables(run_dir: Path) -> dict[str, pd.DataFrame | None]:
+    """A run's analysis tables (None for those it does not have)."""
+    paths = {name: run_dir / "analysis" / f"{name}.csv" for name in TABLES}
+    return {name: pd.read_csv(path) if path.is_file() else None for name, path in paths.items()}
+
+
+def predictor_table(planned: Iterable[Any], runs_dir: Path) -> pd.DataFrame:
+    """One row per trained run of a study (``planned``: objects with name, method, preset, seed and
+    config.train.steps, as `rankscope.study.PlannedRun`): validation loss, downstream accuracy and
+    the features at the final checkpoint."""
+    rows = []
+    for run in planned:
+        run_dir = Path(runs_dir) / run.name
+        if not (run_dir / "summary.json").is_file():
+            continue
+        step = run.config.train.steps
+        eval_path = run_dir / "eval" / f"step_{step:06d}.json"
+        rows.append({
+            "run": run.name, "method": run.method, "scale": run.preset, "seed": run.seed,
+            "val_loss": json.loads((run_dir / "summary.json").read_text())["val_loss"],
+            "downstream_acc": json.loads(eval_path.read_text())["mean_acc"] if eval_path.is_file() else math.nan,
+            **final_features(read_tables(run_dir), run.name, run.method, step),
+        })
+    return pd.DataFrame(rows)
+
+
+__all__ = ["HESSIAN_FEATURES", "LANDSCAPE_FEATURES", "SIMILARITY_FEATURES", "SPECTRAL_FEATURES", "final_features",
+           "predictor_table", "read_tables"]
