@@ -21,7 +21,7 @@ import yaml
 from scipy import stats
 
 from rankscope.report import ReportError, build_report, load_study
-from rankscope.report.collect import run_features
+from rankscope.report.features import run_features
 from rankscope.report.figures import METHOD_COLORS, imbh_matrix, method_color, palette
 from rankscope.report.stats import bootstrap_difference_ci, compare_to_reference, mean_std
 
@@ -115,26 +115,55 @@ def write_run(study: Path, method: str, preset: str, seed: int, all_runs: list[t
                      "loss_a": 4.0, "loss_b": 4.1})
     pd.DataFrame(rows).to_csv(run_dir / "analysis" / "interpolation.csv", index=False)
 
-    # spectral: per matrix and the mean over matrices
+    # spectral: the study's W (native matrices) and the merged W; CoLA has no merged W
     rows = []
     for step in STEPS:
-        for target in ("W", "dW"):
+        for target in ("W_native", "dW_native", "W", "dW"):
+            if target.startswith("d") and step == STEPS[0]:
+                continue  # no update at the first checkpoint
+            if method == "cola" and target in ("W", "dW"):
+                for metric in ("effective_rank", "stable_rank"):
+                    rows.append({**_keys(run, method, preset, seed, step), "target": target, "matrix": "mean", "layer": -1,
+                                 "metric": metric, "value": "", "applicable": False, "reason": "cola has no dense weight"})
+                continue
             per_metric: dict[str, list[float]] = {}
             for layer_matrix in MATRICES:
                 values = {"effective_rank": 50 - 10 * offset + step / 10 + rng.standard_normal(),
                           "stable_rank": 10 - 2 * offset + 0.2 * rng.standard_normal(),
                           "spectral_gap": 0.2 + 0.05 * offset + 0.01 * rng.standard_normal(),
+                          "sv_ratio": 0.8 - 0.05 * offset, "numerical_rank_ratio": 1.0 - 0.3 * offset,
                           "count_above": 40 - 5 * offset + step / 20,
                           "fro_norm": 5 + step / 50, "relative_fro_norm": 0.1 / (1 + step / 50)}
                 layer = int(layer_matrix.split(".")[1])
                 for metric, value in values.items():
                     per_metric.setdefault(metric, []).append(value)
                     rows.append({**_keys(run, method, preset, seed, step), "target": target, "matrix": layer_matrix,
-                                 "layer": layer, "metric": metric, "value": value})
+                                 "layer": layer, "metric": metric, "value": value, "applicable": True, "reason": ""})
             for metric, values in per_metric.items():
                 rows.append({**_keys(run, method, preset, seed, step), "target": target, "matrix": "mean",
-                             "layer": -1, "metric": metric, "value": float(np.mean(values))})
+                             "layer": -1, "metric": metric, "value": float(np.mean(values)), "applicable": True, "reason": ""})
+            if target.startswith("d"):
+                rows.append({**_keys(run, method, preset, seed, step), "target": target, "matrix": "pooled", "layer": -1,
+                             "metric": "relative_fro_norm", "value": 0.05 + 0.01 * offset, "applicable": True, "reason": ""})
     pd.DataFrame(rows).to_csv(run_dir / "analysis" / "spectral.csv", index=False)
+
+    # 2-D landscape at the last step: a bowl whose curvature grows with the method's offset
+    axis = np.linspace(-0.003, 0.003, 5)
+    x, y = np.meshgrid(axis, axis)
+    surfaces = {"axes/random": axis, f"random/all/step_{STEPS[-1]:06d}": (1 + offset) * 2e4 * (x**2 + 0.5 * y**2)}
+    np.savez(run_dir / "analysis" / "landscape2d_surfaces.npz", **surfaces)
+    pd.DataFrame([{**_keys(run, method, preset, seed, STEPS[-1]), "pair": "random", "scope": "all", "metric": "mean_rise",
+                   "value": float(surfaces[f"random/all/step_{STEPS[-1]:06d}"].mean())}]).to_csv(
+        run_dir / "analysis" / "landscape2d.csv", index=False)
+
+    # Hessian at the last step
+    pd.DataFrame([{**_keys(run, method, preset, seed, STEPS[-1]), "scope": "all", "metric": metric, "value": value,
+                   "standard_error": float("nan"), "hvps": 10, "converged": True, "applicable": True, "reason": ""}
+                  for metric, value in (("top_eigenvalue", 30.0 * (1 + offset)), ("trace", 900.0 * (1 + offset)))]).to_csv(
+        run_dir / "analysis" / "hessian.csv", index=False)
+    (run_dir / "analysis" / "meta.json").write_text(json.dumps({"settings": {
+        "loss_average": "batch_mean", "singular_grid": "study", "singular_beyond_rank": "clamp", "zero_matrix_gap": "zero",
+        "last_hidden": "final_norm"}}))
 
     # similarity to the full-rank run of the same seed
     rows = []
@@ -142,7 +171,7 @@ def write_run(study: Path, method: str, preset: str, seed: int, all_runs: list[t
         for layer in range(N_LAYERS + 1):
             drift = offset * (layer + 1) * step / 100
             for metric, value in (("l2", 2 * drift), ("relative_l2", 0.2 * drift), ("cosine", 1 - 0.1 * drift),
-                                  ("cka", 1 - 0.05 * drift + 0.005 * rng.standard_normal())):
+                                  ("cka", 1 - 0.05 * drift + 0.005 * rng.standard_normal()), ("mean_norm", 10 + drift)):
                 rows.append({**_keys(run, method, preset, seed, step), "reference_run": f"full-{preset}-s{seed}",
                              "layer": layer, "metric": metric, "value": value, "applicable": True, "reason": ""})
     pd.DataFrame(rows).to_csv(run_dir / "analysis" / "similarity.csv", index=False)
@@ -186,7 +215,7 @@ def built(tmp_path_factory):
 
 EXPECTED_FIGURES = [
     "training_loss_tiny", "val_ppl_tiny", "landscape_random_tiny", "landscape_singular_profiles_tiny",
-    "landscape_singular_summary_tiny", "ccbh_tiny", "imbh_tiny", "spectral_tiny", "similarity_tiny",
+    "landscape_singular_summary_tiny", "landscape2d_tiny", "ccbh_tiny", "imbh_tiny", "spectral_tiny", "similarity_tiny",
     "downstream_tiny", "predictor",
 ]
 
@@ -331,6 +360,37 @@ def test_imbh_matrix_symmetric_with_not_applicable_cells(tmp_path):
     assert math.isnan(features.loc["cola-tiny-s0", "imbh_to_full"])  # not applicable
     galore_to_full = loaded.tables["interpolation"].query("run == 'galore-tiny-s0' and other_run == 'full-tiny-s0'")
     assert features.loc["galore-tiny-s0", "imbh_to_full"] == pytest.approx(float(galore_to_full["barrier"].iloc[0]))
+
+
+def test_cola_is_in_every_table_with_not_applicable_cells_and_their_reasons(tmp_path):
+    study, _ = make_study(tmp_path, methods=("full", "cola"), seeds=(0, 1), predictor=False)
+    report = build_report(study)
+    markdown = (report / "report.md").read_text()
+    geometry = pd.read_csv(report / "tables" / "geometry_tiny.csv", keep_default_na=False).set_index("method")
+    assert list(geometry.index) == ["full", "cola"]
+    # Defined for CoLA: the study's W (its factors), the Hessian, the activations.
+    for label in ("effective rank of W", "Hessian top eigenvalue", "mean activation norm (mean over layers)"):
+        assert geometry.loc["cola", label] not in ("n/a", "–") and "±" in geometry.loc["cola", label], label
+    # Not defined for CoLA: a dense weight to merge or interpolate; the cell says so and a line says why.
+    assert geometry.loc["cola", "effective rank of merged W"] == "n/a" and geometry.loc["cola", "IMBH to full-rank"] == "n/a"
+    assert "cola, effective rank of merged W: not applicable — cola has no dense weight" in markdown
+    assert "cola, IMBH to full-rank: not applicable — cola has no dense weight" in markdown
+    assert "| cola |" in markdown.split("#### Spectra")[1].split("####")[0]
+
+
+def test_the_report_states_its_definitions_and_shows_the_new_metrics(built):
+    _, _, report = built
+    markdown = (report / "report.md").read_text()
+    assert "## Definitions used" in markdown
+    assert "Probe loss (landscapes, barriers, Hessian): mean of per-batch mean losses (the study's) (`loss_average=batch_mean`)" in markdown
+    assert "after the final RMSNorm, as HF hidden_states (the study's)" in markdown
+    for heading in ("#### Loss landscape, barriers and curvature", "#### Spectra", "#### Activations"):
+        assert heading in markdown
+    geometry = pd.read_csv(report / "tables" / "geometry_tiny.csv").set_index("method")
+    for label in ("Hessian trace", "numerical rank / min(m, n) of W", "σ₂/σ₁ of W", "‖ΔW‖ / ‖W‖ pooled over matrices"):
+        assert label in geometry.columns, label
+    assert geometry.loc["galore", "Hessian top eigenvalue"].startswith("42")  # 30 × (1 + 0.4), no spread over seeds
+    assert "2-D loss landscape at the last checkpoint" in markdown
 
 
 def test_statistics_helpers_against_known_answers():

@@ -10,11 +10,13 @@ import datetime as _dt
 import logging
 from pathlib import Path
 
-from rankscope.report.collect import Study, finite, load_study, run_features, sorted_methods
+from rankscope.report.collect import Study, finite, load_study, sorted_methods
+from rankscope.report.features import run_features
 from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.figures import FigureResult, render_all
 from rankscope.report.stats import compare_to_reference
 from rankscope.report.tables import (
+    GEOMETRY_TABLES,
     METRIC_LABELS,
     _predictor_display,
     _significance_display,
@@ -34,6 +36,36 @@ def _figure_blocks(document: Document, results: list[FigureResult], skipped_line
             line = f"{result.title}: not drawn — {result.skipped}"
             document.paragraph(f"*Figure skipped — {line}*")
             skipped_lines.append(line)
+
+
+# setting -> (what it decides, {value: meaning}); the first value is the study's (the default).
+DEFINITIONS: dict[str, tuple[str, dict[str, str]]] = {
+    "loss_average": ("Probe loss (landscapes, barriers, Hessian)", {
+        "batch_mean": "mean of per-batch mean losses (the study's)", "token": "exact token-weighted mean (ours)"}),
+    "singular_grid": ("Singular-direction grid", {
+        "study": "numpy.arange(-0.05, 0.0501, 0.004), sharpness around index len // 2 (the study's)",
+        "centered": "symmetric around α = 0 (ours)"}),
+    "singular_beyond_rank": ("Singular direction k beyond a matrix's components", {
+        "clamp": "reuses its last component (the study's)", "zero": "perturbs nothing (ours)"}),
+    "zero_matrix_gap": ("Spectral gap and σ₂/σ₁ of an all-zero matrix", {"zero": "0 (the study's)", "nan": "undefined (ours)"}),
+    "last_hidden": ("Last layer's activations", {
+        "final_norm": "after the final RMSNorm, as HF hidden_states (the study's)", "block_output": "raw last block output (ours)"}),
+}
+
+
+def _definitions(study: Study) -> list[str]:
+    """What the tables' numbers mean where the study's code and ours differ, from the runs' meta.json."""
+    lines = []
+    for setting, (label, meanings) in DEFINITIONS.items():
+        counts: dict[str, int] = {}
+        for meta in study.analysis_meta.values():
+            value = (meta.get("settings") or {}).get(setting)
+            if value is not None:
+                counts[str(value)] = counts.get(str(value), 0) + 1
+        if counts:
+            parts = [f"{meanings.get(v, v)} (`{setting}={v}`" + (f", {n} runs)" if len(counts) > 1 else ")") for v, n in counts.items()]
+            lines.append(f"{label}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def _study_name(study: Study) -> str:
@@ -86,6 +118,12 @@ def build_report(study_dir: str | Path) -> Path:
         f"{len(study.runs) - n_done - len(failed)} other) over scales {', '.join(study.presets()) or '–'}. "
         f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Numbers are mean ± sample std over seeds; "
         "validation perplexity is exp of the exact token-weighted mean next-token loss on the validation set.")
+    definitions = _definitions(study)
+    if definitions:
+        document.heading("Definitions used")
+        document.paragraph("Where the study's code and rankscope define a metric differently, the study's definition is "
+                           "the default and ours a named setting (docs/metrics.md). These tables use:")
+        document.bullets(definitions)
     skipped_lines: list[str] = []
     for preset in study.presets():
         numeric, shown = results_table(study.runs, preset)
@@ -98,13 +136,18 @@ def build_report(study_dir: str | Path) -> Path:
         if len(failed_here):
             document.paragraph("Failed runs: " + "; ".join(f"`{r.run}` — {r.failure_reason}"
                                                            for r in failed_here.itertuples(index=False)))
-        geometry = geometry_table(features, preset)
+        geometry, _ = geometry_table(features, preset)
         if len(geometry.columns) > 1:
             geometry.to_csv(tables_dir / f"geometry_{preset}.csv", index=False)
             document.heading("Final-checkpoint geometry", 3)
-            document.table(geometry, "Mean ± std over seeds at each run's last analysed checkpoint. IMBH to "
-                                     "full-rank of the full-rank row: the barrier between its own seeds "
-                                     "(the seed-to-seed baseline); – where not applicable.")
+            document.paragraph("Mean ± std over seeds at each run's last analysed checkpoint; – where a run has no "
+                               "value, n/a where the metric does not apply to the method (reason below).")
+            for title, columns, caption in GEOMETRY_TABLES:
+                table, not_applicable = geometry_table(features, preset, columns)
+                if len(table.columns) > 1:
+                    document.heading(title, 4)
+                    document.table(table, caption)
+                    document.bullets(not_applicable)
         document.heading("Does the difference to full-rank exceed seed-to-seed variation?", 3)
         in_preset = usable[usable["preset"].astype(str) == str(preset)]
         seed_counts = {m: int(finite(in_preset.loc[in_preset["method"] == m, "val_loss"]).sum())

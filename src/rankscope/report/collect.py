@@ -25,7 +25,7 @@ from rankscope.errors import RankscopeError
 log = logging.getLogger("rankscope.report")
 
 KEY_COLUMNS = ["run", "method", "preset", "seed", "step"]
-ANALYSIS_FAMILIES = ("landscape", "interpolation", "spectral", "similarity")
+ANALYSIS_FAMILIES = ("landscape", "interpolation", "spectral", "similarity", "landscape2d", "hessian")
 REFERENCE_METHOD = "full"
 
 # Run folders are named <method>-<preset>-s<seed>; used when config.yaml is missing (a run that
@@ -49,6 +49,7 @@ class Study:
     training: pd.DataFrame                  # run keys + step, loss, val_loss (metrics.jsonl)
     predictor: pd.DataFrame | None          # STUDY_DIR/predictor.csv
     notes: list[str] = field(default_factory=list)
+    analysis_meta: dict[str, dict] = field(default_factory=dict)  # run -> analysis/meta.json
 
     def run_dir(self, run: str) -> Path:
         return self.study_dir / "runs" / run
@@ -325,9 +326,10 @@ def read_training_logs(study_dir: Path, runs: pd.DataFrame, notes: list[str]) ->
     return pd.DataFrame(records, columns=KEY_COLUMNS + ["loss", "val_loss", "lr"])
 
 
-def load_profiles(run_dir: Path) -> dict[str, np.ndarray]:
-    """landscape_profiles.npz of one run as a dict (empty when absent or unreadable)."""
-    path = run_dir / "analysis" / "landscape_profiles.npz"
+def load_profiles(run_dir: Path, filename: str = "landscape_profiles.npz") -> dict[str, np.ndarray]:
+    """An npz file of one run's analysis (landscape_profiles.npz by default) as a dict (empty when
+    absent or unreadable)."""
+    path = run_dir / "analysis" / filename
     if not path.is_file():
         return {}
     try:
@@ -338,23 +340,22 @@ def load_profiles(run_dir: Path) -> dict[str, np.ndarray]:
         return {}
 
 
-# --- run-level features ---------------------------------------------------------------------------
+def load_surfaces(run_dir: Path) -> dict[str, np.ndarray]:
+    """landscape2d_surfaces.npz of one run: ``<pair>/<scope>/step_XXXXXX`` -> (y, x) surface, ``axes/<pair>``."""
+    return load_profiles(run_dir, "landscape2d_surfaces.npz")
 
 
-def _final_rows(table: pd.DataFrame, step_column: str = "step") -> pd.DataFrame:
-    """Rows at each run's last step in `table`."""
-    if table.empty:
-        return table
-    steps = pd.to_numeric(table[step_column], errors="coerce")
-    last = steps.groupby(table["run"]).transform("max")
-    return table[steps == last]
-
-
-def _primary_scope(landscape: pd.DataFrame) -> str | None:
-    if "scope" not in landscape.columns or landscape.empty:
-        return None
-    scopes = landscape["scope"].dropna().astype(str).unique().tolist()
-    return "all" if "all" in scopes else (scopes[0] if scopes else None)
+def load_analysis_meta(study_dir: Path, runs: pd.DataFrame) -> dict[str, dict]:
+    """Each run's analysis/meta.json (its settings: which loss average, grids, definitions)."""
+    metas = {}
+    for run in runs["run"]:
+        path = study_dir / "runs" / str(run) / "analysis" / "meta.json"
+        if path.is_file():
+            try:
+                metas[str(run)] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+    return metas
 
 
 def applicable_mask(table: pd.DataFrame) -> pd.Series:
@@ -364,70 +365,12 @@ def applicable_mask(table: pd.DataFrame) -> pd.Series:
     return table["applicable"].map(as_bool).astype(bool)
 
 
-def _per_run(frame: pd.DataFrame, name: str) -> pd.Series:
-    return frame.groupby("run")["value"].mean().rename(name)
-
-
-def run_features(study: Study) -> pd.DataFrame:
-    """One row per run: the final-checkpoint scalars compared across methods and fed to the
-    predictor (column names match `rankscope.analysis.predictor.GEOMETRY_FEATURES`), plus
-    val loss / ppl / downstream accuracy and a few extra geometry numbers."""
-    base = study.runs[["run", "method", "preset", "seed", "status", "val_loss", "val_ppl", "downstream_acc"]].copy()
-    features: list[pd.Series] = []
-    landscape = study.tables.get("landscape")
-    if landscape is not None and {"direction_set", "metric", "value"} <= set(landscape.columns):
-        scope = _primary_scope(landscape)
-        final = _final_rows(landscape if scope is None else landscape[landscape["scope"].astype(str) == scope])
-        k_max = pd.to_numeric(final.get("k_max"), errors="coerce") if "k_max" in final.columns else None
-        for name, direction_set, metric, k in (
-            ("es_random", "random", "expected_sharpness", None),
-            ("dv_random", "random", "direction_variance", None),
-            ("es_singular_top1", "singular", "expected_sharpness", 1),
-            ("es_singular_top5", "singular", "expected_sharpness", 5),
-            ("dv_singular_top5", "singular", "direction_variance", 5),
-        ):
-            mask = (final["direction_set"] == direction_set) & (final["metric"] == metric)
-            if k is not None:
-                if k_max is None:
-                    continue
-                mask &= k_max == k
-            features.append(_per_run(final[mask], name))
-    interpolation = study.tables.get("interpolation")
-    if interpolation is not None and {"kind", "barrier"} <= set(interpolation.columns):
-        table = interpolation.assign(value=pd.to_numeric(interpolation["barrier"], errors="coerce"))
-        applicable = applicable_mask(table)
-        ccbh = table[(table["kind"] == "ccbh") & applicable]
-        if not ccbh.empty:
-            features.append(_per_run(_final_rows(ccbh, "step_b" if "step_b" in ccbh.columns else "step"), "ccbh_final"))
-        imbh = table[(table["kind"] == "imbh") & applicable]
-        if "other_run" in imbh.columns:  # a run interpolated with itself is a sanity check, not a pair
-            imbh = imbh[imbh["other_run"].astype(str) != imbh["run"].astype(str)]
-        if not imbh.empty and "other_method" in imbh.columns:
-            to_full = _final_rows(imbh[imbh["other_method"].astype(str) == REFERENCE_METHOD])
-            features.append(_per_run(to_full, "imbh_to_full"))
-    spectral = study.tables.get("spectral")
-    if spectral is not None and {"target", "matrix", "metric", "value"} <= set(spectral.columns):
-        final = _final_rows(spectral_means(spectral))
-        for name, target, metric in (("effective_rank_w", "W", "effective_rank"), ("stable_rank_w", "W", "stable_rank"),
-                                     ("effective_rank_dw", "dW", "effective_rank")):
-            features.append(_per_run(final[(final["target"] == target) & (final["metric"] == metric)], name))
-    similarity = study.tables.get("similarity")
-    if similarity is not None and {"metric", "value"} <= set(similarity.columns):
-        final = _final_rows(similarity[applicable_mask(similarity)])
-        for name, metric in (("cka_to_reference", "cka"), ("cosine_to_reference", "cosine"),
-                             ("relative_l2_to_reference", "relative_l2")):
-            features.append(_per_run(final[final["metric"] == metric], name))
-    for series in features:
-        base = base.merge(series, left_on="run", right_index=True, how="left")
-    return base
-
-
 def spectral_means(spectral: pd.DataFrame) -> pd.DataFrame:
     """The mean-over-matrices rows (matrix == 'mean'); computed from per-matrix rows for runs
-    whose table has none."""
+    whose table has none (pooled update rows are totals, not matrices, and stay out)."""
     is_mean = spectral["matrix"].astype(str) == "mean"
     have_mean = set(spectral.loc[is_mean, "run"])
-    computed = spectral[~is_mean & ~spectral["run"].isin(have_mean)]
+    computed = spectral[~is_mean & ~spectral["matrix"].astype(str).eq("pooled") & ~spectral["run"].isin(have_mean)]
     keys = ["run", "method", "preset", "seed", "step", "target", "metric"]
     if not computed.empty:
         computed = computed.groupby(keys, as_index=False)["value"].mean()
@@ -457,11 +400,12 @@ def load_study(study_dir: str | Path) -> Study:
         except (OSError, ValueError) as exc:
             notes.append(f"{predictor_path}: unreadable CSV ({exc}); predictor figure skipped")
     return Study(study_dir=study_dir, runs=runs, tables=tables, downstream=downstream,
-                 training=training, predictor=predictor, notes=notes)
+                 training=training, predictor=predictor, notes=notes, analysis_meta=load_analysis_meta(study_dir, runs))
 
 
 __all__ = [
-    "ANALYSIS_FAMILIES", "KEY_COLUMNS", "REFERENCE_METHOD", "ReportError", "Study", "applicable_mask", "as_bool", "finite", "load_profiles",
-    "load_study", "preset_size", "read_analysis_tables", "read_runs", "read_training_logs", "run_features",
+    "ANALYSIS_FAMILIES", "KEY_COLUMNS", "REFERENCE_METHOD", "ReportError", "Study", "applicable_mask", "as_bool", "finite",
+    "load_analysis_meta", "load_profiles", "load_surfaces",
+    "load_study", "preset_size", "read_analysis_tables", "read_runs", "read_training_logs",
     "sorted_methods", "sorted_presets", "spectral_means",
 ]

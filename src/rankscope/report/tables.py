@@ -28,14 +28,40 @@ METRIC_LABELS: dict[str, str] = {
     "dv_singular_top5": "direction variance (top-5 singular)",
     "ccbh_final": "CCBH (last pair)",
     "imbh_to_full": "IMBH to full-rank",
+    "hessian_top_eigenvalue": "Hessian top eigenvalue",
+    "hessian_trace": "Hessian trace",
     "effective_rank_w": "effective rank of W",
     "stable_rank_w": "stable rank of W",
+    "numerical_rank_ratio_w": "numerical rank / min(m, n) of W",
+    "sv_ratio_w": "σ₂/σ₁ of W",
+    "effective_rank_w_merged": "effective rank of merged W",
     "effective_rank_dw": "effective rank of ΔW",
+    "update_ratio_pooled": "‖ΔW‖ / ‖W‖ pooled over matrices",
     "cka_to_reference": "CKA to full-rank (mean over layers)",
     "cosine_to_reference": "cosine to full-rank (mean over layers)",
     "relative_l2_to_reference": "relative L2 to full-rank (mean over layers)",
+    "activation_norm": "mean activation norm (mean over layers)",
 }
-GEOMETRY_COLUMNS = [c for c in METRIC_LABELS if c not in ("val_loss", "val_ppl", "downstream_acc")]
+# The final-checkpoint tables of each scale: a heading, the metrics, and what the reader needs to read them.
+GEOMETRY_TABLES: list[tuple[str, list[str], str]] = [
+    ("Loss landscape, barriers and curvature",
+     ["es_random", "dv_random", "es_singular_top1", "es_singular_top5", "dv_singular_top5", "ccbh_final", "imbh_to_full",
+      "hessian_top_eigenvalue", "hessian_trace"],
+     "Expected sharpness and direction variance of 1-D profiles (singular: the study's grid, centre index len // 2); "
+     "IMBH to full-rank of the full-rank row: the barrier between its own seeds (the seed-to-seed baseline); "
+     "Hessian: power iteration and Hutchinson on Hessian-vector products of the probe loss."),
+    ("Spectra",
+     ["effective_rank_w", "stable_rank_w", "numerical_rank_ratio_w", "sv_ratio_w", "effective_rank_w_merged",
+      "effective_rank_dw", "update_ratio_pooled"],
+     "W is every native 2-D matrix of the attention and MLP modules, each counted once (the study's: a factored "
+     "layer contributes its factors, LoRA/ReLoRA its base and factors); merged W is each layer's effective dense "
+     "weight (ours). ΔW between the last two checkpoints; the pooled ratio is √Σ‖ΔW‖² / √Σ‖W‖² over all matrices."),
+    ("Activations",
+     ["cka_to_reference", "cosine_to_reference", "relative_l2_to_reference", "activation_norm"],
+     "Hidden states on the probe set against the full-rank run of the same scale and seed; the last layer is the "
+     "output of the final RMSNorm, as HF hidden_states (the study's)."),
+]
+GEOMETRY_COLUMNS = [c for _, columns, _ in GEOMETRY_TABLES for c in columns]
 
 
 def results_table(runs: pd.DataFrame, preset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -73,18 +99,36 @@ def results_table(runs: pd.DataFrame, preset: str) -> tuple[pd.DataFrame, pd.Dat
     return pd.DataFrame(rows), pd.DataFrame(shown)
 
 
-def geometry_table(features: pd.DataFrame, preset: str) -> pd.DataFrame:
-    """Final-checkpoint geometry per method: mean ± std over seeds (formatted)."""
+def _reasons(group: pd.DataFrame) -> dict[str, str]:
+    """``{feature: reason}`` of the features marked not applicable for any run of ``group``."""
+    reasons: dict[str, str] = {}
+    for text in group.get("not_applicable", pd.Series(dtype=str)).fillna("").astype(str):
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            feature, _, reason = part.partition(": ")
+            reasons.setdefault(feature, reason)
+    return reasons
+
+
+def geometry_table(features: pd.DataFrame, preset: str, columns: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Final-checkpoint metrics per method: mean ± std over seeds (formatted), ``n/a`` where a
+    metric does not apply to the method; and one line per such cell with the reason."""
     in_preset = features[features["preset"].astype(str) == str(preset)]
-    columns = [c for c in GEOMETRY_COLUMNS if c in in_preset.columns and finite(in_preset[c]).any()]
-    rows = []
+    wanted = GEOMETRY_COLUMNS if columns is None else columns
+    shown = [c for c in wanted if c in in_preset.columns and finite(in_preset[c]).any()]
+    rows, notes = [], []
     for method in sorted_methods(in_preset["method"].dropna().unique()):
         group = in_preset[in_preset["method"] == method]
+        reasons = _reasons(group)
         row = {"method": method}
-        for column in columns:
-            row[METRIC_LABELS[column]] = format_mean_std(*mean_std(group[column].astype(float)))
+        for column in shown:
+            values = group[column].astype(float)
+            if not finite(values).any() and column in reasons:
+                row[METRIC_LABELS[column]] = "n/a"
+                notes.append(f"{method}, {METRIC_LABELS[column]}: not applicable — {reasons[column]}")
+            else:
+                row[METRIC_LABELS[column]] = format_mean_std(*mean_std(values))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), notes
 
 
 def _significance_words(comparison: pd.DataFrame, preset: str, seed_counts: dict[str, int]) -> list[str]:

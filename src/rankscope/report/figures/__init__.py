@@ -1,5 +1,5 @@
-"""The study's figures, one module per figure family (training, landscape, interpolation,
-spectral, similarity, downstream), all drawn with the conventions of :mod:`.base`.
+"""The study's figures, one module per figure family (training, landscape, 2-D landscape,
+interpolation, spectral, similarity, downstream), all drawn with the conventions of :mod:`.base`.
 
 :func:`render_all` draws every figure of a study; a figure that fails on unexpected data becomes
 a skipped line in the report, never a crash of the whole report.
@@ -22,6 +22,7 @@ from rankscope.report.figures.base import (
 )
 from rankscope.report.figures.downstream import fig_downstream, fig_predictor
 from rankscope.report.figures.interpolation import fig_ccbh, fig_imbh, imbh_matrix
+from rankscope.report.figures.landscape2d import fig_landscape2d
 from rankscope.report.figures.landscape import (
     ProfileCache,
     fig_landscape_random,
@@ -59,6 +60,7 @@ def render_preset_figures(study: Study, preset: str, out_dir: Path, profiles: Pr
         function = fig_landscape_singular if direction_set.startswith("singular") else fig_landscape_random
         results += _guarded(function, f"landscape_{direction_set}_{preset}", f"landscape {direction_set}",
                             study, preset, out_dir, profiles=profiles, direction_set=direction_set)
+    results += _guarded(fig_landscape2d, f"landscape2d_{preset}", "2-D landscape", study, preset, out_dir)
     results += _guarded(fig_ccbh, f"ccbh_{preset}", "CCBH", study, preset, out_dir)
     results += _guarded(fig_imbh, f"imbh_{preset}", "IMBH", study, preset, out_dir)
     results += _guarded(fig_spectral, f"spectral_{preset}", "spectral metrics", study, preset, out_dir)
@@ -80,7 +82,7 @@ def render_all(study: Study, out_dir: Path) -> dict[str, list[FigureResult]]:
 
 __all__ = [
     "METHOD_COLORS", "FigureResult", "ProfileCache", "fig_ccbh", "fig_downstream", "fig_imbh",
-    "fig_landscape_random", "fig_landscape_singular", "fig_predictor", "fig_similarity", "fig_spectral",
+    "fig_landscape2d", "fig_landscape_random", "fig_landscape_singular", "fig_predictor", "fig_similarity", "fig_spectral",
     "fig_training_curves", "fig_val_ppl", "imbh_matrix", "method_color", "palette", "render_all",
     "render_preset_figures",
 ]

@@ -24,6 +24,7 @@ from rankscope.report.figures.base import (
 
 
 SIMILARITY_PANELS = [("l2", "L2 distance  mean‖h_ref − h‖₂"), ("relative_l2", "relative L2 distance"),
+                     ("mean_norm", "activation norm  mean‖h‖₂"),
                      ("cosine", "cosine similarity"), ("cka", "linear CKA")]
 
 
@@ -54,7 +55,7 @@ def fig_similarity(study: Study, preset: str, out_dir: Path, **_) -> FigureResul
                 _mean_band(ax, rows, "layer", "value", methods, marker="o")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
             ax.set_title(f"{label.split('  ')[0]} — step {_step_label(step)}", fontsize=9.5)
-            ax.set_ylabel(label.split("  ")[-1] if metric == "l2" else label)
+            ax.set_ylabel(label.split("  ")[-1] if "  " in label else label)
             if row == len(checkpoints) - 1:
                 ax.set_xlabel("layer (0 = embedding output)")
     _method_legend(figure, methods)
