@@ -162,8 +162,8 @@ def write_run(study: Path, method: str, preset: str, seed: int, all_runs: list[t
                   for metric, value in (("top_eigenvalue", 30.0 * (1 + offset)), ("trace", 900.0 * (1 + offset)))]).to_csv(
         run_dir / "analysis" / "hessian.csv", index=False)
     (run_dir / "analysis" / "meta.json").write_text(json.dumps({"settings": {
-        "loss_average": "batch_mean", "singular_grid": "study", "singular_beyond_rank": "clamp", "zero_matrix_gap": "zero",
-        "last_hidden": "final_norm"}}))
+        "loss_average": "batch_mean", "singular_grid": "study", "singular_study_grid": [-0.05, 0.0501, 0.004],
+        "singular_beyond_rank": "clamp", "zero_matrix_gap": "zero", "last_hidden": "final_norm"}}))
 
     # similarity to the full-rank run of the same seed
     rows = []
@@ -384,6 +384,7 @@ def test_the_report_states_its_definitions_and_shows_the_new_metrics(built):
     assert "## Definitions used" in markdown
     assert "Probe loss (landscapes, barriers, Hessian): mean of per-batch mean losses (the study's) (`loss_average=batch_mean`)" in markdown
     assert "after the final RMSNorm, as HF hidden_states (the study's)" in markdown
+    assert "numpy.arange(-0.05, 0.0501, 0.004), sharpness around index len // 2" in markdown
     for heading in ("#### Loss landscape, barriers and curvature", "#### Spectra", "#### Activations"):
         assert heading in markdown
     geometry = pd.read_csv(report / "tables" / "geometry_tiny.csv").set_index("method")

@@ -6,6 +6,7 @@ The modules here hold the pure metric functions (tensors in, numbers out) define
 - :mod:`.similarity`     linear CKA, cosine and L2 between activations, plus a streaming accumulator
 - :mod:`.landscape`      1-D loss-landscape summaries and the direction generators
 - :mod:`.interpolation`  barrier heights and parameter interpolation
+- :mod:`.hessian`        Hessian top eigenvalue (power iteration) and trace (Hutchinson) from HVPs
 
 They know nothing about runs, checkpoints or models. `rankscope analyze` builds on them:
 :mod:`.run` orders the stages of :mod:`.stages` (one module per metric family: plan items,

@@ -43,7 +43,7 @@ DEFINITIONS: dict[str, tuple[str, dict[str, str]]] = {
     "loss_average": ("Probe loss (landscapes, barriers, Hessian)", {
         "batch_mean": "mean of per-batch mean losses (the study's)", "token": "exact token-weighted mean (ours)"}),
     "singular_grid": ("Singular-direction grid", {
-        "study": "numpy.arange(-0.05, 0.0501, 0.004), sharpness around index len // 2 (the study's)",
+        "study": "numpy.arange{grid}, sharpness around index len // 2 (the study's grid family)",
         "centered": "symmetric around α = 0 (ours)"}),
     "singular_beyond_rank": ("Singular direction k beyond a matrix's components", {
         "clamp": "reuses its last component (the study's)", "zero": "perturbs nothing (ours)"}),
@@ -59,11 +59,14 @@ def _definitions(study: Study) -> list[str]:
     for setting, (label, meanings) in DEFINITIONS.items():
         counts: dict[str, int] = {}
         for meta in study.analysis_meta.values():
-            value = (meta.get("settings") or {}).get(setting)
+            settings = meta.get("settings") or {}
+            value = settings.get(setting)
             if value is not None:
-                counts[str(value)] = counts.get(str(value), 0) + 1
+                grid = tuple(settings.get("singular_study_grid") or (-0.05, 0.0501, 0.004))
+                text = f"{meanings.get(str(value), str(value)).format(grid=grid)} (`{setting}={value}`"
+                counts[text] = counts.get(text, 0) + 1
         if counts:
-            parts = [f"{meanings.get(v, v)} (`{setting}={v}`" + (f", {n} runs)" if len(counts) > 1 else ")") for v, n in counts.items()]
+            parts = [text + (f", {n} runs)" if len(counts) > 1 else ")") for text, n in counts.items()]
             lines.append(f"{label}: " + "; ".join(parts) + ".")
     return lines
 
