@@ -114,6 +114,7 @@ def test_builds_with_the_right_output_shape_and_param_groups(name):
         assert special["update_proj_gap"] == 200 and special["proj_type"] == "std"
         scale_key = "scale" if name == "galore" else "alpha"
         assert special[scale_key] == 0.25
+        assert (special["svd"], special["svd_oversample"], special["svd_niter"]) == ("exact", 8, 2)
     else:
         assert all(isinstance(m, LowRankLinear) for m in targets)
         assert special["factor_pairs"] is True
@@ -167,6 +168,9 @@ BAD_SETTINGS = [
     ("loro", {"rank": 128}, "below min"),
     ("loro", {"rewarm_steps": -1}, "rewarm_steps"),
     ("loro", {"rewarm_steps": 600}, "rewarm_steps"),
+    ("galore", {"svd": "fast"}, "svd"),
+    ("fira", {"svd_niter": -1}, "svd_niter"),
+    ("galore", {"svd_oversample": 1.5}, "svd_oversample"),
     ("loro", {"refresh": "lrk"}, "refresh"),
     ("loro", {"refresh_every": 0}, "refresh_every"),
     ("loro", {"schedule": "cosine"}, "schedule"),
@@ -190,6 +194,13 @@ BAD_SETTINGS = [
 def test_bad_settings_raise_config_error(name, changes, match):
     with pytest.raises(ConfigError, match=match):
         _method(name, **changes).validate()
+
+
+@pytest.mark.parametrize("name", ["galore", "fira"])
+def test_randomized_refresh_setting_reaches_the_optimizer(name):
+    _, _, optimizer = _built(name, svd="randomized", svd_oversample=4, svd_niter=1)
+    special = optimizer.param_groups[0]
+    assert (special["svd"], special["svd_oversample"], special["svd_niter"]) == ("randomized", 4, 1)
 
 
 @pytest.mark.parametrize(("name", "override"), [

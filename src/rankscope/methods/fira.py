@@ -8,25 +8,19 @@ T 200, alpha 0.25 with r 128/256/256 at 60M/130M/350M; 1B r 512 with alpha 0.062
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rankscope.methods._targets import literature_rank
 from rankscope.methods.base import OptimDefaults, require
-from rankscope.methods.galore import ProjectedGradientMethod
-from rankscope.models import TARGET_LINEARS
+from rankscope.methods.galore import ProjectedGradientMethod, ProjectedGradientSettings
 from rankscope.optim import FiraAdamW
 from rankscope.optim.fira import FIRA_PROJ_TYPES
 
 
 @dataclass
-class FiraSettings:
-    rank: int = 128
-    update_proj_gap: int = 200
+class FiraSettings(ProjectedGradientSettings):
     alpha: float = 0.25
-    proj_type: str = "std"
-    reproject_moments: bool = False
-    targets: list[str] = field(default_factory=lambda: list(TARGET_LINEARS))
 
 
 class Fira(ProjectedGradientMethod):

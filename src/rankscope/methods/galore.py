@@ -20,19 +20,31 @@ from rankscope.methods._targets import check_rank_fits, check_targets, literatur
 from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, scope_weight_decay, split_targeted
 from rankscope.models import TARGET_LINEARS
 from rankscope.optim import GaLoreAdamW
-from rankscope.optim.projector import PROJ_TYPES
+from rankscope.optim.projector import PROJ_TYPES, SVD_KINDS
 
 
 @dataclass
-class GaLoreSettings:
+class ProjectedGradientSettings:
+    """The settings GaLore and Fira share (the projector and its refresh)."""
+
     rank: int = 128
     update_proj_gap: int = 200
-    scale: float = 0.25
     proj_type: str = "std"
     # GaLore keeps the moments as they are when the projector changes; True rotates them into
     # the new basis instead (an option, not the reference behaviour).
     reproject_moments: bool = False
+    # The reference refreshes from an exact SVD; "randomized" uses torch.svd_lowrank with
+    # rank + svd_oversample columns and svd_niter power iterations (faster, approximate subspace:
+    # `rankscope bench optimizer` reports its subspace error).
+    svd: str = "exact"
+    svd_oversample: int = 8
+    svd_niter: int = 2
     targets: list[str] = field(default_factory=lambda: list(TARGET_LINEARS))
+
+
+@dataclass
+class GaLoreSettings(ProjectedGradientSettings):
+    scale: float = 0.25
 
 
 class ProjectedGradientMethod(Method):
@@ -54,11 +66,17 @@ class ProjectedGradientMethod(Method):
         require(s.proj_type in self.allowed_proj_types,
                 f"method.proj_type = {s.proj_type!r} is not supported by {self.name}; "
                 f"use one of {', '.join(self.allowed_proj_types)}")
+        require(s.svd in SVD_KINDS, f"method.svd = {s.svd!r} is not a projector refresh; use one of {', '.join(SVD_KINDS)}")
+        for key in ("svd_oversample", "svd_niter"):
+            value = getattr(s, key)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                    f"method.{key} = {value!r} must be an integer >= 0")
 
     def projected_group_keys(self) -> dict[str, Any]:
         s = self.settings
         return {"rank": s.rank, "update_proj_gap": s.update_proj_gap, "proj_type": s.proj_type,
-                "reproject_moments": s.reproject_moments}
+                "reproject_moments": s.reproject_moments, "svd": s.svd,
+                "svd_oversample": s.svd_oversample, "svd_niter": s.svd_niter}
 
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
         modules = [module for _, module in targeted_linears(model, self.settings.targets)]
