@@ -144,13 +144,33 @@ def _print_results(out_dir) -> None:
     print_results_table(out_dir)
 
 
+def _launch_options(args: argparse.Namespace):
+    from rankscope.study import LaunchOptions
+
+    extra = {}
+    for item in getattr(args, "slurm_extra", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RankscopeError(f"--slurm-extra takes KEY=VALUE (an sbatch option without its dashes), got {item!r}")
+        extra[key.strip().lstrip("-")] = value.strip()
+    return LaunchOptions(
+        launcher=getattr(args, "launcher", "local"), workers=args.workers, threads=args.threads,
+        time=getattr(args, "slurm_time", None), gpus_per_run=getattr(args, "slurm_gpus_per_run", None),
+        partition=getattr(args, "slurm_partition", None), account=getattr(args, "slurm_account", None),
+        extra=extra, dry_run=getattr(args, "dry_run", False),
+    )
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from rankscope.study import STAGES, run_study
 
     stages = tuple(args.stage.split(",")) if args.stage else STAGES
     out = args.out or f"studies-out/{Path(args.study_file).stem}"
     check_output_folder(out, "--out")
-    result = run_study(args.study_file, out, stages)
+    result = run_study(args.study_file, out, stages, launch=_launch_options(args))
+    if result.get("plan"):
+        print(result["plan"])
+        return 0
     if "report" in stages:
         _print_results(out)
     _print_study_end(result)
@@ -169,7 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rankscope.demo import run_demo
 
     check_output_folder(args.out, "--out")
-    result = run_demo(args.out, quick=args.quick, device=args.device)
+    result = run_demo(args.out, quick=args.quick, device=args.device, launch=_launch_options(args))
     _print_results(args.out)
     print(f"demo finished in {result['wall_time'] / 60:.1f} min")
     _print_study_end(result)
@@ -324,6 +344,16 @@ def _gpu_check(options: dict, out: str) -> int:
     return 0 if payload["ok"] else 1
 
 
+def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    from rankscope.study import LAUNCHERS
+
+    parser.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                        help="local: worker processes here (default); submitit-local: submitit jobs here; "
+                        "slurm: one SLURM job per run, a job array per stage")
+    parser.add_argument("--workers", type=int, help="jobs at a time (local default: one per CPU core with one "
+                        "torch thread each, or one per GPU; slurm default: no limit)")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -334,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         "analyse what they learn beyond perplexity, report and benchmark.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; `demo` uses 1, "
-                        "which is fastest for the tiny model and robust on a busy machine)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; each job of "
+                        "`study` and `demo` uses 1, which gives the same numbers whatever --workers is)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train (or resume) one run")
@@ -361,12 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file", help="study YAML (see studies/)")
     p.add_argument("--out", help="study folder (default studies-out/<file name>)")
     p.add_argument("--stage", help="comma-separated stages to run: train, analyze, eval, predict, report (default all)")
+    _add_launch_arguments(p)
+    p.add_argument("--slurm-partition", help="slurm: partition")
+    p.add_argument("--slurm-time", help="slurm, submitit-local: time limit of a job (minutes or H:M:S, default 4:00:00); "
+                   "a run that reaches it checkpoints and is requeued")
+    p.add_argument("--slurm-gpus-per-run", type=int, help="slurm, submitit-local: GPUs per training run, one DDP "
+                   "process each (default 1 on slurm); analysis and eval use one")
+    p.add_argument("--slurm-account", help="slurm: account to charge")
+    p.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="slurm: any other sbatch option, e.g. --slurm-extra qos=high --slurm-extra cpus-per-task=8 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print how the jobs would be launched (the sbatch "
+                   "parameters for slurm) and stop; nothing is written or submitted")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the demo study: every method on the tiny preset, analysed and reported")
     p.add_argument("--quick", action="store_true", help="a ~2-minute variant (fewer methods and steps)")
     p.add_argument("--out", default="rankscope-demo", help="where the study and its report go (default ./rankscope-demo)")
     p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--workers", type=int, help="runs at a time (default: one per CPU core, or one per GPU)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="tables and figures of a study folder: report.md, report.html, figures/, tables/")
@@ -476,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
-    threads = args.threads if args.threads is not None else (1 if args.command == "demo" else None)
+    # study and demo run their jobs in worker processes, which take --threads themselves.
+    threads = args.threads if args.command not in ("study", "demo") else None
     if threads is not None:
         import torch
 

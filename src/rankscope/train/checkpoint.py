@@ -192,9 +192,9 @@ def _intact(info: CheckpointInfo) -> bool:
     return damage is None
 
 
-def latest_intact_checkpoint(run_dir: str | Path) -> CheckpointInfo | None:
+def latest_intact_checkpoint(run_dir: str | Path, include_preemption: bool = False) -> CheckpointInfo | None:
     """The newest checkpoint whose files match its meta.json; damaged newer ones are skipped with a warning."""
-    for info in reversed(list_checkpoints(run_dir)):
+    for info in reversed(list_checkpoints(run_dir, include_preemption)):
         if _intact(info):
             return info
     return None
@@ -205,8 +205,12 @@ def intact_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return [info for info in list_checkpoints(run_dir) if _intact(info)]
 
 
-def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
-    """Complete checkpoints of a run (by meta.json), oldest first. Temp folders are ignored."""
+def list_checkpoints(run_dir: str | Path, include_preemption: bool = False) -> list[CheckpointInfo]:
+    """Complete checkpoints of a run (by meta.json), oldest first. Temp folders are ignored.
+
+    A checkpoint written because the run was stopped early (meta.json `"preemption": true`, see
+    train/preemption.py) is only for resuming; it is listed only with `include_preemption`.
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
@@ -216,7 +220,7 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
         if not match or not child.is_dir():
             continue
         meta = _read_meta(child)
-        if meta is not None:
+        if meta is not None and (include_preemption or not meta.get("preemption")):
             found.append(CheckpointInfo(int(match.group(1)), child, meta))
     return sorted(found, key=lambda c: c.step)
 
@@ -245,6 +249,13 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: set[int] = f
     checkpoints = list_checkpoints(run_dir)
     for info in checkpoints[:-keep_last]:
         if info.step not in protect:
+            shutil.rmtree(info.path, ignore_errors=True)
+
+
+def prune_preemption_checkpoints(run_dir: str | Path, before: int) -> None:
+    """Remove the preemption checkpoints older than `before`: a newer checkpoint supersedes them."""
+    for info in list_checkpoints(run_dir, include_preemption=True):
+        if info.meta.get("preemption") and info.step < before:
             shutil.rmtree(info.path, ignore_errors=True)
 
 

@@ -25,6 +25,7 @@ from rankscope.methods.memory import account_memory
 from rankscope.models import token_losses
 from rankscope.train import checkpoint as ckpt
 from rankscope.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from rankscope.train.preemption import RunPreempted, stop_requested
 from rankscope.train.progress import ProgressLog
 from rankscope.train.run_dir import normalized_config, open_run_dir
 from rankscope.train.sidefiles import (
@@ -130,11 +131,11 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
     summary_path = run_dir / SUMMARY_FILE
     checkpoint_steps = _checkpoint_steps(cfg)
     start_step = 0
-    existing = ckpt.list_checkpoints(run_dir)
+    existing = ckpt.list_checkpoints(run_dir, include_preemption=True)
     if existing and existing[-1].step >= t.steps and summary_path.is_file():
         log.info("run %s is already complete (step %d)", run_dir, existing[-1].step)
         return read_json(summary_path, "delete it and re-run")  # checked by open_run_dir
-    latest = ckpt.latest_intact_checkpoint(run_dir) if existing else None
+    latest = ckpt.latest_intact_checkpoint(run_dir, include_preemption=True) if existing else None
     if existing and latest is None:
         log.warning("no intact checkpoint in %s; starting from step 0", run_dir)
     if latest is not None:
@@ -180,14 +181,16 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
             "config": normalized_config(cfg),  # a resume must run under the same config
         }
 
-    def save(step: int, val: dict | None, after_step_pending: bool) -> None:
+    def save(step: int, val: dict | None, after_step_pending: bool, preemption: bool = False) -> None:
         if dist_info.is_main:
             training_state = {
                 "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
                 "method": method.state_dict(), "rng": _rng_state(), "step": step,
                 "after_step_pending": after_step_pending,
             }
-            ckpt.save_checkpoint(run_dir, step, model.state_dict(), training_state, meta_for(step, val))
+            meta = {**meta_for(step, val), **({"preemption": True} if preemption else {})}
+            ckpt.save_checkpoint(run_dir, step, model.state_dict(), training_state, meta)
+            ckpt.prune_preemption_checkpoints(run_dir, before=step)
             ckpt.prune_checkpoints(run_dir, t.keep_last_checkpoints, protect=set(t.checkpoint_steps))
         barrier(dist_info)
 
@@ -271,6 +274,10 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
                 # After the checkpoint, so it holds what the update produced (ReLoRA's adapters
                 # before their merge, as the official code saves them); resume replays it.
                 method.after_step(done, model, optimizer)
+            if done < t.steps and stop_requested(dist_info, device):  # preemption: see train/preemption.py
+                if done not in checkpoint_steps:
+                    save(done, last_val, after_step_pending=False, preemption=True)
+                raise RunPreempted(run_dir, done)
 
     wall_time = time.perf_counter() - started
     final_val = last_val if last_val is not None else evaluate()

@@ -1,0 +1,180 @@
+"""`run_study`: the stages of a study in order, each re-runnable alone.
+
+train, analyze (one job per preset/seed group, against its full-rank run) and eval (one job per
+run) are jobs run by a launcher (study/launch/); predict and report only read tables and run in
+the driver. Finished work is skipped and interrupted work resumes (the trainer, the analysis and
+the driver all key their work on disk). A failing run is recorded in status.json and the study
+goes on; the report lists it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from rankscope.config import config_to_dict
+from rankscope.errors import ConfigError, RankscopeError, did_you_mean
+from rankscope.study.engine import run_jobs
+from rankscope.study.jobs import AnalyzeJob, EvalJob, Job, TrainJob
+from rankscope.study.launch import LaunchOptions, Launcher, make_launcher
+from rankscope.study.predict import _stage_predict
+from rankscope.study.progress import StudyBoard
+from rankscope.study.spec import (
+    REFERENCE_METHOD,
+    STAGES,
+    EvalSpec,
+    PlannedRun,
+    StudySpec,
+    analysis_settings,
+    load_study,
+    plan_runs,
+)
+from rankscope.study.status import StudyStatus
+
+log = logging.getLogger("rankscope.study")
+
+JOB_STAGES = ("train", "analyze", "eval")
+
+
+def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[str, ...] = STAGES,
+              spec: StudySpec | None = None, launch: LaunchOptions | None = None) -> dict[str, Any]:
+    """Run the stages of a study; returns {"runs", "failed", "report", "out"} (and "plan" for a dry run)."""
+    if spec is None:
+        spec = load_study(study_file)
+    for stage in stages:
+        if stage not in STAGES:
+            raise ConfigError(f"unknown study stage {stage!r}{did_you_mean(stage, STAGES)}")
+    planned = plan_runs(spec)
+    analysis_settings(spec)
+    if spec.eval.tasks:
+        from rankscope.analysis.downstream import _expand_task_names
+
+        _expand_task_names(spec.eval.tasks)  # unknown task names fail here, before training
+    launch = launch or LaunchOptions()
+    launch.validate()
+    out = Path(out_dir)
+    runs_dir = out / "runs"
+    names = [p.name for p in planned]
+    launcher = make_launcher(launch, out, spec.name) if any(s in stages for s in JOB_STAGES) else None
+    if launch.dry_run:
+        return {"runs": names, "failed": [], "report": None, "out": out,
+                "plan": describe_study(planned, spec, stages, out, launcher)}
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with _driver_lock(out):
+        (out / "study.yaml").write_text(yaml.safe_dump(config_to_dict(spec), sort_keys=False))
+        status = StudyStatus(out / "status.json")
+        if launcher is not None:
+            try:
+                with StudyBoard(f"study {spec.name} ({launcher.name})") as board:
+                    if "train" in stages:
+                        run_jobs(train_jobs(planned, runs_dir), launcher, out, status, board)
+                    if "analyze" in stages:
+                        run_jobs(analyze_jobs(planned, runs_dir, status, spec), launcher, out, status, board)
+                    if "eval" in stages:
+                        run_jobs(eval_jobs(planned, runs_dir, status, spec.eval), launcher, out, status, board)
+            except KeyboardInterrupt:
+                log.warning("interrupted: %s", launcher.interrupt())
+                raise
+            finally:
+                launcher.close()
+        if "predict" in stages:
+            _stage_predict(planned, runs_dir, out, status, spec.predictor)
+        report_path = None
+        if "report" in stages:
+            from rankscope.report import build_report
+
+            report_path = build_report(out)
+        failed = [p.name for p in planned if status.failed(p.name)]
+    return {"runs": names, "failed": failed, "report": report_path, "out": out}
+
+
+def train_jobs(planned: list[PlannedRun], runs_dir: Path) -> list[Job]:
+    return [TrainJob(stage="train", name=run.name, runs=(run.name,), run_dir=str(runs_dir / run.name),
+                     config=config_to_dict(run.config)) for run in planned]
+
+
+def _trained(run: PlannedRun, runs_dir: Path, status: StudyStatus) -> bool:
+    return status.state(run.name, "train") == "done" and (runs_dir / run.name / "summary.json").is_file()
+
+
+def _groups(planned: list[PlannedRun]) -> dict[tuple[str, int], list[PlannedRun]]:
+    groups: dict[tuple[str, int], list[PlannedRun]] = {}
+    for run in planned:
+        groups.setdefault((run.preset, run.seed), []).append(run)
+    return groups
+
+
+def analyze_jobs(planned: list[PlannedRun], runs_dir: Path, status: StudyStatus | None, spec: StudySpec) -> list[Job]:
+    """One job per (preset, seed) group: its trained runs against its full-rank run.
+
+    Without `status` (a dry run) every run counts as trained. A group whose full-rank run did
+    not finish training gets no job; its runs are recorded as failed with the reason.
+    """
+    jobs = []
+    for (preset, seed), group in _groups(planned).items():
+        reference = next(r for r in group if r.method == REFERENCE_METHOD)
+        if status is not None and not _trained(reference, runs_dir, status):
+            for run in group:
+                status.set(run.name, "analyze", "failed", f"reference run {reference.name} did not finish training")
+            continue
+        ready = [r for r in group if status is None or _trained(r, runs_dir, status)]
+        jobs.append(AnalyzeJob(
+            stage="analyze", name=f"{preset}-s{seed}", runs=tuple(r.name for r in ready),
+            run_dirs=tuple(str(runs_dir / r.name) for r in ready), reference_dir=str(runs_dir / reference.name),
+            settings=dict(spec.analysis),
+        ))
+    return jobs
+
+
+def eval_jobs(planned: list[PlannedRun], runs_dir: Path, status: StudyStatus | None, spec: EvalSpec) -> list[Job]:
+    return [
+        EvalJob(stage="eval", name=run.name, runs=(run.name,), run_dir=str(runs_dir / run.name),
+                step=run.config.train.steps, tasks=tuple(spec.tasks), limit=spec.limit,
+                batch_size=spec.batch_size, device=spec.device)
+        for run in planned if status is None or _trained(run, runs_dir, status)
+    ]
+
+
+def describe_study(planned: list[PlannedRun], spec: StudySpec, stages: tuple[str, ...], out: Path,
+                   launcher: Launcher | None) -> str:
+    """What a dry run prints: per job stage, how its jobs would be launched (sbatch lines for SLURM)."""
+    lines = [f"study {spec.name}: {len(planned)} runs into {out} (dry run: nothing is written or submitted)"]
+    runs_dir = out / "runs"
+    builders = {"train": lambda: train_jobs(planned, runs_dir),
+                "analyze": lambda: analyze_jobs(planned, runs_dir, None, spec),
+                "eval": lambda: eval_jobs(planned, runs_dir, None, spec.eval)}
+    for stage in JOB_STAGES:
+        if stage in stages:
+            lines.append(launcher.describe(stage, builders[stage]()))
+    lines += [f"stage {stage}: in the driver" for stage in stages if stage not in JOB_STAGES]
+    return "\n".join(lines)
+
+
+@contextmanager
+def _driver_lock(out: Path) -> Iterator[None]:
+    """One driver per study folder: two would submit the same jobs twice."""
+    path = out / ".driver.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RankscopeError(
+                f"another `rankscope study` (pid {holder}) is driving {out}; wait for it or stop it first"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
