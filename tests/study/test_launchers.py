@@ -155,3 +155,37 @@ def test_slurm_without_slurm_says_what_to_do(tmp_path, capsys):
     study_file = write_study(tmp_path / "s.yaml", small_study_dict(seeds=[0]))
     assert main(["study", str(study_file), "--out", str(tmp_path / "study"), "--launcher", "slurm"]) == 2
     assert "needs SLURM's srun/sbatch" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_a_multi_process_run_is_one_job_whose_tasks_train_with_ddp_and_stop_together(tmp_path):
+    """CPU stand-in for --slurm-gpus-per-run 2: two tasks of one job join one gloo process group
+    (the torchrun path). Only rank 0 gets the preemption signal; both stop after the same step."""
+    spec = small_study(methods=["full"], seeds=[0], steps=30, checkpoint_steps=(), slower=True)
+    out = tmp_path / "study"
+    run_dir = out / "runs" / "full-tiny-s0"
+    driver_result = {}
+    driver = threading.Thread(target=lambda: driver_result.update(run_study(
+        None, out, stages=("train",), spec=spec, launch=LaunchOptions(launcher="submitit-local", workers=1, tasks_per_run=2))))
+    driver.start()
+    try:
+        running = wait_for(lambda: (o := read_outcome(out, "train", "full-tiny-s0")) and o["state"] == "running" and o,
+                           240, "the training job to start")
+        wait_for(lambda: last_logged_step(run_dir) >= 3, 240, "step 3")
+        os.kill(running["pid"], signal.SIGUSR2)
+    finally:
+        driver.join(600)
+    assert driver_result["failed"] == []
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and 3 <= summary["resumed_from"] < 30
+    assert (out / "logs" / "train" / "full-tiny-s0.rank1.log").is_file()
+
+    single = train(plan_runs(spec)[0].config, tmp_path / "single")
+    assert summary["val_loss"] == pytest.approx(single["val_loss"], rel=2e-4)
+    losses = {json.loads(line)["step"]: json.loads(line).get("loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    reference = {json.loads(line)["step"]: json.loads(line).get("loss")
+                 for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()}
+    assert sorted(losses) == sorted(reference)
+    for step, loss in reference.items():
+        if loss is not None:
+            assert losses[step] == pytest.approx(loss, rel=2e-4), step

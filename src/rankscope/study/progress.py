@@ -101,7 +101,12 @@ class StudyBoard:
             for stage in self.stages:
                 state, detail = stages.get(stage, ("", ""))
                 live = progress.get((stage, run))
-                text = f"{state} {live}" if state == "running" and live else (f"{state}: {detail}" if state == "failed" and detail else state)
+                if state == "running" and live:
+                    text = f"running {live}"
+                elif state == "failed" and detail:
+                    text = f"failed: {detail}"
+                else:
+                    text = f"{state} ({detail})" if state == "done" and detail else state
                 row.append(Text(text[:80], style=_STYLE.get(state, "")))
             table.add_row(*row)
         return Group(header, table)

@@ -27,6 +27,7 @@ from typing import Any
 from rankscope.errors import RankscopeError
 from rankscope.study.jobs import Job, execute_job
 from rankscope.study.launch import Handle, LaunchOptions, Launcher, cpu_count
+from rankscope.study.status import error_line
 
 log = logging.getLogger("rankscope.study")
 
@@ -193,8 +194,12 @@ class SubmititLauncher(Launcher):
         threads = self.options.threads or (1 if self.name == "submitit-local" else None)
         if self.name == "slurm":
             self.executor.update_parameters(**self.parameters(stage, len(jobs)))
-            with self.executor.batch():  # one job array per stage
-                submitted = [self.executor.submit(SubmititJob(job, str(self.study_dir), threads)) for job in jobs]
+            try:
+                with self.executor.batch():  # one job array per stage
+                    submitted = [self.executor.submit(SubmititJob(job, str(self.study_dir), threads)) for job in jobs]
+            except Exception as exc:  # sbatch refused (bad partition, account, time...): say so in one line
+                raise RankscopeError(f"sbatch refused the {stage} jobs: {error_line(exc)}; check the --slurm-* "
+                                     "options (--dry-run prints what is submitted)") from None
             for job, sub in zip(jobs, submitted):
                 handles[job.name].job = sub
             log.info("stage %s: submitted job array %s (%d jobs)", stage, str(submitted[0].job_id).split("_")[0], len(jobs))
