@@ -87,3 +87,17 @@ def test_the_literature_study_trains_a_few_steps_at_60m_on_cpu(tmp_path):
     # The 60m shapes with the embedded tokenizer's 8192-token vocabulary instead of T5's.
     assert summary["steps"] == 2
     assert summary["params"] == count_parameters(replace(get_preset("60m"), vocab_size=8192))
+
+
+def test_a_second_driver_on_the_same_study_folder_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "study"
+    out.mkdir()
+    with open(out / ".driver.lock", "w") as held:  # what a running `rankscope study` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(RankscopeError, match=r"another `rankscope study` \(pid 4242\) is driving"):
+            run_study(None, out, stages=("predict",), spec=study_from_dict(_spec()))
+    assert not (out / "predictor_features.csv").exists()

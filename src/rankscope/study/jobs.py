@@ -219,6 +219,10 @@ def _job_lock(path: Path, enabled: bool) -> Iterator[None]:
         except BlockingIOError:
             log.warning("another process is running %s (lock %s); waiting for it to finish", path.stem, path)
             fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without flock (some Lustre/FUSE mounts)
+            log.warning("cannot lock %s (%s); relying on the run folder's own lock", path, exc.strerror)
+            yield
+            return
         try:
             yield
         finally:

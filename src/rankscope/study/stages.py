@@ -170,6 +170,8 @@ def _driver_lock(out: Path) -> Iterator[None]:
             raise RankscopeError(
                 f"another `rankscope study` (pid {holder}) is driving {out}; wait for it or stop it first"
             ) from None
+        except OSError:  # a file system without flock: run unguarded rather than not at all
+            log.warning("cannot lock %s; make sure no other driver runs on this study folder", path)
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -177,4 +179,7 @@ def _driver_lock(out: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            except OSError:
+                pass
