@@ -140,6 +140,10 @@ def study_with_task_typo(ctx: Context) -> None:
            "base: {train: {steps: 2}}\neval: {tasks: [rankscope_locl]}\n")
 
 
+def study_with_method_string(ctx: Context) -> None:
+    _write(ctx.tmp / "study.yaml", "grid: {methods: [full], presets: [tiny], seeds: [0]}\nbase: {method: galore}\n")
+
+
 def non_empty_folder(ctx: Context) -> None:
     _write(ctx.tmp / "earlier-export" / "config.json", "{}")
 
@@ -213,6 +217,8 @@ CASES = [
     Case("eval --batch-size 0", ["eval", "{run}", "--batch-size", "0"], r"--batch-size must be at least 1, got 0"),
     Case("eval unknown task", ["eval", "{run}", "--tasks", "rs_clozee"], r"unknown local task 'rs_clozee'.*did you mean 'rs_cloze'"),
     # studies validate every stage's settings before training anything
+    Case("study base.method a string", ["study", "{tmp}/study.yaml", "--out", "{tmp}/study"],
+         r"base\.method must be a mapping, got 'galore'.*method: \{rank: 64\}", study_with_method_string),
     Case("study eval.tasks typo", ["study", "{tmp}/study.yaml", "--out", "{tmp}/study"],
          r"unknown local task 'rankscope_locl'.*did you mean 'rankscope_local'", study_with_task_typo),
     Case("--threads 0", ["--threads", "0", "methods"], r"--threads must be at least 1, got 0"),

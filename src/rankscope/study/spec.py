@@ -7,7 +7,6 @@ config of every cell of the grid before anything is trained.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from rankscope import methods
 from rankscope.config import RunConfig, build_config, dataclass_from_dict, load_yaml
 from rankscope.errors import ConfigError, RankscopeError, did_you_mean
+from rankscope.train.setup import check_method_settings
 
 STAGES = ("train", "analyze", "eval", "predict", "report")
 REFERENCE_METHOD = "full"
@@ -115,6 +115,7 @@ def plan_runs(spec: StudySpec) -> list[PlannedRun]:
         )
     if len(set(grid.seeds)) != len(grid.seeds) or len(set(grid.methods)) != len(grid.methods):
         raise ConfigError("study grid lists a method or seed twice")
+    _check_run_trees(spec)
     planned = []
     for preset in grid.presets:
         for seed in grid.seeds:
@@ -127,19 +128,35 @@ def plan_runs(spec: StudySpec) -> list[PlannedRun]:
                 name = run_name(method, preset, seed)
                 try:
                     cfg = build_config(tree)
-                    _validate_method(cfg)
+                    check_method_settings(cfg)
                 except RankscopeError as exc:
                     raise type(exc)(f"study run {name}: {exc}") from None
                 planned.append(PlannedRun(name, method, preset, seed, cfg))
     return planned
 
 
-def _validate_method(cfg: RunConfig) -> None:
-    """The method's own checks (rank vs layer shapes, ...) on the preset's shapes, before training."""
-    from rankscope.models import get_preset
+RUN_SECTIONS = ("model", "data", "method", "optim", "train")
 
-    model_cfg = dataclasses.replace(get_preset(cfg.model.preset), **cfg.model.overrides)
-    methods.get(cfg.method.name)(cfg.method.settings, model_cfg, cfg.model.preset).validate()
+
+def _check_run_tree(tree: Any, where: str) -> None:
+    """A run-config mapping of the study file: each section it names must itself be a mapping."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where} must be a mapping of run config sections ({', '.join(RUN_SECTIONS)}), got {tree!r}")
+    for key, value in tree.items():
+        if key in RUN_SECTIONS and value is not None and not isinstance(value, dict):
+            hint = ("; the grid names the methods, so write the method's settings as a mapping, "
+                    "e.g. method: {rank: 64}") if key == "method" else ""
+            raise ConfigError(f"{where}.{key} must be a mapping, got {value!r}{hint}")
+
+
+def _check_run_trees(spec: StudySpec) -> None:
+    _check_run_tree(spec.base, "base")
+    for kind in ("preset_overrides", "method_overrides"):
+        for key, tree in getattr(spec, kind).items():
+            _check_run_tree(tree, f"{kind}.{key}")
+    for method, per_preset in spec.method_preset_overrides.items():
+        for preset, tree in per_preset.items():
+            _check_run_tree(tree, f"method_preset_overrides.{method}.{preset}")
 
 
 def analysis_settings(spec: StudySpec):
