@@ -88,6 +88,13 @@ class TrainConfig:
     keep_last_checkpoints: int = 0  # 0 keeps every checkpoint (analysis needs them)
     nonfinite: str = "stop"  # stop | skip
     tensorboard: bool = False
+    # Training dynamics (rankscope.train.dynamics): every `dynamics_every` steps, the spectral
+    # norms of each targeted matrix's update, weight and factors, and per-group gradient norms,
+    # go to metrics.jsonl; 0 turns them and the loss-spike detector off.
+    dynamics_every: int = 50
+    dynamics_power_iters: int = 30  # block power-iteration steps per spectral norm (warm-started)
+    spike_factor: float = 1.2  # a loss above spike_factor x the running median is a spike
+    spike_window: int = 50  # steps in that running median
 
 
 @dataclass
@@ -390,13 +397,21 @@ def validate(cfg: RunConfig) -> None:
         if flat[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {flat[key]}")
     t = cfg.train
-    for key in ("train.eval_every", "train.checkpoint_every", "train.micro_batch_size", "train.keep_last_checkpoints"):
+    for key in ("train.eval_every", "train.checkpoint_every", "train.micro_batch_size", "train.keep_last_checkpoints",
+                "train.dynamics_every"):
         if flat[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})"
         )
+    if t.dynamics_power_iters < 1:
+        raise ConfigError(f"train.dynamics_power_iters must be at least 1, got {t.dynamics_power_iters}")
+    if not t.spike_factor > 1.0:
+        raise ConfigError(f"train.spike_factor must be above 1 (a loss that many times the running median is a spike), "
+                          f"got {t.spike_factor}")
+    if t.spike_window < 2:
+        raise ConfigError(f"train.spike_window must be at least 2 steps, got {t.spike_window}")
     bad = [s for s in t.checkpoint_steps if s <= 0 or s > t.steps]
     if bad:
         raise ConfigError(

@@ -45,6 +45,7 @@ RUN_FOLDERS = (ckpt.CHECKPOINT_DIR, "analysis", "eval", "tensorboard")
 RESUME_NEUTRAL = {
     ("train", "device"), ("train", "log_every"), ("train", "tensorboard"), ("train", "compile"),
     ("train", "eval_batch_size"), ("train", "keep_last_checkpoints"), ("data", "cache_dir"),
+    ("train", "dynamics_every"), ("train", "dynamics_power_iters"), ("train", "spike_factor"), ("train", "spike_window"),
 }
 # How deep below a folder to look for other runs before --overwrite (a study keeps its runs at
 # STUDY/runs/<run>, two levels down).

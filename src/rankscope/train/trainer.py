@@ -25,6 +25,7 @@ from rankscope.methods.memory import account_memory
 from rankscope.models import token_losses
 from rankscope.train import checkpoint as ckpt
 from rankscope.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from rankscope.train.dynamics import DynamicsMonitor
 from rankscope.train.preemption import RunPreempted, stop_requested
 from rankscope.train.progress import ProgressLog
 from rankscope.train.run_dir import normalized_config, open_run_dir
@@ -167,6 +168,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         # start logs step 0 again, so it keeps none.
         trim_metrics(metrics_path, start_step if start_step > 0 else -1)
     writer = _tensorboard(run_dir) if (t.tensorboard and dist_info.is_main) else None
+    dynamics = DynamicsMonitor(model, optimizer, t, writer=writer, enabled=dist_info.is_main, seed=t.seed)
     params_total = sum(p.numel() for p in model.parameters())
     params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -230,6 +232,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
                     (loss / n_micro).backward()
                 loss_sum += loss.detach().double()
             step_loss = all_reduce_sum(loss_sum / n_micro, dist_info) / dist_info.world_size
+            dynamics.before_update(step + 1, step_loss)
 
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad],
@@ -252,16 +255,19 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
                 optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
+            measured = dynamics.after_update(done, applied=finite)  # its cost counts in step_time
             step_time = time.perf_counter() - step_start
             train_time += step_time
             record: dict[str, Any] = {
                 "step": done, "tokens": done * tokens_per_step, "loss": float(step_loss),
                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm), "step_time": step_time,
+                **measured,
             }
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 last_val = evaluate()
                 record.update(val_loss=last_val["loss"], val_ppl=last_val["ppl"])
-            if dist_info.is_main and (done % t.log_every == 0 or "val_loss" in record or done == t.steps):
+            if dist_info.is_main and (done % t.log_every == 0 or "val_loss" in record or done == t.steps
+                                     or "dynamics" in record or "spike" in record):
                 append_metrics(metrics_path, record)
                 if writer is not None:
                     for key in ("loss", "lr", "grad_norm", "val_loss"):
