@@ -308,6 +308,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "steps": args.steps, "warmup_steps": args.warmup_steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "period": args.period, "precision": args.precision, "compile": args.compile or None,
         "peak_tflops": args.peak_tflops, "memory": False if args.no_memory else None,
+        "dynamics": False if args.no_dynamics else None,
         "batch_sizes": _int_list(args.batch_sizes, "--batch-sizes"), "seq_lens": _int_list(args.seq_lens, "--seq-lens"),
         "iters": args.iters, "rank": args.rank, "loro_sizes": _int_list(args.loro_sizes, "--loro-sizes"),
         "loro_rank": args.loro_rank, "svd_oversample": args.svd_oversample, "svd_niter": args.svd_niter,
@@ -485,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="train / infer: torch.compile the model")
     p.add_argument("--peak-tflops", type=float, help="train: device peak for MFU (default: looked up for known GPUs)")
     p.add_argument("--no-memory", action="store_true", help="train: skip the peak-memory pass")
+    p.add_argument("--no-dynamics", action="store_true",
+                   help="train: skip timing the training-dynamics measurement (train.dynamics_every)")
     p.add_argument("--batch-sizes", help="infer: comma-separated batch sizes (default 1,8 on CPU; 64,128 on CUDA)")
     p.add_argument("--seq-lens", help="infer: comma-separated sequence lengths (default 64,256 on CPU; 128..1024 on CUDA)")
     p.add_argument("--iters", type=int, help="infer: forwards per timing sample (default 5)")

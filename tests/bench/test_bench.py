@@ -81,6 +81,9 @@ def test_train_bench_writes_records_for_each_method(tmp_path):
     assert galore["periodic_extra_s"] is not None and full["periodic_extra_s"] is None
     assert full["model_flops_per_token"] == galore["model_flops_per_token"] > 0
     assert full["mfu"] is None  # CPU without --peak-tflops: no peak to compare with
+    # The cost of live training dynamics, amortized at the default train.dynamics_every.
+    assert full["dynamics_period"] == 50 and full["dynamics_extra_s"] is not None
+    assert full["dynamics_overhead"] == pytest.approx(full["dynamics_extra_s"] / (50 * full["step_s"]))
     assert result.files["png"].exists()
 
 

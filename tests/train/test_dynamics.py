@@ -12,12 +12,14 @@ from rankscope.config import build_config
 from rankscope.errors import ConfigError
 from rankscope.nn import LoRALinear, LowRankLinear, SparsePlusLowRankLinear
 from rankscope.train import checkpoint as ckpt
-from rankscope.train.dynamics import (
-    DynamicsMonitor,
-    SpikeDetector,
+from rankscope.train.dynamics import DynamicsMonitor, SpikeDetector
+from rankscope.train.update_spectra import (
+    as_operator,
     current,
     snapshot,
     spectral_norm,
+    spectral_norms,
+    stack,
     update_operator,
     weight_operator,
 )
@@ -94,6 +96,27 @@ def test_factored_update_norm_matches_the_dense_difference(kind, lr):
     assert sigma == pytest.approx(_exact(_weight_f64(layer) - w_before), rel=1e-4)
     sigma_w, _ = spectral_norm(weight_operator(layer, after), generator=g)
     assert sigma_w == pytest.approx(_exact(_weight_f64(layer)), rel=3e-3)
+
+
+def test_a_batch_of_layers_gives_each_its_own_norm():
+    """Layers of one structure are stacked and iterated together (sparse terms included): each
+    map's σ₁ must be its own, exactly as measured alone."""
+    g = torch.Generator().manual_seed(7)
+    layers = [SparsePlusLowRankLinear(48, 80, rank=8, alpha=16.0, density=0.1, generator=g) for _ in range(3)]
+    ops = []
+    for scale, layer in zip((1.0, 10.0, 0.1), layers):
+        with torch.no_grad():
+            layer.B.normal_(0, 0.05 * scale, generator=g)
+            layer.sparse_values.mul_(scale)
+        ops.append(weight_operator(layer, current(layer)))
+    batched, _ = spectral_norms(stack(ops), iters=60, tol=1e-8, generator=g)
+    alone = [_exact(_weight_f64(layer)) for layer in layers]
+    assert batched.tolist() == pytest.approx(alone, rel=1e-4)
+    # The batch stops only when every map has converged: the rank-1 first one converges at once.
+    dense = torch.randn(4, 60, 40, generator=g) * torch.tensor([1.0, 1e-3, 5.0, 1e-2])[:, None, None]
+    dense[0] = torch.outer(torch.randn(60, generator=g), torch.randn(40, generator=g))
+    batched, _ = spectral_norms(as_operator(dense), generator=g)
+    assert batched.tolist() == pytest.approx([_exact(m) for m in dense], rel=1e-3)
 
 
 def test_lora_merge_is_not_an_update():

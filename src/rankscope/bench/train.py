@@ -10,7 +10,10 @@ Per method, on the same preset, batch and (random) tokens:
 - peak memory: CUDA max allocated (in process, one method at a time); on CPU the peak RSS of a
   fresh spawned process per method, and the RSS of an idle process with torch imported;
 - parameters and optimizer-state bytes from the real tensors (`account_memory`);
-- model FLOPs per token (`flops.model_flops`) and, with a known or given peak, MFU.
+- model FLOPs per token (`flops.model_flops`) and, with a known or given peak, MFU;
+- the cost of live training dynamics (`rankscope.train.dynamics`): the same steps again with a
+  measurement at every step, the extra seconds of a measured step over a plain one, and that
+  extra amortized at the default period `train.dynamics_every` as a fraction of the step time.
 
 The tokens are random ids: the cost of a step does not depend on their values, and the
 benchmark then needs no corpus or tokenizer.
@@ -73,6 +76,7 @@ class TrainBenchConfig:
     memory_steps: int = 3
     model_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    dynamics: bool = True  # also time steps with a dynamics measurement
 
     def resolved_precision(self, device: torch.device) -> str:
         if self.precision is not None:
@@ -159,6 +163,8 @@ class MethodRun:
     period_note: str = ""
     step: int = 0
     samples: list[dict[str, float]] = field(default_factory=list)
+    dynamics_samples: list[dict[str, float]] = field(default_factory=list)
+    monitor: Any = None  # a DynamicsMonitor measuring at every step, for the dynamics timing
 
 
 def build_method_run(
@@ -205,8 +211,9 @@ def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int, s
     return [torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device) for _ in range(count)]
 
 
-def train_step(run: MethodRun, batch: torch.Tensor) -> dict[str, float]:
-    """One trainer step (same phases as `rankscope.train.trainer`), each phase timed."""
+def train_step(run: MethodRun, batch: torch.Tensor, monitor: Any = None) -> dict[str, float]:
+    """One trainer step (same phases as `rankscope.train.trainer`), each phase timed; with a
+    `monitor`, its two calls sit where the trainer makes them."""
     from rankscope.models import token_losses
     from rankscope.train.setup import autocast_context
 
@@ -219,6 +226,8 @@ def train_step(run: MethodRun, batch: torch.Tensor) -> dict[str, float]:
     with autocast_context(device, run.precision):
         loss = token_losses(run.forward_model, batch).mean()
         loss.backward()
+    if monitor is not None:
+        monitor.before_update(run.step + 1, loss.detach())
     synchronize(device)
     after_backward = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(
@@ -230,6 +239,8 @@ def train_step(run: MethodRun, batch: torch.Tensor) -> dict[str, float]:
     synchronize(device)
     after_optimizer = time.perf_counter()
     run.method.after_step(run.step + 1, run.model, run.optimizer)
+    if monitor is not None:
+        monitor.after_update(run.step + 1)
     synchronize(device)
     end = time.perf_counter()
     sample = {
@@ -374,7 +385,26 @@ def summarize(run: MethodRun, tokens_per_step: int) -> dict[str, Any]:
         record.update({"periodic_step_s": None, "periodic_extra_s": None, "periodic_after_step_s": None,
                        "periodic_optimizer_s": None, "amortized_step_s": step_s})
     record["amortized_tokens_per_s"] = tokens_per_step / record["amortized_step_s"]
+    record.update(dynamics_overhead(run, step_s))
     return record
+
+
+def dynamics_overhead(run: MethodRun, step_s: float) -> dict[str, Any]:
+    """Extra seconds of a step that measures the dynamics, and that extra at the default period
+    as a fraction of a plain step (what `train.dynamics_every` costs a run)."""
+    from rankscope.config import TrainConfig
+
+    default_period = TrainConfig().dynamics_every
+    if not run.dynamics_samples:
+        return {"dynamics_extra_s": None, "dynamics_period": default_period, "dynamics_overhead": None}
+    period = run.period[1] if run.period else None
+    steady, _, _ = split_periodic(run.dynamics_samples, period)
+    extra = median(s["total"] for s in steady) - step_s
+    return {
+        "dynamics_step_s": median(s["total"] for s in steady), "dynamics_extra_s": extra,
+        "dynamics_period": default_period,
+        "dynamics_overhead": extra / (default_period * step_s) if default_period else 0.0,
+    }
 
 
 COLUMNS = [
@@ -395,6 +425,8 @@ COLUMNS = [
     Column("optimizer_state_bytes", "optim state", "bytes"),
     Column("optimizer_state_bytes_ratio", "state/full", "ratio"),
     Column("mfu", "MFU", "percent"),
+    Column("dynamics_extra_s", "dynamics +", "seconds"),
+    Column("dynamics_overhead", "dynamics @period", "percent"),
 ]
 
 RATIO_METRICS = ("step_s", "amortized_step_s", "tokens_per_s", "amortized_tokens_per_s", "forward_backward_s",
@@ -423,6 +455,12 @@ def run_train_bench(config: TrainBenchConfig, out_dir=None, show: bool = True) -
                                device, precision, config.seed, config.period, config.compile)
         for name in names
     }
+    if config.dynamics:
+        from rankscope.config import TrainConfig
+        from rankscope.train.dynamics import DynamicsMonitor
+
+        for run in runs.values():
+            run.monitor = DynamicsMonitor(run.model, run.optimizer, TrainConfig(dynamics_every=1), seed=config.seed)
     vocab = runs[names[0]].model_config.vocab_size
     batches = random_batches(vocab, config.batch_size, config.seq_len, 4, config.seed, device)
 
@@ -433,6 +471,12 @@ def run_train_bench(config: TrainBenchConfig, out_dir=None, show: bool = True) -
                 train_step(run, batches[index % len(batches)])
         for index in range(config.steps):
             run.samples.append(train_step(run, batches[index % len(batches)]))
+        if run.monitor is not None:  # the same steps with a dynamics measurement at each
+            for index in range(config.steps):
+                # Cold power iterations (no warm start from the step before): in a run,
+                # measurements are a period apart, so this bounds their cost from above.
+                run.monitor.vectors.clear()
+                run.dynamics_samples.append(train_step(run, batches[index % len(batches)], run.monitor))
         log.info("bench train: %s repeat %d done", name, repeat + 1)
 
     run_alternating(names, config.repeats, measure)
@@ -477,6 +521,9 @@ def run_train_bench(config: TrainBenchConfig, out_dir=None, show: bool = True) -
             "step_s: median over steady steps (periodic steps excluded); amortized_step_s adds the "
             "periodic extra divided by the method's own period (period_literature)",
             "tokens are random ids; cost does not depend on token values",
+            "dynamics_extra_s: median extra seconds of a step that measures the training dynamics "
+            "(spectral norms of every targeted matrix's update, weight and factors); dynamics_overhead: "
+            "that extra at the default train.dynamics_every, over the plain step time",
         ],
     }
     result = BenchResult("train", records, meta)
@@ -494,6 +541,11 @@ def run_train_bench(config: TrainBenchConfig, out_dir=None, show: bool = True) -
         for record in records:
             if record.get("periodic_note"):
                 print(f"note: {record['periodic_note']}")
+        overheads = [r for r in records if r.get("dynamics_overhead") is not None]
+        if overheads:
+            period = overheads[0]["dynamics_period"]
+            print(f"training dynamics at the default period (train.dynamics_every={period}): overhead "
+                  + ", ".join(f"{r['method']} {100 * r['dynamics_overhead']:.2f}%" for r in overheads))
         if idle_rss is not None:
             print(f"peak memory on CPU = peak RSS of a fresh process per method; an idle process with torch "
                   f"imported peaks at {idle_rss / 2**20:.1f} MiB (peak_rss_above_idle_bytes in the JSON)")

@@ -13,12 +13,13 @@ and a spike detector flags a step whose loss exceeds `train.spike_factor` × the
 previous `train.spike_window` losses, listing the matrices whose update norm (per unit lr) jumped
 by the same factor over their own median of earlier measurements.
 
-Spectral norms come from power iteration on an implicit operator, never a dense SVD: a factored
-layer is applied through its factors (ΔW = ΔB·A' + B·ΔA, O(r·(m+n)) per product, and free of the
-cancellation that B'A' − BA would suffer for updates 1e-5 of the weight), a dense layer through its
-dense update W' − W. The iteration is warm-started from the previous measurement's vector and
-draws its random starts from a private generator, so measuring never changes training: a run with
-dynamics on is bit-identical to one with it off.
+Spectral norms come from block power iteration on implicit operators, never a dense SVD
+(`rankscope.train.update_spectra`): a factored layer is applied through its factors, a dense one
+through its dense update, and matrices of one shape are iterated as one batch. The iteration is
+warm-started from the previous measurement and draws its random starts from a private generator,
+so measuring never changes training: a run with dynamics on is bit-identical to one with it off.
+The measured step's update is that of the optimizer step plus the method's after_step (a ReLoRA
+merge, a LORO exact step), against a copy of the targeted tensors taken just before.
 """
 
 from __future__ import annotations
@@ -27,221 +28,20 @@ import math
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-# ---------------------------------------------------------------------------------------------
-# implicit linear operators and power iteration
-
-
-@dataclass
-class Operator:
-    """A sum of dense, low-rank (scale·B·A) and sparse terms, applied to a block of vectors
-    (n x k) without ever forming the matrix."""
-
-    shape: tuple[int, int]
-    dense: list[torch.Tensor] = field(default_factory=list)
-    lowrank: list[tuple[float, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    sparse: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # rows, cols, values
-
-    def matmul(self, V: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
-        for matrix in self.dense:
-            out += matrix @ V
-        for scale, B, A in self.lowrank:
-            out += scale * (B @ (A @ V))
-        for rows, cols, values in self.sparse:
-            out.index_add_(0, rows, values[:, None] * V[cols])
-        return out
-
-    def rmatmul(self, U: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.shape[1], U.shape[1], dtype=U.dtype, device=U.device)
-        for matrix in self.dense:
-            out += matrix.T @ U
-        for scale, B, A in self.lowrank:
-            out += scale * (A.T @ (B.T @ U))
-        for rows, cols, values in self.sparse:
-            out.index_add_(0, cols, values[:, None] * U[rows])
-        return out
-
-    @property
-    def empty(self) -> bool:
-        return not (self.dense or self.lowrank or self.sparse)
-
-
-def as_operator(matrix: torch.Tensor) -> Operator:
-    return Operator(tuple(matrix.shape), dense=[matrix])
-
-
-BLOCK = 8  # vectors iterated together
-
-
-def spectral_norm(op: Operator | torch.Tensor, iters: int = 30, tol: float = 1e-4, block: int = BLOCK,
-                  v0: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[float, torch.Tensor]:
-    """Largest singular value of `op` by block power iteration on opᵀ·op (subspace iteration with
-    a Rayleigh–Ritz estimate); returns (σ₁, the block of right vectors, for a warm start).
-
-    A block of a few vectors converges at the rate σ_{k+1}/σ₁ instead of σ₂/σ₁, which matters for
-    Adam-like updates whose top singular values lie close together. The estimate never exceeds
-    σ₁; iteration stops after `iters` steps or when it changes by less than `tol` (relative).
-    """
-    if isinstance(op, torch.Tensor):
-        op = as_operator(op)
-    n = op.shape[1]
-    k = max(1, min(block, n, op.shape[0]))
-    dtype, device = _compute_dtype(op), _device(op)
-    if v0 is not None and v0.shape == (n, k):
-        V = v0.to(device=device, dtype=dtype)
-    else:
-        V = torch.randn(n, k, generator=generator, dtype=dtype).to(device)
-    V = torch.linalg.qr(V)[0]
-    sigma = 0.0
-    for _ in range(max(1, iters)):
-        U = op.matmul(V)
-        # σ₁ of op restricted to span(V): the top eigenvalue of the k x k Gram matrix UᵀU.
-        estimate = float(torch.linalg.eigvalsh(U.T @ U)[-1].clamp_min(0).sqrt())
-        if not math.isfinite(estimate) or estimate == 0.0:
-            return estimate if math.isfinite(estimate) else math.nan, V
-        converged = abs(estimate - sigma) <= tol * estimate
-        sigma = estimate
-        if converged:
-            break
-        V = torch.linalg.qr(op.rmatmul(U))[0]
-    return sigma, V
-
-
-def _compute_dtype(op: Operator) -> torch.dtype:
-    tensors = op.dense + [B for _, B, _ in op.lowrank] + [values for _, _, values in op.sparse]
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _device(op: Operator) -> torch.device:
-    for t in op.dense + [B for _, B, _ in op.lowrank] + [values for _, _, values in op.sparse]:
-        return t.device
-    return torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------------------
-# the weight and update operators of each kind of layer
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of the module's tensors (and of its dense weight where only a generic
-    `effective_weight()` describes it), taken before the optimizer step."""
-    tensors = {name: t.detach().clone() for name, t in _named_tensors(module)}
-    if _kind(module) == "generic":
-        weight = module.effective_weight()
-        if weight is not None:
-            tensors["__effective__"] = weight.detach().float().clone()
-    return tensors
-
-
-def current(module: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = {name: t.detach() for name, t in _named_tensors(module)}
-    if _kind(module) == "generic":
-        weight = module.effective_weight()
-        if weight is not None:
-            tensors["__effective__"] = weight.detach().float()
-    return tensors
-
-
-def _named_tensors(module: nn.Module):
-    yield from module.named_parameters()
-    yield from module.named_buffers()
-
-
-def _kind(module: nn.Module) -> str:
-    from rankscope.nn import ColaLinear, LoRALinear, LowRankLinear, SparsePlusLowRankLinear
-
-    if isinstance(module, nn.Linear):
-        return "dense"
-    if isinstance(module, LowRankLinear):
-        return "lowrank"
-    if isinstance(module, LoRALinear):
-        return "lora"
-    if isinstance(module, SparsePlusLowRankLinear):
-        return "sparse_lowrank"
-    if isinstance(module, ColaLinear):
-        return "none"  # B·σ(A·x): no dense weight, only factors
-    return "generic"
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def _sparse_coords(module: nn.Module, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    index = t["sparse_index"].long()
-    return index // module.in_features, index % module.in_features
-
-
-def weight_operator(module: nn.Module, t: dict[str, torch.Tensor]) -> Operator | None:
-    """W of the layer from its tensors `t`; None when the layer has no dense equivalent."""
-    kind = _kind(module)
-    shape = (module.out_features, module.in_features)
-    if kind == "dense":
-        return Operator(shape, dense=[_f32(t["weight"])])
-    if kind == "lowrank":
-        return Operator(shape, lowrank=[(1.0, _f32(t["B"]), _f32(t["A"]))])
-    if kind == "lora":
-        return Operator(shape, dense=[_f32(t["weight"])], lowrank=[(module.scale, _f32(t["B"]), _f32(t["A"]))])
-    if kind == "sparse_lowrank":
-        rows, cols = _sparse_coords(module, t)
-        return Operator(shape, lowrank=[(module.scale, _f32(t["B"]), _f32(t["A"]))],
-                        sparse=[(rows, cols, _f32(t["sparse_values"]))])
-    if kind == "generic" and "__effective__" in t:
-        return Operator(shape, dense=[t["__effective__"]])
-    return None
-
-
-def update_operator(module: nn.Module, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> Operator | None:
-    """ΔW = W_after − W_before, kept factored: s·(B'·A' − B·A) = s·(ΔB·A' + B·ΔA).
-
-    Differences of tensors are formed first (exact in floating point for nearby values), so an
-    update 1e-5 the size of W is measured to full precision. A dense term that did not change
-    (LoRA's frozen W0 between merges) is dropped.
-    """
-    kind = _kind(module)
-    shape = (module.out_features, module.in_features)
-
-    def diff(name: str) -> torch.Tensor:
-        return _f32(after[name]) - _f32(before[name])
-
-    def factored(scale: float) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
-        return [(scale, diff("B"), _f32(after["A"])), (scale, _f32(before["B"]), diff("A"))]
-
-    if kind == "dense":
-        return Operator(shape, dense=[diff("weight")])
-    if kind == "lowrank":
-        return Operator(shape, lowrank=factored(1.0))
-    if kind == "lora":
-        dense = diff("weight")
-        return Operator(shape, dense=[dense] if bool(dense.any()) else [], lowrank=factored(module.scale))
-    if kind == "sparse_lowrank":
-        op = Operator(shape, lowrank=factored(module.scale))
-        if torch.equal(before["sparse_index"], after["sparse_index"]):
-            rows, cols = _sparse_coords(module, after)
-            op.sparse.append((rows, cols, diff("sparse_values")))
-        else:  # a new support (a reset): subtract the old sparse part, add the new one
-            rows, cols = _sparse_coords(module, after)
-            old_rows, old_cols = _sparse_coords(module, before)
-            op.sparse += [(rows, cols, _f32(after["sparse_values"])), (old_rows, old_cols, -_f32(before["sparse_values"]))]
-        return op
-    if kind == "generic" and "__effective__" in after:
-        return Operator(shape, dense=[after["__effective__"] - before["__effective__"]])
-    return None
-
-
-def factor_names(module: nn.Module) -> dict[str, str]:
-    """Factor label (B, A) -> the name of its tensor in the module."""
-    if not hasattr(module, "factors"):
-        return {}
-    by_id = {id(p): name for name, p in _named_tensors(module)}
-    return {label: by_id[id(tensor)] for label, tensor in module.factors().items() if id(tensor) in by_id}
-
+from rankscope.train.update_spectra import (
+    as_operator,
+    batched_norms,
+    current,
+    factor_names,
+    snapshot,
+    update_operator,
+    weight_operator,
+)
 
 # ---------------------------------------------------------------------------------------------
 # the loss-spike detector
@@ -345,25 +145,23 @@ class DynamicsMonitor:
             stats[str(group.get("name", f"group{index}"))] = {"grad_norm": _finite_or_none(norm), "lr": float(group["lr"])}
         return stats
 
-    def _norm(self, name: str, label: str, op: Operator | None) -> float | None:
-        if op is None:
-            return None
-        if op.empty:
-            return 0.0
-        sigma, vector = spectral_norm(op, self.iters, v0=self.vectors.get((name, label)), generator=self.generator)
-        self.vectors[(name, label)] = vector
-        return _finite_or_none(sigma)
-
     @torch.no_grad()
     def _measure(self, before: dict[str, dict[str, torch.Tensor]], groups: dict[str, Any]) -> dict[str, Any]:
-        matrices: dict[str, dict[str, float | None]] = {}
+        items: dict[str, list] = {}  # label (dW, W, B, dB, ...) -> [(matrix, operator)]
         for name, module in self.matrices:
             old, new = before[name], current(module)
-            row = {"dW": self._norm(name, "dW", update_operator(module, old, new)),
-                   "W": self._norm(name, "W", weight_operator(module, new))}
-            for label, tensor_name in factor_names(module).items():
-                row[label] = self._norm(name, label, as_operator(_f32(new[tensor_name])))
-                row[f"d{label}"] = self._norm(name, f"d{label}", as_operator(_f32(new[tensor_name]) - _f32(old[tensor_name])))
+            for label, op in (("dW", update_operator(module, old, new)), ("W", weight_operator(module, new))):
+                if op is not None:
+                    items.setdefault(label, []).append((name, op))
+            for label, tensor in factor_names(module).items():
+                items.setdefault(label, []).append((name, as_operator(new[tensor].float())))
+                items.setdefault(f"d{label}", []).append((name, as_operator(new[tensor].float() - old[tensor].float())))
+        norms = {label: batched_norms(ops, self.iters, self.vectors, self.generator, label) for label, ops in items.items()}
+        matrices: dict[str, dict[str, float | None]] = {}
+        for name, _ in self.matrices:
+            row = {label: values[name] for label, values in norms.items() if name in values}
+            row.setdefault("dW", None)
+            row.setdefault("W", None)
             if row["dW"] is not None and row["W"]:
                 row["ratio"] = row["dW"] / row["W"]
             matrices[name] = row
