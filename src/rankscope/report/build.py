@@ -13,6 +13,7 @@ from pathlib import Path
 from rankscope.report.collect import Study, finite, load_study, sorted_methods
 from rankscope.report.features import run_features
 from rankscope.report.document import Document, render_html, render_markdown
+from rankscope.report.dynamics import dynamics_section
 from rankscope.report.figures import FigureResult, render_all
 from rankscope.report.stats import compare_to_reference
 from rankscope.report.tables import (
@@ -161,6 +162,7 @@ def build_report(study_dir: str | Path) -> Path:
             document.table(display, "Difference = mean(method) − mean(full) over seeds, per metric.")
         document.heading("Figures", 3)
         _figure_blocks(document, figures.get(preset, []), skipped_lines)
+        dynamics_section(document, study, preset, figures_dir, tables_dir, skipped_lines)
 
     document.heading("Predicting downstream accuracy")
     if study.predictor is not None and not study.predictor.empty:

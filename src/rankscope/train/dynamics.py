@@ -171,27 +171,30 @@ class DynamicsMonitor:
         worst = max(updates, key=updates.get) if updates else None
         return {
             "max_update_norm": updates[worst] if worst else None, "max_update_matrix": worst,
+            # the lr of that matrix's group: Spectron bounds ‖ΔW‖₂ by it
+            "max_update_lr": self._lr_of(worst),
             "max_update_ratio": max(ratios) if ratios else None,
             "median_update_ratio": statistics.median(ratios) if ratios else None,
             "max_factor_update_norm": max(factor_updates) if factor_updates else None,
             "groups": groups, "matrices": matrices,
         }
 
-    def _per_lr(self, name: str, row: dict[str, Any], groups: dict[str, Any]) -> float | None:
+    def _lr_of(self, name: str | None) -> float | None:
+        index = self.group_index.get(name) if name else None
+        return None if index is None else float(self.optimizer.param_groups[index]["lr"])
+
+    def _per_lr(self, name: str, row: dict[str, Any]) -> float | None:
         """A matrix's update norm divided by its group's lr (Adam-like steps scale with lr, so
         warm-up and decay do not read as jumps); for CoLA the larger factor update."""
         value = row.get("dW")
         if value is None:
             value = max((row[k] for k in ("dA", "dB") if row.get(k) is not None), default=None)
-        index = self.group_index.get(name)
-        if value is None or index is None:
-            return None
-        lr = float(self.optimizer.param_groups[index]["lr"])
-        return value / lr if lr > 0 else None
+        lr = self._lr_of(name)
+        return value / lr if value is not None and lr else None
 
     def _remember(self, dynamics: dict[str, Any]) -> None:
         for name, row in dynamics["matrices"].items():
-            value = self._per_lr(name, row, dynamics["groups"])
+            value = self._per_lr(name, row)
             if value is not None:
                 self.update_history[name].append(value)
 
@@ -202,7 +205,7 @@ class DynamicsMonitor:
             return []
         jumped = []
         for name, row in dynamics["matrices"].items():
-            value = self._per_lr(name, row, dynamics["groups"])
+            value = self._per_lr(name, row)
             history = self.update_history.get(name)
             if value is None or not history:
                 continue
