@@ -1,4 +1,4 @@
-"""The one command line: train | export | methods | analyze | eval | study | report | bench | demo.
+"""The one command line: train | export | methods | analyze | eval | study | report | bench | demo | scaling.
 
 This module only parses arguments and hands them to the package; user errors (RankscopeError)
 become one `error: ...` line and exit status 2.
@@ -228,6 +228,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# scaling
+
+
+def _print_fits(result: dict) -> None:
+    from rankscope.report.stats import format_number
+
+    def shown(value, ci) -> str:
+        return format_number(value) + ("" if ci is None or ci[0] is None else f" [{format_number(ci[0])}, {format_number(ci[1])}]")
+
+    for method, fit in result["fits"].items():
+        optimal = result["compute_optimal"][method]
+        print(f"{method}: alpha {shown(fit['alpha'], fit['ci']['alpha'])}, beta {shown(fit['beta'], fit['ci']['beta'])}, "
+              f"E {shown(fit['E'], fit['ci']['E'])}; N* ~ C^{shown(optimal['a'], optimal['a_ci'])}, "
+              f"D* ~ C^{shown(optimal['b'], optimal['b_ci'])}")
+    out = Path(result["out"])
+    print(f"fits: {out / 'fits.json'}; report: {out / 'report.html'} (also report.md, figures/, frontier.csv)")
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from rankscope.scaling.fit import FitSettings
+
+    target = list(args.target)
+    overrides = {k: v for k, v in (("bootstrap", args.bootstrap), ("seed", args.seed)) if v is not None}
+    if args.grid:
+        grid = {}
+        for item in args.grid:
+            key, _, values = item.partition("=")
+            try:
+                grid[key.strip()] = [float(v) for v in values.split(",") if v.strip()]
+            except ValueError:
+                raise RankscopeError(f"--grid takes KEY=V1,V2,... with numbers (e.g. alpha=0,0.5,1), got {item!r}") from None
+        overrides["grid"] = grid
+    if target[0] == "fit":
+        from rankscope.scaling.analyze import analyze_table
+        from rankscope.scaling.fit import read_table
+
+        if len(target) != 2:
+            raise RankscopeError("usage: rankscope scaling fit TABLE.csv (one CSV with columns method, params, tokens, loss)")
+        settings = FitSettings(**overrides)
+        settings.validate()
+        table = read_table(target[1])
+        out = args.out or str(Path(target[1]).with_suffix("")) + "-fit"
+        result = analyze_table(table, out, settings, title=Path(target[1]).stem)
+        _print_fits(result)
+        return 0
+    if len(target) != 1:
+        raise RankscopeError("usage: rankscope scaling SPEC.yaml, or rankscope scaling fit TABLE.csv")
+    from rankscope.scaling.runner import load_spec, run_scaling
+
+    spec = load_spec(target[0])
+    for key, value in overrides.items():
+        setattr(spec.fit, key, value)
+    spec.fit.validate()
+    out = args.out or f"scaling-out/{Path(target[0]).stem}"
+    result = run_scaling(None, out, spec=spec)
+    _print_fits(result)
+    if result["failed"]:
+        print(f"{len(result['failed'])} runs failed and were left out of the fit: {', '.join(result['failed'])}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # analyze
 
 
@@ -424,6 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("scaling", help="scaling laws: `scaling SPEC.yaml` trains a size x token grid per method and fits "
+                       "it; `scaling fit TABLE.csv` fits L(N, D) = E + A/N^alpha + B/D^beta to a table")
+    p.add_argument("target", nargs="+", metavar="SPEC.yaml | fit TABLE.csv",
+                   help="a scaling spec (see studies/scaling-small.yaml), or `fit` and a CSV with columns "
+                        "method, params, tokens, loss")
+    p.add_argument("--out", help="output folder (default scaling-out/<spec name>, or <TABLE>-fit next to the CSV)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the confidence intervals (default 1000)")
+    p.add_argument("--seed", type=int, help="seed of the bootstrap (default 0)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="initial values of a, b, e, alpha or beta for the L-BFGS starts, replacing Hoffmann et al.'s "
+                        "(e.g. --grid alpha=0,1,2; repeatable); fewer starts fit faster")
+    p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("analyze", help="landscape, interpolation, spectral, similarity, 2-D landscape and Hessian metrics")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders to analyse (results go to RUN_DIR/analysis/)")

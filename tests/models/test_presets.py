@@ -10,10 +10,14 @@ from rankscope.models import PRESETS, build_model, get_preset
 from rankscope.models.llama import count_parameters
 
 
+# The small members of the scaling family (rankscope.scaling.family); vocab 8192 like tiny.
+SCALING_SMALL = {"w32l2", "w48l2", "w64l2", "w96l3", "w192l4"}
+
+
 def test_all_documented_presets_exist():
-    assert set(PRESETS) == {"tiny", "20m", "60m", "130m", "350m", "1b", "7b"}
+    assert set(PRESETS) == {"tiny", "20m", "60m", "130m", "350m", "1b", "7b", "w384l6"} | SCALING_SMALL
     for name, cfg in PRESETS.items():
-        assert cfg.vocab_size == (8192 if name == "tiny" else 32000)
+        assert cfg.vocab_size == (8192 if name == "tiny" or name in SCALING_SMALL else 32000)
         assert cfg.max_seq_len == (2048 if name in ("1b", "7b") else 1024)
 
 
