@@ -9,6 +9,8 @@ import pytest
 
 from rankscope.scaling.fit import (
     HOFFMANN_GRID,
+    _as_fit,
+    bootstrap_fits,
     PARAMETERS,
     FitSettings,
     ScalingFitError,
@@ -61,6 +63,18 @@ def test_the_best_of_all_starts_is_kept():
     assert stuck.objective > 1e3 * best.objective
     for name, true in TRUTH.items():
         assert getattr(best, name) == pytest.approx(true, rel=1e-3)
+
+
+def test_an_irreducible_loss_driven_to_zero_still_bootstraps():
+    """Runs far above the irreducible loss push e = log E towards −∞; E underflows to 0 and the
+    bootstrap must restart from the fitted coordinates, not from log(E)."""
+    table = synthetic({"E": 0.0, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}, noise=0.003)
+    n, d, loss = (table[c].to_numpy() for c in ("params", "tokens", "loss"))
+    point = _as_fit(np.array([6.0, 6.0, -1000.0, 0.34, 0.28]), 0.0, True)
+    assert point.E == 0.0
+    samples, skipped = bootstrap_fits(n, d, loss, point, FitSettings(bootstrap=5))
+    assert samples.shape == (5, 5) and skipped == 0
+    assert np.isfinite(samples[:, 1:]).all() and (samples[:, 0] >= 0).all()
 
 
 @pytest.mark.parametrize("sizes,budgets,message", [

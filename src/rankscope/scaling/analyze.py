@@ -62,8 +62,8 @@ def compute_optimal(fits: dict[str, MethodFit], table: pd.DataFrame, budgets, co
         measured = (table["compute"].min(), table["compute"].max())
         front["extrapolated"] = (front["compute"] > measured[1] * 1.0001) | (front["compute"] < measured[0] * 0.9999)
         for i, row in front.iterrows():
-            ci = interval(sample_losses[:, i], confidence) if len(sample_losses) else [math.nan, math.nan]
-            rows.append({"method": method, **row.to_dict(), "loss_low": ci[0], "loss_high": ci[1]})
+            ci = interval(sample_losses[:, i], confidence) if len(sample_losses) else [None, None]
+            rows.append({"method": method, **row.to_dict(), "loss_low": _nan(ci[0]), "loss_high": _nan(ci[1])})
         result[method] = {
             "a": a, "a_ci": interval(draws[:, 0], confidence) if len(draws) else [None, None],
             "b": b, "b_ci": interval(draws[:, 1], confidence) if len(draws) else [None, None],
@@ -89,7 +89,7 @@ def compare_to_reference(optimal: dict, front: pd.DataFrame, confidence: float) 
         count = min(len(samples), len(ref_samples))
         for i in range(len(mine)):
             difference = samples[:count, i] - ref_samples[:count, i]
-            low, high = interval(difference, confidence) if count else (math.nan, math.nan)
+            low, high = (_nan(v) for v in interval(difference, confidence)) if count else (math.nan, math.nan)
             rows.append({
                 "compute": mine.loc[i, "compute"], "method": method,
                 "loss": mine.loc[i, "loss"], "full loss": reference.loc[i, "loss"],
@@ -99,6 +99,10 @@ def compare_to_reference(optimal: dict, front: pd.DataFrame, confidence: float) 
                 "extrapolated": bool(mine.loc[i, "extrapolated"]),
             })
     return pd.DataFrame(rows)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def _public(optimal: dict) -> dict:
@@ -136,9 +140,20 @@ def analyze_table(table: pd.DataFrame, out_dir: str | Path, settings: FitSetting
     return {"fits": fits_json, "compute_optimal": _public(optimal), "out": out, "report": report}
 
 
+def _finite(payload):
+    """NaN and infinities as null, so every file is strict JSON."""
+    if isinstance(payload, dict):
+        return {k: _finite(v) for k, v in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [_finite(v) for v in payload]
+    if isinstance(payload, (float, np.floating)) and not math.isfinite(payload):
+        return None
+    return payload
+
+
 def _write_json(path: Path, payload) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    tmp.write_text(json.dumps(_finite(payload), indent=2, default=_jsonable, allow_nan=False))
     tmp.replace(path)
 
 

@@ -85,11 +85,7 @@ class LawFit:
     beta: float
     objective: float
     converged: bool
-
-    @property
-    def theta(self) -> np.ndarray:
-        """(a, b, e, alpha, beta), the fitted coordinates."""
-        return np.array([math.log(self.A), math.log(self.B), math.log(self.E), self.alpha, self.beta])
+    theta: np.ndarray  # (a, b, e, alpha, beta), the fitted coordinates (E = eᵉ may underflow to 0)
 
     def params(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in PARAMETERS}
@@ -138,7 +134,8 @@ def _lbfgs(theta0: np.ndarray, data: tuple, delta: float, max_iter: int):
 
 def _as_fit(theta: np.ndarray, value: float, converged: bool) -> LawFit:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return LawFit(E=math.exp(e), A=math.exp(a), alpha=alpha, B=math.exp(b), beta=beta, objective=value, converged=converged)
+    return LawFit(E=math.exp(e), A=math.exp(a), alpha=alpha, B=math.exp(b), beta=beta, objective=value,
+                  converged=converged, theta=np.array(theta, dtype=float))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +190,12 @@ def bootstrap_fits(params, tokens, loss, point: LawFit, settings: FitSettings) -
     return np.array(samples).reshape(-1, len(PARAMETERS)), skipped
 
 
-def interval(values: np.ndarray, confidence: float) -> list[float]:
+def interval(values: np.ndarray, confidence: float) -> list[float | None]:
+    """Percentile interval of the finite values ([None, None] when there are none)."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return [None, None]
     tail = 50.0 * (1.0 - confidence)
     return [float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
 

@@ -57,18 +57,29 @@ def flops_model(rows: pd.DataFrame, column: str, dense_factor: float) -> FlopsMo
     return FlopsModel(dense_factor, 1.0, f"{dense_factor:g}·N (dense approximation; no {column} column)")
 
 
+def has_optimum(law: dict) -> bool:
+    """A finite compute-optimal size needs a loss that falls with both N and D (α, β, A, B > 0)."""
+    return all(law[k] > 0 and math.isfinite(law[k]) for k in ("alpha", "beta", "A", "B"))
+
+
 def optimal_exponents(alpha: float, beta: float, gamma: float) -> tuple[float, float]:
-    """(a, b) of N* ∝ C^a and D* ∝ C^b."""
+    """(a, b) of N* ∝ C^a and D* ∝ C^b; NaN where the law has no optimum (α or β ≤ 0)."""
+    if not (alpha > 0 and beta > 0):
+        return math.nan, math.nan
     a = beta / (alpha + gamma * beta)
     return a, 1.0 - gamma * a
 
 
 def optimal_params(law: dict, flops: FlopsModel, compute) -> np.ndarray:
-    """N*(C) for the law {E, A, alpha, B, beta} and the method's training FLOPs per token."""
+    """N*(C) for the law {E, A, alpha, B, beta} and the method's training FLOPs per token (NaN
+    where the law has no optimum)."""
+    compute = np.asarray(compute, float)
+    if not has_optimum(law):
+        return np.full_like(compute, math.nan)
     alpha, beta, A, B = law["alpha"], law["beta"], law["A"], law["B"]
     denominator = alpha + flops.gamma * beta
     G = (alpha * A / (flops.gamma * beta * B * flops.k**beta)) ** (1.0 / denominator)
-    return G * np.asarray(compute, float) ** (beta / denominator)
+    return G * compute ** (beta / denominator)
 
 
 def loss(law: dict, params, tokens) -> np.ndarray:

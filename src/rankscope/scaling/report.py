@@ -63,6 +63,8 @@ def runs_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _verdict(row) -> str:
+    if not (math.isfinite(row["loss"]) and math.isfinite(row["full loss"])):
+        return "not defined (no compute-optimal size)"
     low, high = row["difference_low"], row["difference_high"]
     if any(isinstance(v, float) and math.isnan(v) for v in (low, high)):
         return "no interval (no bootstrap)"
@@ -113,6 +115,10 @@ def identification_notes(fits_json: dict, table: pd.DataFrame) -> list[str]:
     notes = []
     for method in sorted_methods(fits_json):
         entry, losses = fits_json[method], table.loc[table["method"] == method, "loss"]
+        for name, variable in (("alpha", "N"), ("beta", "D")):
+            if not entry[name] > 0:
+                notes.append(f"{method}: {LABELS[name]} = {format_number(entry[name])}: its loss does not fall with {variable} "
+                             "over these runs, so the law has no compute-optimal size (frontier not defined).")
         if entry["E"] < 1e-3 * float(losses.min()):
             notes.append(f"{method}: E is driven to ~0 ({format_number(entry['E'])}): its runs are far above the "
                          "irreducible loss, so they do not identify it, and the exponents absorb the curvature.")

@@ -183,7 +183,8 @@ def _notes(spec: ScalingSpec, table: pd.DataFrame, failed: list[str]) -> list[st
     notes = [f"Study `{spec.name}`: {len(table)} runs over sizes {', '.join(spec.sizes)}; N counts {counted}; "
              "loss is each run's final exact validation loss.",
              "Learning rates (each method's default unless the spec sets one; not tuned on this budget): "
-             + "; ".join(f"{method} {lr}" for method, lr in lrs.items()) + "."]
+             + "; ".join(f"{method} {lr}" for method, lr in lrs.items())
+             + ". The frontiers below inherit them: a method run nearer its best lr for these budgets looks better."]
     if failed:
         notes.append(f"Left out of the fit: {len(failed)} runs that failed ({', '.join(failed)}).")
     return notes

@@ -112,11 +112,13 @@ class DynamicsMonitor:
         if not (periodic or spike):
             self._pending = None
             return
+        started = time.perf_counter()
         self._pending = {
             "trigger": "period" if periodic else "spike", "spike": spike,
             "groups": self._group_stats(),
             "before": {name: snapshot(module) for name, module in self.matrices},
         }
+        self._pending["seconds"] = time.perf_counter() - started
 
     def after_update(self, step: int, applied: bool = True) -> dict[str, Any]:
         pending, self._pending = self._pending, None
@@ -127,11 +129,11 @@ class DynamicsMonitor:
             started = time.perf_counter()
             dynamics = self._measure(pending["before"], pending["groups"])
             dynamics["trigger"] = pending["trigger"]
-            dynamics["seconds"] = time.perf_counter() - started
+            dynamics["seconds"] = pending["seconds"] + time.perf_counter() - started
             out["dynamics"] = dynamics
         if pending["spike"] is not None:
             out["spike"] = {**pending["spike"], "matrices": self._jumped(out.get("dynamics"))}
-        if applied and pending["trigger"] == "period":
+        elif applied:  # the baseline of update norms holds periodic, spike-free steps only
             self._remember(out["dynamics"])
         self._log_tensorboard(step, out)
         return out
