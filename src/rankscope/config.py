@@ -91,7 +91,7 @@ class TrainConfig:
     # Training dynamics (rankscope.train.dynamics): every `dynamics_every` steps, the spectral
     # norms of each targeted matrix's update, weight and factors, and per-group gradient norms,
     # go to metrics.jsonl; 0 turns them and the loss-spike detector off.
-    dynamics_every: int = 50
+    dynamics_every: int = 100
     dynamics_power_iters: int = 30  # block power-iteration steps per spectral norm (warm-started)
     spike_factor: float = 1.2  # a loss above spike_factor x the running median is a spike
     spike_window: int = 50  # steps in that running median

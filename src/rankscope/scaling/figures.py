@@ -53,20 +53,21 @@ def fig_isoflop(table: pd.DataFrame, laws: dict[str, dict], optimal: dict, out_d
     for ax, method in zip(axes, methods):
         law, train = laws[method], optimal[method]["_train"]
         mine = table[table["method"] == method]
+        minima = []
         for budget in budgets:
             tokens = budget / train(grid)
             ax.plot(grid, loss(law, grid, tokens), color=cmap(norm(budget)), linewidth=1.4)
             best = float(optimal_params(law, train, budget))
-            ax.plot([best], [float(loss(law, best, budget / train(best)))], marker="o", color=cmap(norm(budget)),
-                    markeredgecolor="black", markersize=6)
+            minima.append(float(loss(law, best, budget / train(best))))
+            ax.plot([best], [minima[-1]], marker="o", color=cmap(norm(budget)), markeredgecolor="black", markersize=6)
         ax.scatter(mine["params"], mine["loss"], c=mine["compute"], cmap=cmap, norm=norm, marker="s",
                    edgecolors=method_color(method), linewidths=1.2, s=30, zorder=3)
         ax.set_xscale("log")
         ax.set_title(method, color=method_color(method))
         ax.set_xlabel("parameters N")
         ax.set_ylabel("loss [nats/token]")
-        observed = mine["loss"].to_numpy(float)
-        ax.set_ylim(observed.min() - 0.3 * np.ptp(observed) - 0.05, observed.max() + 0.3 * np.ptp(observed) + 0.05)
+        shown = np.concatenate([mine["loss"].to_numpy(float), [m for m in minima if math.isfinite(m)]])
+        ax.set_ylim(shown.min() - 0.15 * np.ptp(shown) - 0.05, shown.max() + 0.3 * np.ptp(shown) + 0.05)
     for ax in axes[len(methods):]:
         ax.set_visible(False)
     colorbar = figure.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[: len(methods)]))
