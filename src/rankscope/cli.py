@@ -270,6 +270,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         settings.validate()
         table = read_table(target[1])
         out = args.out or str(Path(target[1]).with_suffix("")) + "-fit"
+        check_output_folder(out, "--out")
         result = analyze_table(table, out, settings, title=Path(target[1]).stem)
         _print_fits(result)
         return 0
@@ -282,7 +283,11 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         setattr(spec.fit, key, value)
     spec.fit.validate()
     out = args.out or f"scaling-out/{Path(target[0]).stem}"
-    result = run_scaling(None, out, spec=spec)
+    check_output_folder(out, "--out")
+    result = run_scaling(None, out, spec=spec, launch=_launch_options(args))
+    if result.get("plan"):
+        print(result["plan"])
+        return 0
     _print_fits(result)
     if result["failed"]:
         print(f"{len(result['failed'])} runs failed and were left out of the fit: {', '.join(result['failed'])}")
@@ -407,7 +412,7 @@ def _gpu_check(options: dict, out: str) -> int:
     return 0 if payload["ok"] else 1
 
 
-def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_launch_arguments(parser: argparse.ArgumentParser, cluster: bool = False) -> None:
     from rankscope.study import LAUNCHERS
 
     parser.add_argument("--launcher", default="local", choices=LAUNCHERS,
@@ -415,6 +420,18 @@ def _add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                         "slurm: one SLURM job per run, a job array per stage")
     parser.add_argument("--workers", type=int, help="jobs at a time (local default: one per CPU core with one "
                         "torch thread each, or one per GPU; slurm default: no limit)")
+    if not cluster:
+        return
+    parser.add_argument("--slurm-partition", help="slurm: partition")
+    parser.add_argument("--slurm-time", help="slurm, submitit-local: time limit of a job (minutes or H:M:S, default 4:00:00); "
+                        "a run that reaches it checkpoints and is requeued")
+    parser.add_argument("--slurm-gpus-per-run", type=int, help="slurm, submitit-local: GPUs per training run, one DDP "
+                        "process each (default 1 on slurm); analysis and eval use one")
+    parser.add_argument("--slurm-account", help="slurm: account to charge")
+    parser.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="slurm: any other sbatch option, e.g. --slurm-extra qos=high --slurm-extra cpus-per-task=8 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print how the jobs would be launched (the sbatch "
+                        "parameters for slurm) and stop; nothing is written or submitted")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,17 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file", help="study YAML (see studies/)")
     p.add_argument("--out", help="study folder (default studies-out/<file name>)")
     p.add_argument("--stage", help="comma-separated stages to run: train, analyze, eval, predict, report (default all)")
-    _add_launch_arguments(p)
-    p.add_argument("--slurm-partition", help="slurm: partition")
-    p.add_argument("--slurm-time", help="slurm, submitit-local: time limit of a job (minutes or H:M:S, default 4:00:00); "
-                   "a run that reaches it checkpoints and is requeued")
-    p.add_argument("--slurm-gpus-per-run", type=int, help="slurm, submitit-local: GPUs per training run, one DDP "
-                   "process each (default 1 on slurm); analysis and eval use one")
-    p.add_argument("--slurm-account", help="slurm: account to charge")
-    p.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
-                   help="slurm: any other sbatch option, e.g. --slurm-extra qos=high --slurm-extra cpus-per-task=8 (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print how the jobs would be launched (the sbatch "
-                   "parameters for slurm) and stop; nothing is written or submitted")
+    _add_launch_arguments(p, cluster=True)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the demo study: every method on the tiny preset, analysed and reported")
@@ -498,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="initial values of a, b, e, alpha or beta for the L-BFGS starts, replacing Hoffmann et al.'s "
                         "(e.g. --grid alpha=0,1,2; repeatable); fewer starts fit faster")
+    _add_launch_arguments(p, cluster=True)
     p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("analyze", help="landscape, interpolation, spectral, similarity, 2-D landscape and Hessian metrics")
@@ -596,8 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
-    # study and demo run their jobs in worker processes, which take --threads themselves.
-    threads = args.threads if args.command not in ("study", "demo") else None
+    # study, demo and scaling run their jobs in worker processes, which take --threads themselves.
+    threads = args.threads if args.command not in ("study", "demo", "scaling") else None
     if threads is not None:
         import torch
 

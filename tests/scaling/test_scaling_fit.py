@@ -77,6 +77,11 @@ def test_an_irreducible_loss_driven_to_zero_still_bootstraps():
     assert np.isfinite(samples[:, 1:]).all() and (samples[:, 0] >= 0).all()
 
 
+def test_unbounded_coordinates_become_infinite_not_errors():
+    fit = _as_fit(np.array([800.0, 1.0, -900.0, 1.0, 1.0]), 0.0, True)
+    assert (fit.A, fit.E) == (float("inf"), 0.0)
+
+
 @pytest.mark.parametrize("sizes,budgets,message", [
     ([1e7], np.logspace(8, 11, 5), r"1 model size \(1e\+07\) cannot identify .* >= 3 model sizes"),
     ([1e7, 1e8], np.logspace(8, 11, 5), r"2 model sizes .* cannot identify"),

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from rankscope.cli import main
 from rankscope.errors import ConfigError
@@ -126,3 +127,16 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "usage: rankscope scaling fit TABLE.csv" in capsys.readouterr().err
     assert main(["scaling", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_dry_run_plans_every_budget_on_a_cluster_and_writes_nothing(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_spec()))
+    out = tmp_path / "out"
+    assert main(["scaling", str(spec), "--out", str(out), "--launcher", "slurm", "--slurm-partition", "gpu",
+                 "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("tokens-256", "tokens-512", "tokens-1024"):
+        assert f"budget {label}:" in printed
+    assert "gpu" in printed
+    assert not out.exists()

@@ -132,9 +132,14 @@ def _lbfgs(theta0: np.ndarray, data: tuple, delta: float, max_iter: int):
     return result
 
 
+def _exp(x: float) -> float:
+    """eˣ, infinite instead of an OverflowError (a coordinate the data leave unbounded)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def _as_fit(theta: np.ndarray, value: float, converged: bool) -> LawFit:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return LawFit(E=math.exp(e), A=math.exp(a), alpha=alpha, B=math.exp(b), beta=beta, objective=value,
+    return LawFit(E=_exp(e), A=_exp(a), alpha=alpha, B=_exp(b), beta=beta, objective=value,
                   converged=converged, theta=np.array(theta, dtype=float))
 
 

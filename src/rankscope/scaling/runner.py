@@ -13,7 +13,6 @@ parameter counts and their measured FLOPs per token become OUT/scaling.csv, whic
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -150,25 +149,26 @@ def plan_levels(spec: ScalingSpec) -> list[BudgetLevel]:
 
 
 def run_scaling(spec_file: str | Path | None, out_dir: str | Path, spec: ScalingSpec | None = None,
-                **study_options: Any) -> dict:
-    """Train every budget's study, collect OUT/scaling.csv, fit and report."""
+                launch: Any = None) -> dict:
+    """Train every budget's study (with the study engine's launcher: local workers, submitit,
+    SLURM), collect OUT/scaling.csv, fit and report. With `launch.dry_run` only the plans."""
     from rankscope.scaling.analyze import analyze_table
-    from rankscope.study import run_study
+    from rankscope.study import LaunchOptions, run_study
 
     spec = spec or load_spec(spec_file)
     levels = plan_levels(spec)
-    options = {k: v for k, v in study_options.items() if v is not None}
-    supported = inspect.signature(run_study).parameters
-    for key in options:
-        if key not in supported:
-            raise ConfigError(f"--{key.replace('_', '-')} is not supported by this version of the study engine")
+    launch = launch or LaunchOptions()
     out = Path(out_dir)
+    if launch.dry_run:
+        plans = [run_study(None, out / "budgets" / level.label, ("train",), spec=level.study, launch=launch)["plan"]
+                 for level in levels]
+        return {"plan": "\n".join(f"budget {level.label}:\n{plan}" for level, plan in zip(levels, plans))}
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.yaml").write_text(yaml.safe_dump(config_to_dict(spec), sort_keys=False))
     failed = []
     for index, level in enumerate(levels, 1):
         log.info("scaling [%d/%d] budget %s: steps %s", index, len(levels), level.label, level.steps)
-        result = run_study(None, out / "budgets" / level.label, ("train",), spec=level.study, **options)
+        result = run_study(None, out / "budgets" / level.label, ("train",), spec=level.study, launch=launch)
         failed += [f"{level.label}/{run}" for run in result["failed"]]
     table = collect_table(spec, levels, out)
     table.to_csv(out / "scaling.csv", index=False)

@@ -18,8 +18,9 @@ Spectral norms come from block power iteration on implicit operators, never a de
 through its dense update, and matrices of one shape are iterated as one batch. The iteration is
 warm-started from the previous measurement and draws its random starts from a private generator,
 so measuring never changes training: a run with dynamics on is bit-identical to one with it off.
-The measured step's update is that of the optimizer step plus the method's after_step (a ReLoRA
-merge, a LORO exact step), against a copy of the targeted tensors taken just before.
+The measured update is the optimizer step's, against a copy of the targeted tensors taken just
+before it; a method's periodic after_step work (a ReLoRA merge, which leaves W unchanged, or a LORO
+exact step) runs after the step is logged and is not part of it.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _finite_or_none(value: float | None) -> float | None:
 
 class DynamicsMonitor:
     """Two calls per step from the trainer: `before_update` once the step's loss and gradients
-    exist (before clipping), `after_update` after the optimizer step and the method's after_step.
+    exist (before clipping), `after_update` after the optimizer step.
     `after_update` returns the keys to add to the step's metrics record ({} on most steps)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_cfg: Any,
