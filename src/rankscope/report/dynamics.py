@@ -20,6 +20,7 @@ import pandas as pd
 
 from rankscope.report.collect import Study, finite, sorted_methods
 from rankscope.report.figures import STYLE, FigureResult, method_color
+from rankscope.report.figures.base import _new_figure, _save
 
 # Spectron scales its factor steps so that ‖ΔW‖₂ stays about the learning rate.
 BOUNDED_METHODS = {"spectron"}
@@ -78,15 +79,6 @@ def spike_table(runs: pd.DataFrame, spikes: pd.DataFrame, preset: str) -> pd.Dat
             "update jumped most often": ", ".join(f"{k} ({n})" for k, n in kinds.most_common(3)) or "–",
         })
     return pd.DataFrame(rows)
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
 
 
 def _mean_over_seeds(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -157,13 +149,6 @@ def fig_spikes(study: Study, spikes: pd.DataFrame, preset: str, out_dir: Path) -
     caption = ("Training loss of every run (one line per seed); × marks a spike: a step whose loss exceeds "
                "train.spike_factor × the median of the previous train.spike_window losses.")
     return FigureResult(name, title, caption, _save(figure, out_dir, name))
-
-
-def _save(figure, out_dir: Path, name: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    figure.savefig(path)
-    return path
 
 
 def dynamics_section(document, study: Study, preset: str, figures_dir: Path, tables_dir: Path,

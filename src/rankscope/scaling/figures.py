@@ -14,23 +14,8 @@ import pandas as pd
 
 from rankscope.report.collect import sorted_methods
 from rankscope.report.figures import STYLE, FigureResult, method_color
+from rankscope.report.figures.base import _new_figure, _save
 from rankscope.scaling.optimal import loss, optimal_params
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure, out_dir: Path, name: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    figure.savefig(path)
-    return path
 
 
 def fig_isoflop(table: pd.DataFrame, laws: dict[str, dict], optimal: dict, out_dir: Path) -> FigureResult:
