@@ -337,7 +337,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.singular_k_max is not None:
         settings.singular_k_max = args.singular_k_max
         settings.singular_ks = tuple(k for k in settings.singular_ks if k <= args.singular_k_max) or (args.singular_k_max,)
-    outputs = analyze_runs(args.run_dirs, args.reference, settings)
+    baselines = [part.strip() for text in args.baseline_references for part in text.split(",") if part.strip()]
+    outputs = analyze_runs(args.run_dirs, args.reference, settings, baseline_references=baselines)
     for run, path in outputs.items():
         print(f"{run}: {path}")
     return 0
@@ -512,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders to analyse (results go to RUN_DIR/analysis/)")
     p.add_argument("--reference", required=True, metavar="FULL_RANK_RUN_DIR",
                    help="the full-rank run of the same scale and seed (similarity and IMBH partner)")
+    p.add_argument("--baseline-references", action="append", default=[], metavar="FULL_RANK_RUN_DIR[,...]",
+                   help="full-rank runs of the other seeds (comma-separated or repeated): every run is also compared "
+                        "with each (pairing cross-seed), and a full-rank run's comparisons with them are the full-rank "
+                        "seed baseline; a seed pair of full-rank runs is analysed once, from the lower seed's run")
     p.add_argument("--metrics", help="comma-separated: landscape,interpolation,spectral,similarity,landscape2d,hessian "
                                      "(default all; landscape2d and hessian at the last step only)")
     p.add_argument("--steps", help="comma-separated checkpoint steps (default every checkpoint)")

@@ -23,7 +23,8 @@ from scipy import stats
 from rankscope.report import ReportError, build_report, load_study
 from rankscope.report.features import run_features
 from rankscope.report.figures import METHOD_COLORS, imbh_matrix, method_color, palette
-from rankscope.report.stats import bootstrap_difference_ci, compare_to_reference, mean_std
+from rankscope.report.baseline import SeedBaselines
+from rankscope.report.stats import bootstrap_difference_ci, compare_to_reference, format_number, mean_std
 
 STEPS = [20, 60, 100]  # three checkpoints keep the figures quick to draw (the study picks up to five)
 N_LAYERS = 2
@@ -32,6 +33,7 @@ TASKS = ["rs_cloze", "rs_word"]
 SINGULAR_K = [1, 5]  # the study default is 1, 5, 10, 20; two values keep the figures quick to draw
 # Per-method offsets, so methods differ clearly (and seeds only a little).
 OFFSET = {"full": 0.0, "galore": 0.4, "cola": 0.8, "fira": 0.2}
+SEED_GAP = 0.3  # extra drift of a comparison with the full-rank run of another seed
 
 
 def _keys(run: str, method: str, preset: str, seed: int, step: int) -> dict:
@@ -104,12 +106,19 @@ def write_run(study: Path, method: str, preset: str, seed: int, all_runs: list[t
                      "other_run": "", "other_method": "", "space": "native", "applicable": True, "reason": "",
                      "barrier": barrier, "relative_barrier": barrier / 4.0, "loss_a": 4.1, "loss_b": 4.0})
     for other_method, other_seed in all_runs:
+        # The pipeline's partners: the runs of the same seed, and the full-rank runs of the other
+        # seeds (a seed pair of full-rank runs from its lower seed's side only).
+        cross = other_seed != seed
+        if cross and (other_method != "full" or (method == "full" and other_seed < seed)):
+            continue
         other = f"{other_method}-{preset}-s{other_seed}"
         applicable = "cola" not in (method, other_method)  # CoLA has no dense equivalent
         # A run against itself (the pipeline writes that pair as a check) has barrier ~0.
-        barrier = 1e-8 if other == run else 0.1 + 0.1 * abs(OFFSET[other_method] - offset) + 0.01 * rng.standard_normal()
+        barrier = 1e-8 if other == run else \
+            0.1 + 0.1 * abs(OFFSET[other_method] - offset) + 0.05 * cross + 0.01 * rng.standard_normal()
         rows.append({**_keys(run, method, preset, seed, STEPS[-1]), "kind": "imbh", "step_a": STEPS[-1],
-                     "step_b": STEPS[-1], "other_run": other, "other_method": other_method, "space": "dense",
+                     "step_b": STEPS[-1], "other_run": other, "other_method": other_method, "other_seed": other_seed,
+                     "pairing": "self" if other == run else ("cross-seed" if cross else "same-seed"), "space": "dense",
                      "applicable": applicable, "reason": "" if applicable else "cola has no dense weight",
                      "barrier": barrier if applicable else "", "relative_barrier": barrier / 4 if applicable else "",
                      "loss_a": 4.0, "loss_b": 4.1})
@@ -165,15 +174,22 @@ def write_run(study: Path, method: str, preset: str, seed: int, all_runs: list[t
         "loss_average": "batch_mean", "singular_grid": "study", "singular_study_grid": [-0.05, 0.0501, 0.004],
         "singular_beyond_rank": "clamp", "zero_matrix_gap": "zero", "last_hidden": "final_norm"}}))
 
-    # similarity to the full-rank run of the same seed
+    # similarity to the full-rank run of the same seed and to those of the other seeds (a seed pair
+    # of full-rank runs from its lower seed's side only); another seed adds SEED_GAP of drift
     rows = []
-    for step in STEPS:
-        for layer in range(N_LAYERS + 1):
-            drift = offset * (layer + 1) * step / 100
-            for metric, value in (("l2", 2 * drift), ("relative_l2", 0.2 * drift), ("cosine", 1 - 0.1 * drift),
-                                  ("cka", 1 - 0.05 * drift + 0.005 * rng.standard_normal()), ("mean_norm", 10 + drift)):
-                rows.append({**_keys(run, method, preset, seed, step), "reference_run": f"full-{preset}-s{seed}",
-                             "layer": layer, "metric": metric, "value": value, "applicable": True, "reason": ""})
+    seeds = sorted({s for _, s in all_runs})
+    partners = [s for s in seeds if s == seed or method != "full" or s > seed]
+    for reference_seed in partners:
+        reference = f"full-{preset}-s{reference_seed}"
+        pairing = "self" if reference == run else ("same-seed" if reference_seed == seed else "cross-seed")
+        for step in STEPS:
+            for layer in range(N_LAYERS + 1):
+                drift = (offset + SEED_GAP * (pairing == "cross-seed")) * (layer + 1) * step / 100
+                for metric, value in (("l2", 2 * drift), ("relative_l2", 0.2 * drift), ("cosine", 1 - 0.1 * drift),
+                                      ("cka", 1 - 0.05 * drift + 0.005 * rng.standard_normal()), ("mean_norm", 10 + drift)):
+                    rows.append({**_keys(run, method, preset, seed, step), "reference_run": reference,
+                                 "reference_method": "full", "reference_seed": reference_seed, "pairing": pairing,
+                                 "layer": layer, "metric": metric, "value": value, "applicable": True, "reason": ""})
     pd.DataFrame(rows).to_csv(run_dir / "analysis" / "similarity.csv", index=False)
     return summary
 
@@ -215,7 +231,8 @@ def built(tmp_path_factory):
 
 EXPECTED_FIGURES = [
     "training_loss_tiny", "val_ppl_tiny", "landscape_random_tiny", "landscape_singular_profiles_tiny",
-    "landscape_singular_summary_tiny", "landscape2d_tiny", "ccbh_tiny", "imbh_tiny", "spectral_tiny", "similarity_tiny",
+    "landscape_singular_summary_tiny", "landscape2d_tiny", "ccbh_tiny", "imbh_tiny", "imbh_to_full_tiny", "spectral_tiny",
+    "similarity_tiny",
     "downstream_tiny", "predictor",
 ]
 
@@ -229,7 +246,8 @@ def test_every_file_is_written(built):
         path = report / "figures" / f"{name}.png"
         assert path.is_file(), name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("results_tiny", "runs", "significance", "failed_runs", "predictor", "geometry_tiny"):
+    for name in ("results_tiny", "runs", "significance", "failed_runs", "predictor", "geometry_tiny", "distance_to_full_tiny",
+                 "seed_baseline_tiny"):
         assert (report / "tables" / f"{name}.csv").is_file(), name
     assert "Figure skipped" not in (report / "report.md").read_text()
 
@@ -262,7 +280,9 @@ def test_welch_p_value_equals_scipy(built):
     assert row["t_statistic"] == pytest.approx(expected.statistic, rel=1e-9)
     assert row["difference"] == pytest.approx(np.mean(galore) - np.mean(full), rel=1e-12)
     assert row["ci_low"] <= row["difference"] <= row["ci_high"]
-    assert set(table["metric"]) >= {"val_loss", "downstream_acc", "es_random", "imbh_to_full", "cka_to_reference"}
+    assert set(table["metric"]) >= {"val_loss", "downstream_acc", "es_random", "hessian_trace"}
+    # Distances to full rank are read against the seed baseline, not tested against full's self-comparison.
+    assert not set(table["metric"]) & {"imbh_to_full", "cka_to_reference", "cka_last_layer"}
     markdown = (report / "report.md").read_text()
     assert "**galore** vs full:" in markdown
 
@@ -392,6 +412,65 @@ def test_the_report_states_its_definitions_and_shows_the_new_metrics(built):
         assert label in geometry.columns, label
     assert geometry.loc["galore", "Hessian top eigenvalue"].startswith("42")  # 30 × (1 + 0.4), no spread over seeds
     assert "2-D loss landscape at the last checkpoint" in markdown
+
+
+def _similarity(study: Path, run: str, reference: str, metric: str, step: int = STEPS[-1]) -> pd.Series:
+    table = pd.read_csv(study / "runs" / run / "analysis" / "similarity.csv")
+    rows = table[(table["reference_run"] == reference) & (table["metric"] == metric) & (table["step"] == step)]
+    return rows.set_index("layer")["value"].sort_index()
+
+
+def test_the_full_rank_row_shows_the_seed_baseline_and_low_rank_values_are_read_against_it(built):
+    study, _, report = built
+    # The one seed pair (s0, s1), stored in seed 0's run: its last layer's CKA at the final step.
+    pair = _similarity(study, "full-tiny-s0", "full-tiny-s1", "cka").iloc[-1]
+    geometry = pd.read_csv(report / "tables" / "geometry_tiny.csv").set_index("method")
+    cell = geometry.loc["full", "CKA to full-rank (last layer)"]
+    assert cell == f"{format_number(pair)} [{format_number(pair)}, {format_number(pair)}] (1 pair)"
+    # Relative L2 divides by the reference's norm: the baseline holds the pair in both directions.
+    l2 = _similarity(study, "full-tiny-s0", "full-tiny-s1", "l2")
+    norm_s0 = _similarity(study, "full-tiny-s0", "full-tiny-s1", "mean_norm")
+    stored = _similarity(study, "full-tiny-s0", "full-tiny-s1", "relative_l2").mean()
+    loaded = load_study(study)
+    relative = SeedBaselines(loaded).final_baseline("tiny", "relative_l2_to_reference")
+    assert sorted(relative.values) == pytest.approx(sorted([stored, (l2 / norm_s0).mean()]), rel=1e-12)
+
+    distance = pd.read_csv(report / "tables" / "distance_to_full_tiny.csv")
+    cka = distance[(distance["metric"] == "cka_last_layer") & (distance["method"] == "galore")].set_index("pairing")
+    same = [_similarity(study, f"galore-tiny-s{s}", f"full-tiny-s{s}", "cka").iloc[-1] for s in (0, 1)]
+    other = [_similarity(study, f"galore-tiny-s{s}", f"full-tiny-s{1 - s}", "cka").iloc[-1] for s in (0, 1)]
+    for pairing, values in (("same-seed", same), ("cross-seed", other)):
+        assert cka.loc[pairing, "mean"] == pytest.approx(np.mean(values), rel=1e-12)
+        assert cka.loc[pairing, "difference_to_baseline"] == pytest.approx(np.mean(values) - pair, rel=1e-12)
+        expected = "farther than seed baseline" if np.mean(values) < pair - 1e-5 else (
+            "closer than seed baseline" if np.mean(values) > pair + 1e-5 else "within seed baseline")
+        assert cka.loc[pairing, "reading"] == expected
+    assert cka.loc["cross-seed", "reading"] == "farther than seed baseline"  # 0.4 + 0.3 drift vs 0.3
+    baseline_row = distance[(distance["metric"] == "cka_last_layer") & (distance["method"] == "full")].iloc[0]
+    assert baseline_row["pairing"] == "seed baseline" and baseline_row["n"] == 1
+    # Per checkpoint and layer as well, labelled by pairing.
+    layers = pd.read_csv(report / "tables" / "seed_baseline_tiny.csv")
+    assert set(layers["pairing"]) == {"seed baseline", "same-seed", "cross-seed"} and set(layers["step"]) == set(STEPS)
+    markdown = (report / "report.md").read_text()
+    assert "### Distance from full rank against the full-rank seed baseline" in markdown
+    assert "min..max over the seed pairs" in markdown and "The seed baseline is missing" not in markdown
+
+
+def test_one_full_rank_seed_says_the_baseline_is_missing_and_why(tmp_path):
+    study, _ = make_study(tmp_path, seeds=(0,), predictor=False)
+    report = build_report(study)
+    markdown = (report / "report.md").read_text()
+    why = "the study has 1 finished full-rank run at scale tiny (seed 0); the seed baseline compares full-rank runs " \
+          "of different seeds, so it needs ≥ 2"
+    assert f"**The seed baseline is missing at this scale:** {why}." in markdown
+    assert f"full: the seed baseline is missing — {why}." in markdown
+    geometry = pd.read_csv(report / "tables" / "geometry_tiny.csv").set_index("method")
+    assert geometry.loc["full", "CKA to full-rank (last layer)"] == "baseline missing"
+    assert geometry.loc["full", "IMBH to full-rank"] == "baseline missing"
+    assert geometry.loc["galore", "CKA to full-rank (last layer)"] not in ("baseline missing", "–")
+    distance = pd.read_csv(report / "tables" / "distance_to_full_tiny.csv")
+    assert (distance.loc[distance["method"] == "galore", "reading"] == "baseline missing").all()
+    assert f"No seed-baseline band: {why}." in markdown  # the similarity and barrier figures say it too
 
 
 def test_statistics_helpers_against_known_answers():

@@ -41,7 +41,7 @@ SPECTRAL_FEATURES = {  # name -> (target, matrix, metric)
     "update_ratio_pooled": ("dW_native", "pooled", "relative_fro_norm"),
 }
 SIMILARITY_FEATURES = {"cka_to_reference": "cka", "cosine_to_reference": "cosine", "relative_l2_to_reference": "relative_l2",
-                       "activation_norm": "mean_norm"}  # means over layers
+                       "activation_norm": "mean_norm"}  # means over layers; cka_last_layer: the last layer's CKA
 HESSIAN_FEATURES = {"hessian_top_eigenvalue": "top_eigenvalue", "hessian_trace": "trace"}
 
 
@@ -89,8 +89,17 @@ def _primary_scope(frame: pd.DataFrame | None) -> pd.DataFrame | None:
     return frame[frame["scope"].astype(str) == ("all" if "all" in scopes else scopes[0])] if scopes else frame
 
 
+def _same_seed(frame: pd.DataFrame) -> pd.DataFrame:
+    """The comparisons with the reference of the run's own seed (pairing self or same-seed), as
+    the study defines "to the reference"; the cross-seed rows are read against the seed baseline
+    by the report. Tables written before the pairing column had only those rows."""
+    if frame.empty or "pairing" not in frame.columns:
+        return frame
+    return frame[frame["pairing"].astype(str).isin(["self", "same-seed"])]
+
+
 def _imbh_to_full(interpolation: pd.DataFrame | None, run: str) -> pd.DataFrame:
-    rows = _select(interpolation, kind="imbh", other_method=REFERENCE_METHOD)
+    rows = _same_seed(_select(interpolation, kind="imbh", other_method=REFERENCE_METHOD))
     if "other_run" in rows.columns:  # a run interpolated with itself is a sanity check, not a pair
         rows = rows[rows["other_run"].astype(str) != run]
     return rows
@@ -103,33 +112,36 @@ def _reason(rows: pd.DataFrame) -> str | None:
     return sorted(set(reasons))[0] if len(reasons) else None
 
 
-def final_features(tables: Mapping[str, pd.DataFrame | None], run: str, method: str, step: int | None = None,
-                   reference_imbh: str = "zero") -> dict[str, Any]:
+def final_features(tables: Mapping[str, pd.DataFrame | None], run: str, method: str, step: int | None = None) -> dict[str, Any]:
     """The features of one run (its rows of each analysis table) at ``step`` (None: each table's
-    last step). ``reference_imbh``: the full-rank run's own IMBH to full-rank is 0 (``zero``, the
-    predictor's) or the barrier to the full-rank runs of other seeds (``seeds``, the report's
-    seed-to-seed baseline)."""
+    last step). Similarity and IMBH are to the full-rank run of the run's own seed; the full-rank
+    run's own IMBH to full-rank is 0 and its CKA 1 (the predictor's; the report shows the seed
+    baseline in their place)."""
     landscape = _primary_scope(tables.get("landscape"))
     interpolation, spectral = tables.get("interpolation"), tables.get("spectral")
     similarity, hessian = tables.get("similarity"), _primary_scope(tables.get("hessian"))
+    similarity = _same_seed(similarity) if similarity is not None else None
     out: dict[str, Any] = {}
     for name, (direction_set, k_max, metric) in LANDSCAPE_FEATURES.items():
         where = {"direction_set": direction_set, "metric": metric, **({"k_max": k_max} if k_max else {})}
         out[name] = _mean(_at_step(_select(landscape, **where), step))
     out["ccbh_final"] = _mean(_at_step(_select(interpolation, kind="ccbh"), step, "step_b"), "barrier")
     to_full = _at_step(_imbh_to_full(interpolation, run), step)
-    out["imbh_to_full"] = 0.0 if method == REFERENCE_METHOD and reference_imbh == "zero" else _mean(to_full, "barrier")
+    out["imbh_to_full"] = 0.0 if method == REFERENCE_METHOD else _mean(to_full, "barrier")
     for name, (target, matrix, metric) in SPECTRAL_FEATURES.items():
         out[name] = _mean(_at_step(_select(spectral, target=target, matrix=matrix, metric=metric), step))
     for name, metric in SIMILARITY_FEATURES.items():
         out[name] = _mean(_at_step(_select(similarity, metric=metric), step))
+    cka = _at_step(_select(similarity, metric="cka"), step)
+    out["cka_last_layer"] = _mean(_select(cka, layer=float(pd.to_numeric(cka["layer"]).max()))) if not cka.empty else math.nan
     for name, metric in HESSIAN_FEATURES.items():
         out[name] = _mean(_at_step(_select(hessian, metric=metric), step))
 
     reasons = {
         "imbh_to_full": _reason(to_full) if method != REFERENCE_METHOD else None,
         "effective_rank_w_merged": _reason(_at_step(_select(spectral, target="W"), step)),
-        "cka_to_reference": _reason(_at_step(_select(similarity, metric="cka"), step)),
+        "cka_to_reference": _reason(cka),
+        "cka_last_layer": _reason(cka),
         "hessian_top_eigenvalue": _reason(_at_step(_select(hessian, metric="top_eigenvalue"), step)),
     }
     out["not_applicable"] = "; ".join(f"{feature}: {reason}" for feature, reason in reasons.items() if reason)

@@ -1,5 +1,5 @@
-"""`rankscope analyze RUN_DIR ... --reference REF`: every stage on every selected checkpoint of
-every run, into the tables of docs/internals.md ("Analysis outputs").
+"""`rankscope analyze RUN_DIR ... --reference REF [--baseline-references REF2,...]`: every stage on
+every selected checkpoint of every run, into the tables of docs/internals.md ("Analysis outputs").
 
 This module only orders the work: it checks the inputs before anything heavy, plans each run's
 items stage by stage (:mod:`rankscope.analysis.stages`), computes the ones without a file, and
@@ -19,7 +19,16 @@ import torch
 from rankscope.analysis import AnalysisError
 from rankscope.analysis.probe import Probe
 from rankscope.analysis.progress import Progress
-from rankscope.analysis.runs import AnalysisContext, ModelCache, RunInfo, check_inputs, inspect_run, run_probe
+from rankscope.analysis.runs import (
+    AnalysisContext,
+    ModelCache,
+    RunInfo,
+    check_baselines,
+    check_inputs,
+    inspect_run,
+    pairing,
+    run_probe,
+)
 from rankscope.analysis.settings import AnalysisSettings
 from rankscope.analysis.stages import STAGES, Stage
 from rankscope.analysis.store import Item, write_json_atomic, write_tables
@@ -47,9 +56,16 @@ def analyze_runs(
     reference: str | Path,
     settings: AnalysisSettings | None = None,
     *,
+    baseline_references: Sequence[str | Path] = (),
     progress: bool = True,
 ) -> dict[str, Path]:
     """Analyse every selected checkpoint of every run; returns ``{run name: RUN_DIR/analysis}``.
+
+    ``reference`` is the full-rank run every run is compared with (similarity, IMBH; in a study the
+    one of the runs' seed); ``baseline_references`` are full-rank runs of the other seeds: every run
+    is compared with each of them too (pairing ``cross-seed``), and a full-rank run's comparisons
+    with them are the full-rank seed baseline (each seed pair analysed once, from its lower seed's
+    run: :func:`rankscope.analysis.runs.pair_owner`).
 
     Everything that can be checked without computing (runs with checkpoints, requested steps,
     model shapes, the probe set) is checked first, so bad input fails in seconds.
@@ -62,25 +78,30 @@ def analyze_runs(
         raise AnalysisError("no run folders given; pass at least one RUN_DIR")
     runs = [inspect_run(path) for path in run_dirs]
     reference_run = inspect_run(reference)
-    warnings = check_inputs(runs, reference_run, settings)
+    baselines = [inspect_run(path) for path in baseline_references]
+    warnings = check_inputs(runs, reference_run, settings) + check_baselines(baselines, reference_run)
 
     probes: dict[str, tuple[torch.Tensor, str]] = {}
     reference_probe, reference_data = run_probe(reference_run, settings.probe_size, probes)
-    for run in runs:
+    for run, role in [(run, "run") for run in runs] + [(b, "baseline reference") for b in baselines]:
         probe, data_fingerprint = run_probe(run, settings.probe_size, probes)
         if probe.shape != reference_probe.shape or not torch.equal(probe, reference_probe):
             raise AnalysisError(
-                f"run {run.name} and reference {reference_run.name} have different probe sets (data config or "
-                "tokenizer differ); analyse runs trained on the same data against a reference of that data"
+                f"{role} {run.name} and reference {reference_run.name} have different probe sets (data config or "
+                "tokenizer differ); analyse runs trained on the same data against references of that data"
             )
         if data_fingerprint != reference_data:
-            warnings.append(f"run {run.name} was trained on other data than the reference (same probe set)")
+            warnings.append(f"{role} {run.name} was trained on other data than the reference (same probe set)")
     for message in warnings:
         log.warning(message)
 
     device = resolve_device(settings.device)
     probe = Probe(reference_probe, settings.batch_size, device, settings.mask_padding, settings.loss_average)
-    context = AnalysisContext(settings, reference_run, runs, probe, ModelCache(device, size=4), progress, warnings)
+    context = AnalysisContext(settings, reference_run, runs, probe, ModelCache(device, size=4), progress, warnings, baselines)
+    for run in runs:
+        elsewhere = context.analysed_elsewhere(run)
+        if elsewhere:
+            log.info("%s: its seed pairs with %s are analysed from their side (the lower seed's run)", run.name, ", ".join(elsewhere))
     return {run.name: _analyze_one(run, context) for run in runs}
 
 
@@ -117,6 +138,10 @@ def _write_meta(run: RunInfo, context: AnalysisContext, analysis_dir: Path) -> d
         "run": run.name, "run_dir": str(run.path.resolve()), "method": run.method, "preset": run.preset, "seed": run.seed,
         "reference_run": context.reference.name, "reference_dir": str(context.reference.path.resolve()),
         "reference_method": context.reference.method,
+        "baseline_references": [b.name for b in context.baselines],
+        "comparisons": [{"run": other.name, "method": other.method, "seed": other.seed, "pairing": pairing(run, other)}
+                        for other in context.references(run)],
+        "seed_pairs_analysed_elsewhere": context.analysed_elsewhere(run),
         "settings": s.to_dict(),
         "probe": {
             "fingerprint": context.probe.fingerprint, "sequences": len(context.probe),

@@ -1,6 +1,12 @@
 """The runs an analysis reads: their configs and checkpoints, the probe set they share, a small
 cache of loaded models, and the context shared by every run of one `analyze_runs` call.
 
+Who is compared with whom (similarity, IMBH) is decided here (:class:`AnalysisContext`): every
+run with the reference (the full-rank run of its seed) and with each **baseline reference** (the
+full-rank runs of the other seeds), each comparison labelled by its :func:`pairing`. Two runs of
+one method and different seeds are a symmetric seed pair: :func:`pair_owner` says from which side
+it is analysed, so that a study analysing each seed's group on its own computes every pair once.
+
 Everything here is checked before any heavy work (:func:`check_inputs`), so bad input fails in
 seconds with one line naming the fix.
 """
@@ -74,6 +80,64 @@ def inspect_run(run_dir: str | Path) -> RunInfo:
     return RunInfo(path, path.resolve().name, config, checkpoints, dict(meta.get("model_config") or {}), meta.get("data_fingerprint"))
 
 
+PAIRINGS = ("self", "same-seed", "cross-seed")
+
+
+def pairing(run: RunInfo, other: RunInfo) -> str:
+    """How two compared runs relate: the same run (``self``), two runs of one seed (``same-seed``:
+    shared initialisation and data order) or of different seeds (``cross-seed``)."""
+    if run.path.resolve() == other.path.resolve():
+        return "self"
+    return "same-seed" if run.seed == other.seed else "cross-seed"
+
+
+def pair_owner(run: RunInfo, other: RunInfo) -> RunInfo:
+    """The run whose analysis holds the comparison of ``run`` with a baseline reference ``other``.
+
+    Two runs of one method and different seeds (full-rank seed 0 and seed 1: a pair of the seed
+    baseline) give the same numbers from either side, so the pair is analysed once, from the run
+    with the lower (seed, name); any other pair belongs to ``run``."""
+    if run.method != other.method or run.seed == other.seed:
+        return run
+    return min((run, other), key=lambda r: (r.seed, r.name))
+
+
+def _same_shape(run: RunInfo, reference: RunInfo, role: str) -> None:
+    if run.model_config != reference.model_config:
+        differing = sorted(k for k in set(run.model_config) | set(reference.model_config)
+                           if run.model_config.get(k) != reference.model_config.get(k))
+        detail = ", ".join(f"{k} {run.model_config.get(k)} vs {reference.model_config.get(k)}" for k in differing[:3])
+        raise AnalysisError(
+            f"{role} {reference.name} has another model shape than run {run.name} ({detail}); "
+            f"pass a {role} of the same preset and overrides"
+        )
+
+
+def check_baselines(baselines: list[RunInfo], reference: RunInfo) -> list[str]:
+    """Raise for unusable baseline references (the reference itself, a reference's seed, twice,
+    another shape); return warnings (a method other than the reference's)."""
+    seen: set[Path] = set()
+    warnings = []
+    for baseline in baselines:
+        path = baseline.path.resolve()
+        if path == reference.path.resolve():
+            raise AnalysisError(f"baseline reference {baseline.name} is the reference itself; "
+                                "pass the full-rank runs of the other seeds as --baseline-references")
+        if path in seen:
+            raise AnalysisError(f"baseline reference {baseline.name} is given twice; list each run once")
+        seen.add(path)
+        if baseline.seed == reference.seed:
+            raise AnalysisError(
+                f"baseline reference {baseline.name} has seed {baseline.seed}, the seed of the reference {reference.name}; "
+                "baseline references are full-rank runs of the other seeds"
+            )
+        _same_shape(reference, baseline, "baseline reference")
+        if baseline.method != reference.method:
+            warnings.append(f"baseline reference {baseline.name} was trained with method {baseline.method!r}, "
+                            f"not {reference.method!r} like the reference")
+    return warnings
+
+
 def check_inputs(runs: list[RunInfo], reference: RunInfo, settings: AnalysisSettings) -> list[str]:
     """Raise for unusable run sets (name clashes, missing steps, other shapes); return warnings."""
     names: dict[str, Path] = {}
@@ -85,14 +149,7 @@ def check_inputs(runs: list[RunInfo], reference: RunInfo, settings: AnalysisSett
             missing = [s for s in settings.steps if s not in run.steps]
             if missing:
                 raise AnalysisError(f"run {run.name} has no checkpoint at steps {missing}; available steps: {run.steps}")
-        if run.model_config != reference.model_config:
-            differing = sorted(k for k in set(run.model_config) | set(reference.model_config)
-                               if run.model_config.get(k) != reference.model_config.get(k))
-            detail = ", ".join(f"{k} {run.model_config.get(k)} vs {reference.model_config.get(k)}" for k in differing[:3])
-            raise AnalysisError(
-                f"reference {reference.name} has another model shape than run {run.name} ({detail}); "
-                "pass a reference of the same preset and overrides"
-            )
+        _same_shape(run, reference, "reference")
     warnings = []
     if reference.method != "full":
         warnings.append(f"reference {reference.name} was trained with method {reference.method!r}, not full-rank")
@@ -167,12 +224,28 @@ class AnalysisContext:
     models: ModelCache
     show_progress: bool
     warnings: list[str]
+    baselines: list[RunInfo] = field(default_factory=list)  # full-rank runs of the other seeds
     pair_curves: dict[tuple[str, str, int], tuple[np.ndarray | None, str]] = field(default_factory=dict)
 
+    def references(self, run: RunInfo) -> list[RunInfo]:
+        """The full-rank runs ``run`` is compared with (similarity, IMBH): the reference, then each
+        baseline reference but the run itself and seed pairs analysed from the other side
+        (:func:`pair_owner`)."""
+        chosen = [self.reference]
+        for baseline in self.baselines:
+            if baseline.path.resolve() != run.path.resolve() and pair_owner(run, baseline) is run:
+                chosen.append(baseline)
+        return chosen
+
+    def analysed_elsewhere(self, run: RunInfo) -> list[str]:
+        """The baseline references whose seed pair with ``run`` is analysed from their own side."""
+        return [b.name for b in self.baselines if b.path.resolve() != run.path.resolve() and pair_owner(run, b) is not run]
+
     def others(self, run: RunInfo) -> list[RunInfo]:
-        """IMBH partners: the reference, then every other given run with the same preset and seed."""
-        partners = [self.reference]
-        seen = {self.reference.path.resolve()}
+        """IMBH partners: the references of :meth:`references`, then every other given run with the
+        same preset and seed."""
+        partners = self.references(run)
+        seen = {p.path.resolve() for p in partners}
         for other in self.runs:
             if other.path.resolve() in seen or other.path.resolve() == run.path.resolve():
                 continue

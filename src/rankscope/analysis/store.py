@@ -24,7 +24,7 @@ KEY_COLUMNS = ["run", "method", "preset", "seed", "step"]
 @dataclass
 class Item:
     step: int
-    family: str  # landscape:<set>:<scope> | interpolation:ccbh | interpolation:imbh:<other> | spectral | similarity
+    family: str  # landscape:<set>:<scope> | interpolation:ccbh | interpolation:imbh:<other> | spectral | similarity:<reference>
     digest: str
     context: dict[str, Any] = field(default_factory=dict)
 

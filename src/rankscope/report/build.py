@@ -10,7 +10,8 @@ import datetime as _dt
 import logging
 from pathlib import Path
 
-from rankscope.report.collect import Study, finite, load_study, sorted_methods
+from rankscope.report.baseline import FINAL_MEASURES, MEASURE_LABELS, SPREAD, SeedBaselines
+from rankscope.report.collect import REFERENCE_METHOD, Study, finite, load_study, sorted_methods
 from rankscope.report.features import run_features
 from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.dynamics import dynamics_section
@@ -21,6 +22,7 @@ from rankscope.report.tables import (
     METRIC_LABELS,
     _predictor_display,
     _significance_display,
+    baseline_display,
     _significance_words,
     geometry_table,
     results_table,
@@ -87,6 +89,36 @@ def _study_name(study: Study) -> str:
     return study.study_dir.name
 
 
+def _baseline_section(document: Document, baselines: SeedBaselines, preset: str, tables_dir: Path) -> None:
+    """Every distance to full rank next to the distance between two full-rank seeds."""
+    document.heading("Distance from full rank against the full-rank seed baseline", 3)
+    missing = baselines.missing(preset)
+    if missing:
+        document.paragraph(f"**The seed baseline is missing at this scale:** {missing}. Without it, a distance to full "
+                           "rank cannot be told apart from the distance between two full-rank runs that differ only "
+                           "in their seed, so the values below have no yardstick.")
+    document.paragraph(
+        "Each low-rank run is compared with the full-rank run of its own seed (**same seed**: shared initialisation and "
+        "data order) and with the full-rank runs of the other seeds (**other seed**). The **seed baseline** is the same "
+        "metric between full-rank runs of different seeds, every pair of seeds at the same checkpoint (relative L2 once "
+        f"per direction, since it divides by the reference's norm); its spread is the range, {SPREAD}. "
+        "*within*: inside that range, as close to full rank as another full-rank seed; *farther* / *closer*: outside it "
+        "(CKA and cosine: higher is closer; L2 and barriers: lower is closer), judged on the mean, with the number of "
+        "single comparisons outside the range. The other-seed comparison is the one that matches the baseline; the "
+        "same-seed one shows what a shared initialisation and data order add. Values at the last analysed checkpoint; "
+        f"every checkpoint and layer in tables/seed_baseline_{preset}.csv.")
+    final = baselines.final_table(preset)
+    final.to_csv(tables_dir / f"distance_to_full_{preset}.csv", index=False)
+    baselines.layer_table(preset).to_csv(tables_dir / f"seed_baseline_{preset}.csv", index=False)
+    for measure in FINAL_MEASURES:
+        if not (final[final["metric"] == measure]["n"] > 0).any() and missing:
+            continue
+        display = baseline_display(final, measure, baselines.final_baseline(preset, measure).cell())
+        if len(display) > 1 or not missing:
+            document.table(display, f"{MEASURE_LABELS[measure]} (mean ± std over the comparisons, n of them); Δ: "
+                                    "mean minus the seed-baseline mean.")
+
+
 def build_report(study_dir: str | Path) -> Path:
     """Write STUDY_DIR/report/{report.md, report.html, figures/*.png, tables/*.csv}; returns the
     report folder."""
@@ -99,13 +131,16 @@ def build_report(study_dir: str | Path) -> Path:
             if stale.is_file() and stale.suffix in (".png", ".csv"):
                 stale.unlink()
 
-    features = run_features(study)
-    metrics = [m for m in METRIC_LABELS if m in features.columns]
+    baselines = SeedBaselines(study)
+    features = run_features(study, baselines)
+    # Distances to full rank are read against the seed baseline (their own section), not tested
+    # against the full-rank row, whose comparison with itself is trivial.
+    metrics = [m for m in METRIC_LABELS if m in features.columns and m not in FINAL_MEASURES]
     # A run that has a summary.json finished training, so its numbers count even if a later stage
     # (analysis, eval) failed; the same rule as the results table.
     usable = features[finite(features["val_loss"])]
     comparison = compare_to_reference(usable, metrics)
-    figures = render_all(study, figures_dir)
+    figures = render_all(study, figures_dir, baselines)
 
     extra = [c for c in features.columns if c not in study.runs.columns]
     study.runs.merge(features[["run", *extra]], on="run", how="left").to_csv(tables_dir / "runs.csv", index=False)
@@ -140,18 +175,23 @@ def build_report(study_dir: str | Path) -> Path:
         if len(failed_here):
             document.paragraph("Failed runs: " + "; ".join(f"`{r.run}` — {r.failure_reason}"
                                                            for r in failed_here.itertuples(index=False)))
-        geometry, _ = geometry_table(features, preset)
+        missing = baselines.missing(preset)
+        reference_cells = {m: baselines.final_baseline(preset, m).cell() for m in FINAL_MEASURES}
+        geometry, _ = geometry_table(features, preset, reference_cells=reference_cells)
         if len(geometry.columns) > 1:
             geometry.to_csv(tables_dir / f"geometry_{preset}.csv", index=False)
             document.heading("Final-checkpoint geometry", 3)
             document.paragraph("Mean ± std over seeds at each run's last analysed checkpoint; – where a run has no "
                                "value, n/a where the metric does not apply to the method (reason below).")
             for title, columns, caption in GEOMETRY_TABLES:
-                table, not_applicable = geometry_table(features, preset, columns)
+                table, not_applicable = geometry_table(features, preset, columns, reference_cells)
                 if len(table.columns) > 1:
                     document.heading(title, 4)
                     document.table(table, caption)
+                    if missing and any(METRIC_LABELS[m] in table.columns for m in FINAL_MEASURES):
+                        not_applicable = [f"{REFERENCE_METHOD}: the seed baseline is missing — {missing}.", *not_applicable]
                     document.bullets(not_applicable)
+        _baseline_section(document, baselines, preset, tables_dir)
         document.heading("Does the difference to full-rank exceed seed-to-seed variation?", 3)
         in_preset = usable[usable["preset"].astype(str) == str(preset)]
         seed_counts = {m: int(finite(in_preset.loc[in_preset["method"] == m, "val_loss"]).sum())

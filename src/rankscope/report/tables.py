@@ -38,6 +38,7 @@ METRIC_LABELS: dict[str, str] = {
     "effective_rank_dw": "effective rank of ΔW",
     "update_ratio_pooled": "‖ΔW‖ / ‖W‖ pooled over matrices",
     "cka_to_reference": "CKA to full-rank (mean over layers)",
+    "cka_last_layer": "CKA to full-rank (last layer)",
     "cosine_to_reference": "cosine to full-rank (mean over layers)",
     "relative_l2_to_reference": "relative L2 to full-rank (mean over layers)",
     "activation_norm": "mean activation norm (mean over layers)",
@@ -48,8 +49,9 @@ GEOMETRY_TABLES: list[tuple[str, list[str], str]] = [
      ["es_random", "dv_random", "es_singular_top1", "es_singular_top5", "dv_singular_top5", "ccbh_final", "imbh_to_full",
       "hessian_top_eigenvalue", "hessian_trace"],
      "Expected sharpness and direction variance of 1-D profiles (singular: the study's grid, centre index len // 2); "
-     "IMBH to full-rank of the full-rank row: the barrier between its own seeds (the seed-to-seed baseline); "
-     "Hessian: power iteration and Hutchinson on Hessian-vector products of the probe loss."),
+     "IMBH to full-rank: to the full-rank run of the same seed; the full-rank row shows the seed baseline (the barrier "
+     "between full-rank runs of different seeds: mean [min, max] over the seed pairs) instead of its barrier with "
+     "itself; Hessian: power iteration and Hutchinson on Hessian-vector products of the probe loss."),
     ("Spectra",
      ["effective_rank_w", "stable_rank_w", "numerical_rank_ratio_w", "sv_ratio_w", "effective_rank_w_merged",
       "effective_rank_dw", "update_ratio_pooled"],
@@ -57,9 +59,11 @@ GEOMETRY_TABLES: list[tuple[str, list[str], str]] = [
      "layer contributes its factors, LoRA/ReLoRA its base and factors); merged W is each layer's effective dense "
      "weight (ours). ΔW between the last two checkpoints; the pooled ratio is √Σ‖ΔW‖² / √Σ‖W‖² over all matrices."),
     ("Activations",
-     ["cka_to_reference", "cosine_to_reference", "relative_l2_to_reference", "activation_norm"],
-     "Hidden states on the probe set against the full-rank run of the same scale and seed; the last layer is the "
-     "output of the final RMSNorm, as HF hidden_states (the study's)."),
+     ["cka_last_layer", "cka_to_reference", "cosine_to_reference", "relative_l2_to_reference", "activation_norm"],
+     "Hidden states on the probe set against the full-rank run of the same scale and seed; the full-rank row shows "
+     "the seed baseline (the same metric between full-rank runs of different seeds: mean [min, max] over the seed "
+     "pairs) instead of the comparison with itself. The last layer is the output of the final RMSNorm, as HF "
+     "hidden_states (the study's)."),
 ]
 GEOMETRY_COLUMNS = [c for _, columns, _ in GEOMETRY_TABLES for c in columns]
 
@@ -109,11 +113,14 @@ def _reasons(group: pd.DataFrame) -> dict[str, str]:
     return reasons
 
 
-def geometry_table(features: pd.DataFrame, preset: str, columns: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+def geometry_table(features: pd.DataFrame, preset: str, columns: list[str] | None = None,
+                   reference_cells: dict[str, str] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Final-checkpoint metrics per method: mean ± std over seeds (formatted), ``n/a`` where a
-    metric does not apply to the method; and one line per such cell with the reason."""
+    metric does not apply to the method; and one line per such cell with the reason.
+    ``reference_cells`` replaces cells of the full-rank row (its seed baseline)."""
     in_preset = features[features["preset"].astype(str) == str(preset)]
     wanted = GEOMETRY_COLUMNS if columns is None else columns
+    reference_cells = reference_cells or {}
     shown = [c for c in wanted if c in in_preset.columns and finite(in_preset[c]).any()]
     rows, notes = [], []
     for method in sorted_methods(in_preset["method"].dropna().unique()):
@@ -122,13 +129,52 @@ def geometry_table(features: pd.DataFrame, preset: str, columns: list[str] | Non
         row = {"method": method}
         for column in shown:
             values = group[column].astype(float)
-            if not finite(values).any() and column in reasons:
+            if method == REFERENCE_METHOD and column in reference_cells:
+                row[METRIC_LABELS[column]] = reference_cells[column]
+            elif not finite(values).any() and column in reasons:
                 row[METRIC_LABELS[column]] = "n/a"
                 notes.append(f"{method}, {METRIC_LABELS[column]}: not applicable — {reasons[column]}")
             else:
                 row[METRIC_LABELS[column]] = format_mean_std(*mean_std(values))
         rows.append(row)
     return pd.DataFrame(rows), notes
+
+
+def _comparison_cell(row: pd.Series | None) -> str:
+    """mean ± std over the comparisons, and their number."""
+    if row is None or not row["n"]:
+        return "–"
+    spread = f" ± {format_number(row['std'], 2)}" if row["n"] >= 2 else ""
+    return f"{format_number(row['mean'])}{spread} (n = {int(row['n'])})"
+
+
+def _reading_cell(row: pd.Series | None) -> str:
+    if row is None or not row["n"] or not row["reading"]:
+        return "–"
+    reading = str(row["reading"]).replace(" than seed baseline", "").replace(" seed baseline", "")
+    if np.isfinite(row["outside_baseline"]):
+        reading += f" ({int(row['outside_baseline'])}/{int(row['n'])} outside)"
+    return reading
+
+
+def baseline_display(final_table: pd.DataFrame, measure: str, reference_cell: str) -> pd.DataFrame:
+    """One final-checkpoint measure per method: the comparison with the full-rank run of the same
+    seed and of the other seeds, each with its difference to the seed-baseline mean and its
+    reading; the full-rank row holds the baseline itself (full vs a full-rank run of another seed)."""
+    rows = final_table[final_table["metric"] == measure]
+    shown = [{"method": f"{REFERENCE_METHOD} (seed baseline)", "same seed": "– (itself)", "other seed": reference_cell,
+              "Δ to baseline: same / other seed": "", "reading: same seed": "", "reading: other seed": ""}]
+    for method in [m for m in dict.fromkeys(final_table["method"]) if m != REFERENCE_METHOD]:
+        pick = {p: next((r for _, r in rows[(rows["method"] == method) & (rows["pairing"] == p)].iterrows()), None)
+                for p in ("same-seed", "cross-seed")}
+        differences = [format_number(r["difference_to_baseline"], 3) if r is not None and r["n"] else "–"
+                       for r in pick.values()]
+        shown.append({"method": method, "same seed": _comparison_cell(pick["same-seed"]),
+                      "other seed": _comparison_cell(pick["cross-seed"]),
+                      "Δ to baseline: same / other seed": " / ".join(differences),
+                      "reading: same seed": _reading_cell(pick["same-seed"]),
+                      "reading: other seed": _reading_cell(pick["cross-seed"])})
+    return pd.DataFrame(shown)
 
 
 def _significance_words(comparison: pd.DataFrame, preset: str, seed_counts: dict[str, int]) -> list[str]:

@@ -88,17 +88,20 @@ class TrainJob(Job):
 
 @dataclass(frozen=True, kw_only=True)
 class AnalyzeJob(Job):
-    """The analysis of the trained runs of one (preset, seed) group against its full-rank run."""
+    """The analysis of the trained runs of one (preset, seed) group against its full-rank run and
+    the full-rank runs of the other seeds (the baseline references)."""
 
     run_dirs: tuple[str, ...]
     reference_dir: str
     settings: dict  # AnalysisSettings fields, as in the study file
+    baseline_dirs: tuple[str, ...] = ()
 
     def run(self) -> dict[str, Any]:
         from rankscope.analysis.pipeline import analyze_runs
         from rankscope.study.spec import settings_from_mapping
 
-        outputs = analyze_runs(list(self.run_dirs), self.reference_dir, settings_from_mapping(self.settings))
+        outputs = analyze_runs(list(self.run_dirs), self.reference_dir, settings_from_mapping(self.settings),
+                               baseline_references=list(self.baseline_dirs))
         return {"analysed": sorted(outputs)}
 
     def finished_on_disk(self) -> bool:

@@ -112,12 +112,17 @@ def _groups(planned: list[PlannedRun]) -> dict[tuple[str, int], list[PlannedRun]
 
 
 def analyze_jobs(planned: list[PlannedRun], runs_dir: Path, status: StudyStatus | None, spec: StudySpec) -> list[Job]:
-    """One job per (preset, seed) group: its trained runs against its full-rank run.
+    """One job per (preset, seed) group: its trained runs against its full-rank run, and against
+    the trained full-rank runs of the preset's other seeds (cross-seed comparisons and the
+    full-rank seed baseline). A job writes only into its own runs' folders and reads the other
+    seeds' checkpoints; each seed pair of full-rank runs is computed once, by the job of its lower
+    seed (rankscope.analysis.runs.pair_owner), so the jobs can run in any order or in parallel.
 
     Without `status` (a dry run) every run counts as trained. A group whose full-rank run did
     not finish training gets no job; its runs are recorded as failed with the reason.
     """
     jobs = []
+    references = [r for r in planned if r.method == REFERENCE_METHOD and (status is None or _trained(r, runs_dir, status))]
     for (preset, seed), group in _groups(planned).items():
         reference = next(r for r in group if r.method == REFERENCE_METHOD)
         if status is not None and not _trained(reference, runs_dir, status):
@@ -125,10 +130,11 @@ def analyze_jobs(planned: list[PlannedRun], runs_dir: Path, status: StudyStatus 
                 status.set(run.name, "analyze", "failed", f"reference run {reference.name} did not finish training")
             continue
         ready = [r for r in group if status is None or _trained(r, runs_dir, status)]
+        baselines = [r for r in references if r.preset == preset and r.seed != seed]
         jobs.append(AnalyzeJob(
             stage="analyze", name=f"{preset}-s{seed}", runs=tuple(r.name for r in ready),
             run_dirs=tuple(str(runs_dir / r.name) for r in ready), reference_dir=str(runs_dir / reference.name),
-            settings=dict(spec.analysis),
+            baseline_dirs=tuple(str(runs_dir / r.name) for r in baselines), settings=dict(spec.analysis),
         ))
     return jobs
 

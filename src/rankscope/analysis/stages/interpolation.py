@@ -5,6 +5,11 @@ and its barrier height.
 - **IMBH**: two runs at the same step, in dense space (every linear merged to its effective
   weight); a method without a dense equivalent (CoLA) gets a not-applicable row with the reason.
 
+IMBH partners are the run's references (the full-rank run of its seed, and the full-rank runs of
+the other seeds given as baseline references) and the other runs of its preset and seed; each
+row names the partner's seed and the ``pairing`` (self | same-seed | cross-seed). A full-rank
+run's cross-seed rows are the seed baseline of the barrier.
+
 Every point is formed afresh from the two endpoints, never by stepping from the previous one.
 :func:`pair_curve` takes any two runs, so a seed baseline (two full-rank runs of different
 seeds) is one more pair. Rows go to interpolation.csv, curves to interpolation_curves.npz.
@@ -22,7 +27,7 @@ from torch import nn
 from rankscope.analysis import AnalysisError
 from rankscope.analysis import interpolation as interp
 from rankscope.analysis.probe import Probe
-from rankscope.analysis.runs import AnalysisContext, RunInfo
+from rankscope.analysis.runs import AnalysisContext, RunInfo, pairing
 from rankscope.analysis.settings import settings_hash
 from rankscope.analysis.space import ParameterSpace, build_dense_model
 from rankscope.analysis.stages.base import Stage
@@ -141,10 +146,10 @@ def _compute_pair(context: AnalysisContext, run: RunInfo, other: RunInfo, step: 
 class InterpolationStage(Stage):
     table = TableSpec(
         "interpolation", KEY_COLUMNS + [
-            "kind", "step_a", "step_b", "other_run", "other_method", "space", "applicable", "reason",
+            "kind", "step_a", "step_b", "other_run", "other_method", "other_seed", "pairing", "space", "applicable", "reason",
             "barrier", "relative_barrier", "loss_a", "loss_b",
         ],
-        arrays_file="interpolation_curves.npz",
+        arrays_file="interpolation_curves.npz", integer_columns=("other_seed",),
     )
 
     def plan(self, step: int, steps: Sequence[int]) -> list[Item]:
@@ -156,7 +161,8 @@ class InterpolationStage(Stage):
             items.append(Item(step, "interpolation:ccbh", settings_hash({**base, "previous": previous}), {"previous": previous}))
         imbh_here = not self.at_last_step_only(s.imbh_every_checkpoint, step, steps)
         for other in (self.context.others(self.run) if imbh_here else []):
-            payload = {**base, "other": str(other.path.resolve())}
+            # The partner's seed decides the row's pairing label, so it keys the item too.
+            payload = {**base, "other": str(other.path.resolve()), "other_seed": other.seed}
             items.append(Item(step, f"interpolation:imbh:{other.name}", settings_hash(payload), {"other": other}))
         return items
 
@@ -164,7 +170,7 @@ class InterpolationStage(Stage):
     def describe(cls, run, context) -> dict[str, Any]:
         return {
             "grids": {"interpolation": interp.interpolation_alphas(context.settings.interpolation_points).tolist()},
-            "imbh_partners": [o.name for o in context.others(run)],
+            "imbh_partners": {o.name: pairing(run, o) for o in context.others(run)},
         }
 
     def compute(self, item: Item) -> dict[str, Any]:
@@ -174,7 +180,8 @@ class InterpolationStage(Stage):
         self.progress.advance(1.0)
         if item.family == "interpolation:ccbh":
             previous = item.context["previous"]
-            head = {"kind": "ccbh", "step_a": previous, "step_b": step, "other_run": "", "other_method": "", "space": "native"}
+            head = {"kind": "ccbh", "step_a": previous, "step_b": step, "other_run": "", "other_method": "", "other_seed": None,
+                    "pairing": "", "space": "native"}
             loaded = self.context.models.get(self.run, step)
             state = ckpt.load_model_state(self.run.checkpoint(previous).path)
             try:
@@ -184,7 +191,8 @@ class InterpolationStage(Stage):
             return {"rows": [{**head, **barrier_row(curve)}], "arrays": {f"ccbh//step_{step:06d}": curve.tolist()}}
 
         other: RunInfo = item.context["other"]
-        head = {"kind": "imbh", "step_a": step, "step_b": step, "other_run": other.name, "other_method": other.method, "space": "dense"}
+        head = {"kind": "imbh", "step_a": step, "step_b": step, "other_run": other.name, "other_method": other.method,
+                "other_seed": other.seed, "pairing": pairing(self.run, other), "space": "dense"}
         curve, reason = pair_curve(self.context, self.run, other, step)
         if curve is None:
             return {"rows": [{**head, **not_applicable_row(reason)}], "arrays": {}}

@@ -9,7 +9,11 @@ the last one is the output of the final RMSNorm (``last_hidden=final_norm``, the
 ``last_hidden=block_output`` takes the raw output of the last block instead (ours).
 
 :func:`similarity_rows` compares any two models of one shape; the stage compares each run with
-the study's reference (the full-rank run of the same scale and seed). Rows go to similarity.csv.
+the study's reference (the full-rank run of the same scale and seed) and with every baseline
+reference (the full-rank runs of the other seeds), one item per reference and checkpoint. Each
+row names its reference, the reference's method and seed, and the ``pairing`` (self | same-seed |
+cross-seed); a full-rank run's cross-seed rows are the full-rank seed baseline. Rows go to
+similarity.csv.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from rankscope.analysis import AnalysisError
 from rankscope.analysis.probe import Probe
+from rankscope.analysis.runs import RunInfo, pairing
 from rankscope.analysis.settings import settings_hash
 from rankscope.analysis.similarity import SimilarityAccumulator
 from rankscope.analysis.stages.base import Stage
@@ -78,19 +83,25 @@ def similarity_not_applicable(num_layers: int, reason: str) -> list[dict[str, An
 
 
 class SimilarityStage(Stage):
-    table = TableSpec("similarity", KEY_COLUMNS + ["reference_run", "layer", "metric", "value", "applicable", "reason"])
+    table = TableSpec("similarity", KEY_COLUMNS + [
+        "reference_run", "reference_method", "reference_seed", "pairing", "layer", "metric", "value", "applicable", "reason",
+    ])
 
     def plan(self, step: int, steps: Sequence[int]) -> list[Item]:
-        payload = {
-            "settings": self.settings.family_settings("similarity"), "probe": self.probe.fingerprint,
-            "reference": str(self.context.reference.path.resolve()),
-        }
-        return [Item(step, "similarity", settings_hash(payload))]
+        items = []
+        for reference in self.context.references(self.run):
+            payload = {
+                "settings": self.settings.family_settings("similarity"), "probe": self.probe.fingerprint,
+                "reference": str(reference.path.resolve()),
+            }
+            items.append(Item(step, f"similarity:{reference.name}", settings_hash(payload), {"reference": reference}))
+        return items
 
     def compute(self, item: Item) -> dict[str, Any]:
-        reference = self.context.reference
+        reference: RunInfo = item.context["reference"]
         self.progress.advance(1.0)
-        head = {"reference_run": reference.name}
+        head = {"reference_run": reference.name, "reference_method": reference.method, "reference_seed": reference.seed,
+                "pairing": pairing(self.run, reference)}
         num_layers = int(self.run.model_config.get("num_layers", 0))
         if item.step not in reference.steps:
             reason = f"reference {reference.name} has no checkpoint at step {item.step} (it has {reference.steps})"

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from rankscope.report.baseline import SeedBaselines
 from rankscope.report.collect import Study
 from rankscope.report.figures.base import (
     METHOD_COLORS,
@@ -21,7 +22,7 @@ from rankscope.report.figures.base import (
     palette,
 )
 from rankscope.report.figures.downstream import fig_downstream, fig_predictor
-from rankscope.report.figures.interpolation import fig_ccbh, fig_imbh, imbh_matrix
+from rankscope.report.figures.interpolation import fig_ccbh, fig_imbh, fig_imbh_to_full, imbh_matrix
 from rankscope.report.figures.landscape2d import fig_landscape2d
 from rankscope.report.figures.landscape import (
     ProfileCache,
@@ -47,8 +48,10 @@ def _guarded(function: Callable, name: str, title: str, *args, **kwargs) -> list
     return result if isinstance(result, list) else [result]
 
 
-def render_preset_figures(study: Study, preset: str, out_dir: Path, profiles: ProfileCache | None = None) -> list[FigureResult]:
+def render_preset_figures(study: Study, preset: str, out_dir: Path, profiles: ProfileCache | None = None,
+                          baselines: SeedBaselines | None = None) -> list[FigureResult]:
     profiles = profiles or ProfileCache(study)
+    baselines = baselines or SeedBaselines(study)
     results: list[FigureResult] = []
     results += _guarded(fig_training_curves, f"training_loss_{preset}", "training loss", study, preset, out_dir)
     results += _guarded(fig_val_ppl, f"val_ppl_{preset}", "validation perplexity", study, preset, out_dir)
@@ -63,25 +66,29 @@ def render_preset_figures(study: Study, preset: str, out_dir: Path, profiles: Pr
     results += _guarded(fig_landscape2d, f"landscape2d_{preset}", "2-D landscape", study, preset, out_dir)
     results += _guarded(fig_ccbh, f"ccbh_{preset}", "CCBH", study, preset, out_dir)
     results += _guarded(fig_imbh, f"imbh_{preset}", "IMBH", study, preset, out_dir)
+    results += _guarded(fig_imbh_to_full, f"imbh_to_full_{preset}", "IMBH to full rank", study, preset, out_dir,
+                        baselines=baselines)
     results += _guarded(fig_spectral, f"spectral_{preset}", "spectral metrics", study, preset, out_dir)
-    results += _guarded(fig_similarity, f"similarity_{preset}", "activation similarity", study, preset, out_dir)
+    results += _guarded(fig_similarity, f"similarity_{preset}", "activation similarity", study, preset, out_dir,
+                        baselines=baselines)
     results += _guarded(fig_downstream, f"downstream_{preset}", "downstream accuracy", study, preset, out_dir)
     return results
 
 
-def render_all(study: Study, out_dir: Path) -> dict[str, list[FigureResult]]:
+def render_all(study: Study, out_dir: Path, baselines: SeedBaselines | None = None) -> dict[str, list[FigureResult]]:
     """Every figure, grouped by preset ('' for study-wide figures)."""
     import matplotlib as mpl
 
     with mpl.rc_context(STYLE):
         profiles = ProfileCache(study)
-        grouped = {preset: render_preset_figures(study, preset, out_dir, profiles) for preset in study.presets()}
+        baselines = baselines or SeedBaselines(study)
+        grouped = {preset: render_preset_figures(study, preset, out_dir, profiles, baselines) for preset in study.presets()}
         grouped[""] = _guarded(fig_predictor, "predictor", "predictor", study, out_dir)
     return grouped
 
 
 __all__ = [
-    "METHOD_COLORS", "FigureResult", "ProfileCache", "fig_ccbh", "fig_downstream", "fig_imbh",
+    "METHOD_COLORS", "FigureResult", "ProfileCache", "fig_ccbh", "fig_downstream", "fig_imbh", "fig_imbh_to_full",
     "fig_landscape2d", "fig_landscape_random", "fig_landscape_singular", "fig_predictor", "fig_similarity", "fig_spectral",
     "fig_training_curves", "fig_val_ppl", "imbh_matrix", "method_color", "palette", "render_all",
     "render_preset_figures",

@@ -1,4 +1,5 @@
-"""Interpolation-barrier figures: CCBH vs step and the IMBH matrix between methods."""
+"""Interpolation-barrier figures: CCBH vs step, the IMBH matrix between methods, and each method's
+IMBH to full rank against the full-rank seed baseline (a band: min..max over the seed pairs)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.transforms import blended_transform_factory
 
-from rankscope.report.collect import Study, applicable_mask, finite, sorted_methods
+from rankscope.report.baseline import SPREAD, SeedBaselines
+from rankscope.report.collect import REFERENCE_METHOD, Study, applicable_mask, finite, sorted_methods
 from rankscope.report.figures.base import (
     FigureResult,
+    _line_width,
     _mean_band,
     _method_legend,
     _new_figure,
@@ -61,10 +66,15 @@ def fig_ccbh(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
 def imbh_matrix(interpolation: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Methods, mean IMBH barrier between each pair of methods at each run's final step (mean over
     the seed pairs; the barrier is symmetric in the two ends), and a matrix of cell states:
-    1 = value, 0 = not applicable, -1 = not computed."""
+    1 = value, 0 = not applicable, -1 = not computed. Two methods are compared on runs of the same
+    seed; the diagonal holds runs of one method and different seeds (full rank: the seed baseline)."""
     imbh = interpolation[interpolation["kind"] == "imbh"].copy()
     if "other_run" in imbh.columns:  # a run interpolated with itself (barrier 0) is a check, not a pair
         imbh = imbh[imbh["other_run"].astype(str) != imbh["run"].astype(str)]
+    if "pairing" in imbh.columns:  # tables from before the column hold same-seed pairs only
+        same_method = imbh["method"].astype(str) == imbh["other_method"].astype(str)
+        pairing = imbh["pairing"].astype(str)
+        imbh = imbh[(same_method & (pairing == "cross-seed")) | (~same_method & pairing.isin(["same-seed", "nan", ""]))]
     imbh["step"] = pd.to_numeric(imbh["step"], errors="coerce")
     imbh = imbh[imbh["step"] == imbh.groupby("run")["step"].transform("max")]
     imbh["barrier"] = pd.to_numeric(imbh["barrier"], errors="coerce")
@@ -129,6 +139,61 @@ def fig_imbh(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
               Patch(facecolor="#EEEEEE", edgecolor="#AAAAAA", label="—: not computed")]
     ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False, fontsize=8)
     caption = ("Barrier on the straight path between two runs at the final step, interpolated in dense space. "
-               "Diagonal: same method, different seeds. n/a (hatched): a method without a dense equivalent; "
-               "—: pair not computed.")
+               "Off the diagonal: runs of the same seed; diagonal: same method, different seeds (full-rank: the seed "
+               "baseline). n/a (hatched): a method without a dense equivalent; —: pair not computed.")
+    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+
+
+def fig_imbh_to_full(study: Study, preset: str, out_dir: Path, baselines: SeedBaselines | None = None, **_) -> FigureResult:
+    name, title = f"imbh_to_full_{preset}", f"IMBH to full rank against the full-rank seed baseline, final step ({preset})"
+    baselines = baselines or SeedBaselines(study)
+    final = baselines.final
+    final = final[(final["preset"].astype(str) == str(preset)) & (final["measure"] == "imbh_to_full")]
+    table = _table(study, "interpolation", preset)
+    if table is None or not (table["kind"] == "imbh").any():
+        return FigureResult(name, title, skipped=f"no IMBH rows in interpolation.csv for preset {preset}")
+    imbh = table[table["kind"] == "imbh"]
+    methods = [m for m in sorted_methods(imbh["method"].unique()) if m != REFERENCE_METHOD]
+    if not methods:
+        return FigureResult(name, title, skipped=f"no low-rank run has IMBH rows at preset {preset}")
+    baseline = baselines.final_baseline(preset, "imbh_to_full")
+    figure = _new_figure(max(5.0, 1.6 + 0.9 * len(methods)), 4.4)
+    ax = figure.subplots()
+    color = method_color(REFERENCE_METHOD)
+    if baseline.n:
+        ax.axhspan(baseline.low, baseline.high, color=color, alpha=0.16, linewidth=0, zorder=1)
+        ax.axhline(baseline.mean, color=color, linestyle=":", linewidth=1.6, zorder=2)
+    offsets = {"same-seed": -0.12, "cross-seed": 0.12}
+    for index, method in enumerate(methods):
+        mine = final[final["method"] == method]
+        if mine.empty:
+            ax.text(index, 0.04, "n/a", ha="center", va="bottom", fontsize=8.5, color="#444444",
+                    transform=blended_transform_factory(ax.transData, ax.transAxes))
+            continue
+        for pairing, offset in offsets.items():
+            values = mine[mine["pairing"] == pairing]["value"].to_numpy(dtype=float)
+            if values.size:
+                ax.scatter(np.full(values.size, index + offset), values, s=28, zorder=3, linewidths=1.3,
+                           color=method_color(method) if pairing == "same-seed" else "none",
+                           edgecolors=method_color(method))
+                ax.plot([index + offset - 0.08, index + offset + 0.08], [values.mean()] * 2, color=method_color(method),
+                        linewidth=_line_width(method), zorder=3)
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    for label, method in zip(ax.get_xticklabels(), methods):
+        label.set_color(method_color(method))
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_ylabel("barrier height [nats]")
+    ax.set_title(f"IMBH to full rank, final step ({preset})")
+    legend = [Line2D([], [], marker="o", linestyle="", color="#555555", label="same seed"),
+              Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="#555555", label="other seed")]
+    if baseline.n:
+        legend += [Patch(facecolor=color, alpha=0.16, label=f"seed baseline ({SPREAD}, {len(set(baseline.pairs))} pairs)"),
+                   Line2D([], [], color=color, linestyle=":", label="seed baseline mean")]
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False, fontsize=8)
+    caption = ("Barrier on the straight path (dense space) between each low-rank run and a full-rank run at the last "
+               "step: filled, the full-rank run of the same seed; hollow, the full-rank runs of the other seeds (short "
+               f"bar: mean). Grey band: the barrier between full-rank runs of different seeds ({SPREAD}; dotted: "
+               "mean). n/a: no dense equivalent.")
+    if baseline.missing:
+        caption += f" No seed-baseline band: {baseline.missing}."
     return FigureResult(name, title, caption, _save(figure, out_dir, name))

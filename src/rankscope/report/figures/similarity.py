@@ -1,4 +1,5 @@
-"""Activation-similarity figures: per-layer L2, cosine and CKA to the full-rank reference."""
+"""Activation-similarity figures: per-layer L2, cosine and CKA to full rank, each against the
+full-rank seed baseline drawn as a band (min..max over the seed pairs, dotted line: their mean)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from rankscope.report.collect import Study, applicable_mask, sorted_methods
+from rankscope.report.baseline import SPREAD, SeedBaselines
+from rankscope.report.collect import REFERENCE_METHOD, Study, applicable_mask, sorted_methods
 from rankscope.report.figures.base import (
     FigureResult,
+    _line_width,
     _mean_band,
     _method_legend,
     _new_figure,
@@ -20,16 +25,45 @@ from rankscope.report.figures.base import (
     _seed_note,
     _step_label,
     _table,
+    _widen_flat_axis,
+    method_color,
 )
 
 
 SIMILARITY_PANELS = [("l2", "L2 distance  mean‖h_ref − h‖₂"), ("relative_l2", "relative L2 distance"),
                      ("mean_norm", "activation norm  mean‖h‖₂"),
                      ("cosine", "cosine similarity"), ("cka", "linear CKA")]
+PAIRING_STYLES = {"same-seed": "-", "cross-seed": "--"}
 
 
-def fig_similarity(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
-    name, title = f"similarity_{preset}", f"Activation similarity to the full-rank reference, per layer ({preset})"
+def baseline_band(ax, baselines: SeedBaselines, preset: str, metric: str, step: float, layers) -> bool:
+    """The seed baseline of ``metric`` at ``step`` over ``layers`` as a band (min..max over the
+    seed pairs) with its mean dotted; False where there is none."""
+    points = [(layer, baselines.layer_baseline(preset, metric, step, layer)) for layer in sorted(layers)]
+    points = [(layer, b) for layer, b in points if b.n]
+    if not points:
+        return False
+    x = np.array([layer for layer, _ in points], dtype=float)
+    color = method_color(REFERENCE_METHOD)
+    ax.fill_between(x, [b.low for _, b in points], [b.high for _, b in points], color=color, alpha=0.16, linewidth=0,
+                    zorder=1)
+    ax.plot(x, [b.mean for _, b in points], color=color, linestyle=":", linewidth=1.6, zorder=2)
+    return True
+
+
+def baseline_legend(pairs: int | None) -> list:
+    """Legend entries for the seed-baseline band and the two line styles."""
+    color = method_color(REFERENCE_METHOD)
+    entries = [Line2D([], [], color="#555555", linestyle=style, label=f"{pairing} comparison")
+               for pairing, style in PAIRING_STYLES.items()]
+    if pairs:
+        entries.append(Patch(facecolor=color, alpha=0.16, label=f"seed baseline ({SPREAD}, {pairs} pairs)"))
+        entries.append(Line2D([], [], color=color, linestyle=":", label="seed baseline mean"))
+    return entries
+
+
+def fig_similarity(study: Study, preset: str, out_dir: Path, baselines: SeedBaselines | None = None, **_) -> FigureResult:
+    name, title = f"similarity_{preset}", f"Activation similarity to full rank, per layer, against the seed baseline ({preset})"
     table = _table(study, "similarity", preset)
     if table is None:
         return FigureResult(name, title, skipped=f"no similarity.csv rows for preset {preset}")
@@ -38,31 +72,68 @@ def fig_similarity(study: Study, preset: str, out_dir: Path, **_) -> FigureResul
     if ok.empty:
         reasons = "; ".join(sorted(set(skipped.get("reason", pd.Series(dtype=str)).dropna().astype(str))))
         return FigureResult(name, title, skipped=f"no applicable similarity rows for preset {preset} ({reasons or 'no reason'})")
+    baselines = baselines or SeedBaselines(study)
     ok["layer"] = pd.to_numeric(ok["layer"], errors="coerce")
     ok["step"] = pd.to_numeric(ok["step"], errors="coerce")
+    # Each comparison of a low-rank run with a full-rank run, by pairing; the norm is the run's own.
+    long = baselines.long[(baselines.long["preset"].astype(str) == str(preset))
+                          & (baselines.long["method"] != REFERENCE_METHOD)]
+    norms = ok[ok["metric"] == "mean_norm"]
+    if "pairing" in norms.columns:
+        norms = norms[norms["pairing"].astype(str).isin(["self", "same-seed", "nan", ""])]
     checkpoints = _pick_checkpoints(ok["step"].dropna().unique(), count=3)
     metrics = [(m, label) for m, label in SIMILARITY_PANELS if (ok["metric"] == m).any()]
     methods = sorted_methods(ok["method"].unique())
-    figure = _new_figure(3.0 * len(metrics) + 1.6, 2.7 * len(checkpoints) + 0.6)
+    figure = _new_figure(3.0 * len(metrics) + 2.2, 2.7 * len(checkpoints) + 0.6)
     axes = np.atleast_2d(figure.subplots(len(checkpoints), len(metrics), squeeze=False, sharex=True))
+    pairs = 0
     for row, step in enumerate(checkpoints):
         for column, (metric, label) in enumerate(metrics):
             ax = axes[row, column]
-            rows = ok[(ok["step"] == step) & (ok["metric"] == metric)]
-            if rows.empty:
+            if metric == "mean_norm":
+                rows = norms[norms["step"] == step]
+                drawn = bool(_mean_band(ax, rows, "layer", "value", methods, marker="o")) if not rows.empty else False
+            else:
+                layers = ok.loc[(ok["step"] == step) & (ok["metric"] == metric), "layer"].dropna().unique()
+                drawn = baseline_band(ax, baselines, preset, metric, step, layers)
+                if drawn:
+                    pairs = max(pairs, len(set(baselines.layer_baseline(preset, metric, step, max(layers)).pairs)))
+                drawn = _comparison_lines(ax, long[(long["step"] == step) & (long["metric"] == metric)], methods) or drawn
+                _widen_flat_axis(ax)
+            if not drawn:
                 _no_data(ax)
             else:
-                _mean_band(ax, rows, "layer", "value", methods, marker="o")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
             ax.set_title(f"{label.split('  ')[0]} — step {_step_label(step)}", fontsize=9.5)
             ax.set_ylabel(label.split("  ")[-1] if "  " in label else label)
             if row == len(checkpoints) - 1:
                 ax.set_xlabel("layer (0 = embedding output)")
-    _method_legend(figure, methods)
+    _method_legend(figure, methods, baseline_legend(pairs))
     figure.suptitle(title)
-    caption = "Hidden states on the probe set compared with the full-rank run of the same scale and seed at the same step."
+    caption = ("Hidden states on the probe set compared with a full-rank run at the same step: solid lines with the "
+               "full-rank run of the same seed, dashed with the full-rank runs of the other seeds (mean over the "
+               f"comparisons). Grey band: the full-rank seed baseline, the same metric between full-rank runs of "
+               f"different seeds ({SPREAD}; dotted: its mean); the activation norm is each run's own.")
+    missing = baselines.missing(preset)
+    if missing:
+        caption += f" No seed-baseline band: {missing}."
     not_applicable = sorted(set(skipped["method"].astype(str)) - set(ok["method"]))
     if not_applicable:
         caption += f" Not applicable for: {', '.join(not_applicable)}."
     caption += _seed_note(ok)
     return FigureResult(name, title, caption, _save(figure, out_dir, name))
+
+
+def _comparison_lines(ax, rows: pd.DataFrame, methods) -> bool:
+    """Per method and pairing, the mean over comparisons at each layer."""
+    drawn = False
+    for method in methods:
+        for pairing, style in PAIRING_STYLES.items():
+            mine = rows[(rows["method"] == method) & (rows["pairing"] == pairing)]
+            if mine.empty:
+                continue
+            mean = mine.groupby("layer")["value"].mean().sort_index()
+            ax.plot(mean.index, mean.to_numpy(), color=method_color(method), linestyle=style, linewidth=_line_width(method),
+                    marker="o" if pairing == "same-seed" else None, markersize=3.5, zorder=3)
+            drawn = True
+    return drawn
