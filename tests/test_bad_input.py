@@ -212,6 +212,8 @@ CASES = [
     Case("demo --out a file", ["demo", "--out", "{tmp}/a-file"], r"--out <tmp>/a-file is a file", a_file),
     Case("bench --out a file", ["bench", "train", "--out", "{tmp}/a-file"], r"--out <tmp>/a-file is a file", a_file),
     # eval options, checked before the model is loaded
+    Case("analyze --baseline-references the reference", ["analyze", "{run}", "--reference", "{run}", "--baseline-references", "{run}"],
+         r"baseline reference run is the reference itself; pass the full-rank runs of the other seeds as --baseline-references"),
     Case("eval --device tpu", ["eval", "{run}", "--device", "tpu", "--tasks", "rankscope_local"], r"--device: unknown device 'tpu'"),
     Case("eval --limit -1", ["eval", "{run}", "--limit", "-1"], r"--limit takes the number of items per task \(0 = all\), got -1"),
     Case("eval --batch-size 0", ["eval", "{run}", "--batch-size", "0"], r"--batch-size must be at least 1, got 0"),

@@ -473,6 +473,39 @@ def test_one_full_rank_seed_says_the_baseline_is_missing_and_why(tmp_path):
     assert f"No seed-baseline band: {why}." in markdown  # the similarity and barrier figures say it too
 
 
+def test_a_seed_pair_analysed_from_both_sides_counts_once(built):
+    study, _, _ = built
+    loaded = load_study(study)
+    before = SeedBaselines(loaded)
+    similarity = loaded.tables["similarity"]
+    # The same pair from seed 1's side, as `rankscope analyze` gives when both runs are analysed
+    # with each other as references: same numbers, reversed roles.
+    stored = similarity[(similarity["run"] == "full-tiny-s0") & (similarity["reference_run"] == "full-tiny-s1")]
+    mirrored = stored.assign(run="full-tiny-s1", seed=1, reference_run="full-tiny-s0", reference_seed=0)
+    loaded.tables["similarity"] = pd.concat([similarity, mirrored], ignore_index=True)
+    after = SeedBaselines(loaded)
+    for measure, pairs in (("cka_last_layer", 1), ("relative_l2_to_reference", 2)):  # relative L2: one per direction
+        assert after.final_baseline("tiny", measure).n == before.final_baseline("tiny", measure).n == pairs, measure
+    assert after.final_baseline("tiny", "cka_last_layer").mean == before.final_baseline("tiny", "cka_last_layer").mean
+
+
+def test_reading_against_the_range_follows_the_metrics_direction():
+    from rankscope.report.baseline import CLOSER, FARTHER, WITHIN, Baseline
+
+    cka = Baseline("cka", higher_is_closer=True, values=np.array([0.6, 0.7]))
+    l2 = Baseline("l2", higher_is_closer=False, values=np.array([0.6, 0.7]))
+    assert (cka.low, cka.high, cka.mean) == (0.6, 0.7, pytest.approx(0.65))
+    assert cka.reading(0.65) == l2.reading(0.65) == WITHIN
+    assert cka.reading(0.5) == FARTHER and l2.reading(0.5) == CLOSER
+    assert cka.reading(0.8) == CLOSER and l2.reading(0.8) == FARTHER
+    # The same pair computed from its two sides differs by rounding: still inside a one-pair range.
+    single = Baseline("cka", higher_is_closer=True, values=np.array([0.5]))
+    assert single.reading(0.5 + 1e-12) == single.reading(0.5 - 1e-12) == WITHIN
+    assert single.reading(0.5 - 1e-3) == FARTHER
+    missing = Baseline("cka", higher_is_closer=True, missing="one seed")
+    assert missing.reading(0.5) == "baseline missing" and missing.cell() == "baseline missing"
+
+
 def test_statistics_helpers_against_known_answers():
     mean, std, n = mean_std([1.0, 2.0, 4.0, float("nan")])
     assert (mean, n) == (pytest.approx(7 / 3), 3) and std == pytest.approx(np.std([1, 2, 4], ddof=1))

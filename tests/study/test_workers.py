@@ -50,6 +50,29 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
         assert evals[0] == evals[1]
 
 
+def test_parallel_group_jobs_compare_with_the_other_seeds_and_compute_each_seed_pair_once(tmp_path):
+    analysis = {"probe_size": 4, "interpolation_points": 3, "metrics": ["interpolation", "similarity"]}
+    out = tmp_path / "study"
+    result = run_study(None, out, stages=("train", "analyze", "report"), spec=small_study(analysis=analysis),
+                       launch=LaunchOptions(workers=2))
+    assert result["failed"] == []
+    runs = out / "runs"
+
+    def partners(run, table, column):
+        frame = pd.read_csv(runs / run / "analysis" / f"{table}.csv")
+        frame = frame[frame["kind"] == "imbh"] if table == "interpolation" else frame
+        return dict(zip(frame[column], frame["pairing"]))
+
+    for table, column in (("similarity", "reference_run"), ("interpolation", "other_run")):
+        assert partners("lowrank-tiny-s1", table, column) == {"full-tiny-s1": "same-seed", "full-tiny-s0": "cross-seed"}
+        # The seed pair of the full-rank runs: analysed once, by the seed-0 group's job.
+        assert partners("full-tiny-s0", table, column) == {"full-tiny-s0": "self", "full-tiny-s1": "cross-seed",
+                                                            **({"lowrank-tiny-s0": "same-seed"} if table == "interpolation" else {})}
+        assert "full-tiny-s0" not in partners("full-tiny-s1", table, column)
+    assert read_outcome(out, "analyze", "tiny-s1")["state"] == "done"
+    assert "Distance from full rank against the full-rank seed baseline" in (out / "report" / "report.md").read_text()
+
+
 def test_a_worker_that_dies_fails_its_job_and_the_study_goes_on(tmp_path):
     out = tmp_path / "study"
     spec = small_study(seeds=[0], steps=60, checkpoint_steps=(), slower=True)
