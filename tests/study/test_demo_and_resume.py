@@ -26,7 +26,7 @@ def test_quick_demo_produces_the_report(tmp_path, capsys):
     html = (report / "report.html").read_text()
     assert "data:image/png;base64," in html and 'src="http' not in html
     figures = {p.name for p in (report / "figures").glob("*.png")}
-    for expected in ("landscape_random_tiny.png", "ccbh_tiny.png", "imbh_tiny.png", "spectral_tiny.png",
+    for expected in ("landscape_random_tiny.png", "ccbh_tiny.png", "imbh_tiny.png", "imbh_to_full_tiny.png", "spectral_tiny.png",
                      "similarity_tiny.png", "downstream_tiny.png", "predictor.png"):
         assert expected in figures
     status = json.loads((out / "status.json").read_text())
@@ -35,6 +35,13 @@ def test_quick_demo_produces_the_report(tmp_path, capsys):
 
     results = pd.read_csv(report / "tables" / "results_tiny.csv")
     assert set(results["method"]) == {"full", "lowrank", "galore", "cola", "loro"}
+    # Two seeds: one full-rank seed pair, every low-rank method read against it, both pairings.
+    distance = pd.read_csv(report / "tables" / "distance_to_full_tiny.csv")
+    cka = distance[distance["metric"] == "cka_last_layer"]
+    assert cka.loc[cka["method"] == "full", "baseline_pairs"].tolist() == [1]
+    assert set(zip(cka["method"], cka["pairing"])) >= {(m, p) for m in ("lowrank", "galore", "cola", "loro")
+                                                        for p in ("same-seed", "cross-seed")}
+    assert cka["reading"].str.contains("seed baseline").sum() == 8
 
 
 def test_a_failing_run_is_recorded_and_the_study_goes_on(tmp_path):

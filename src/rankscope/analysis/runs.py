@@ -80,9 +80,6 @@ def inspect_run(run_dir: str | Path) -> RunInfo:
     return RunInfo(path, path.resolve().name, config, checkpoints, dict(meta.get("model_config") or {}), meta.get("data_fingerprint"))
 
 
-PAIRINGS = ("self", "same-seed", "cross-seed")
-
-
 def pairing(run: RunInfo, other: RunInfo) -> str:
     """How two compared runs relate: the same run (``self``), two runs of one seed (``same-seed``:
     shared initialisation and data order) or of different seeds (``cross-seed``)."""
@@ -102,13 +99,14 @@ def pair_owner(run: RunInfo, other: RunInfo) -> RunInfo:
     return min((run, other), key=lambda r: (r.seed, r.name))
 
 
-def _same_shape(run: RunInfo, reference: RunInfo, role: str) -> None:
+def _same_shape(run: RunInfo, reference: RunInfo, role: str, subject: str = "run") -> None:
+    """Raise unless ``reference`` (a reference or baseline reference) has the shape of ``run``."""
     if run.model_config != reference.model_config:
         differing = sorted(k for k in set(run.model_config) | set(reference.model_config)
                            if run.model_config.get(k) != reference.model_config.get(k))
         detail = ", ".join(f"{k} {run.model_config.get(k)} vs {reference.model_config.get(k)}" for k in differing[:3])
         raise AnalysisError(
-            f"{role} {reference.name} has another model shape than run {run.name} ({detail}); "
+            f"{role} {reference.name} has another model shape than {subject} {run.name} ({detail}); "
             f"pass a {role} of the same preset and overrides"
         )
 
@@ -131,7 +129,7 @@ def check_baselines(baselines: list[RunInfo], reference: RunInfo) -> list[str]:
                 f"baseline reference {baseline.name} has seed {baseline.seed}, the seed of the reference {reference.name}; "
                 "baseline references are full-rank runs of the other seeds"
             )
-        _same_shape(reference, baseline, "baseline reference")
+        _same_shape(reference, baseline, "baseline reference", subject="reference")
         if baseline.method != reference.method:
             warnings.append(f"baseline reference {baseline.name} was trained with method {baseline.method!r}, "
                             f"not {reference.method!r} like the reference")

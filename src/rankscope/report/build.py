@@ -108,6 +108,11 @@ def _baseline_section(document: Document, baselines: SeedBaselines, preset: str,
         "same-seed one shows what a shared initialisation and data order add. Values at the last analysed checkpoint; "
         f"every checkpoint and layer in tables/seed_baseline_{preset}.csv.")
     final = baselines.final_table(preset)
+    pairs = final.loc[final["pairing"] == "seed baseline", "baseline_pairs"]
+    if not missing and len(pairs) and int(pairs.min()) == 1:
+        document.paragraph("With two full-rank seeds there is one seed pair, so the range is a single value: *farther* "
+                           "or *closer* then only says on which side of that one pair a value lies, not that it is "
+                           "beyond seed-to-seed variation; three seeds give three pairs and a range.")
     final.to_csv(tables_dir / f"distance_to_full_{preset}.csv", index=False)
     baselines.layer_table(preset).to_csv(tables_dir / f"seed_baseline_{preset}.csv", index=False)
     for measure in FINAL_MEASURES:
