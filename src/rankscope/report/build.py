@@ -22,8 +22,8 @@ from rankscope.report.tables import (
     METRIC_LABELS,
     _predictor_display,
     _significance_display,
-    baseline_display,
     _significance_words,
+    baseline_display,
     geometry_table,
     results_table,
 )
@@ -201,7 +201,9 @@ def build_report(study_dir: str | Path) -> Path:
         in_preset = usable[usable["preset"].astype(str) == str(preset)]
         seed_counts = {m: int(finite(in_preset.loc[in_preset["method"] == m, "val_loss"]).sum())
                        for m in sorted_methods(in_preset["method"].dropna().unique())}
-        document.bullets(_significance_words(comparison, preset, seed_counts))
+        document.bullets([*_significance_words(comparison, preset, seed_counts),
+                          "Distances to full rank (CKA, cosine, relative L2, IMBH) are not tested here: the full-rank "
+                          "row's comparison with itself is no yardstick; they are read against the seed baseline above."])
         display = _significance_display(comparison, preset)
         if len(display):
             document.table(display, "Difference = mean(method) − mean(full) over seeds, per metric.")
