@@ -3,6 +3,7 @@
 
 The numbers are made up but well formed; what is checked is what the report does with them:
 the table equals mean / std computed here, the Welch p-value equals scipy's on the same numbers,
+the report opens with the regime,
 the HTML needs nothing outside itself, each method keeps its colour across figures.
 """
 
@@ -24,7 +25,7 @@ from rankscope.report import ReportError, build_report, load_study
 from rankscope.report.features import run_features
 from rankscope.report.figures import METHOD_COLORS, imbh_matrix, method_color, palette
 from rankscope.report.baseline import SeedBaselines
-from rankscope.report.stats import bootstrap_difference_ci, compare_to_reference, format_number, mean_std
+from rankscope.report.stats import compare_methods, format_number, mean_std
 
 STEPS = [20, 60, 100]  # three checkpoints keep the figures quick to draw (the study picks up to five)
 N_LAYERS = 2
@@ -224,7 +225,8 @@ def make_study(root: Path, methods=("full", "galore"), seeds=(0, 1), presets=("t
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    study, summaries = make_study(root, failed={"galore-tiny-s2": "CUDA out of memory at step 3 (lower train.micro_batch_size)"})
+    study, summaries = make_study(root, seeds=(0, 1, 2),
+                                  failed={"galore-tiny-s3": "CUDA out of memory at step 3 (lower train.micro_batch_size)"})
     report = build_report(study)
     return study, summaries, report
 
@@ -246,8 +248,8 @@ def test_every_file_is_written(built):
         path = report / "figures" / f"{name}.png"
         assert path.is_file(), name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("results_tiny", "runs", "significance", "failed_runs", "predictor", "geometry_tiny", "distance_to_full_tiny",
-                 "seed_baseline_tiny"):
+    for name in ("results_tiny", "runs", "significance", "failed_runs", "predictor", "geometry_tiny", "regime", "chance",
+                 "distance_to_full_tiny", "seed_baseline_tiny"):
         assert (report / "tables" / f"{name}.csv").is_file(), name
     assert "Figure skipped" not in (report / "report.md").read_text()
 
@@ -256,15 +258,15 @@ def test_results_table_equals_mean_and_std_by_hand(built):
     _, summaries, report = built
     table = pd.read_csv(report / "tables" / "results_tiny.csv").set_index("method")
     for method in ("full", "galore"):
-        ppl = [summaries[f"{method}-tiny-s{seed}"]["val_ppl"] for seed in (0, 1)]
-        acc = [summaries[f"{method}-tiny-s{seed}"]["downstream"]["mean_acc"] for seed in (0, 1)]
-        assert table.loc[method, "val_ppl_mean"] == pytest.approx(sum(ppl) / 2, rel=1e-12)
-        assert table.loc[method, "val_ppl_std"] == pytest.approx(abs(ppl[0] - ppl[1]) / math.sqrt(2), rel=1e-9)
-        assert table.loc[method, "downstream_acc_mean"] == pytest.approx(sum(acc) / 2, rel=1e-12)
+        ppl = [summaries[f"{method}-tiny-s{seed}"]["val_ppl"] for seed in (0, 1, 2)]
+        acc = [summaries[f"{method}-tiny-s{seed}"]["downstream"]["mean_acc"] for seed in (0, 1, 2)]
+        assert table.loc[method, "val_ppl_mean"] == pytest.approx(sum(ppl) / 3, rel=1e-12)
+        assert table.loc[method, "val_ppl_std"] == pytest.approx(np.std(ppl, ddof=1), rel=1e-9)
+        assert table.loc[method, "downstream_acc_mean"] == pytest.approx(sum(acc) / 3, rel=1e-12)
         assert table.loc[method, "optimizer_state_bytes"] == summaries[f"{method}-tiny-s0"]["memory"]["optimizer_state_bytes"]
-        assert table.loc[method, "n_seeds"] == 2
+        assert table.loc[method, "n_seeds"] == 3
     markdown = (report / "report.md").read_text()
-    full_ppl = [summaries[f"full-tiny-s{seed}"]["val_ppl"] for seed in (0, 1)]
+    full_ppl = [summaries[f"full-tiny-s{seed}"]["val_ppl"] for seed in (0, 1, 2)]
     # The shown cell is the same mean with the formatting of the report (4 significant digits).
     assert f"{np.mean(full_ppl):.{4 - 1 - int(math.floor(math.log10(np.mean(full_ppl))))}f} ±" in markdown
 
@@ -272,19 +274,49 @@ def test_results_table_equals_mean_and_std_by_hand(built):
 def test_welch_p_value_equals_scipy(built):
     _, summaries, report = built
     table = pd.read_csv(report / "tables" / "significance.csv")
-    row = table[(table["metric"] == "val_ppl") & (table["method"] == "galore")].iloc[0]
-    galore = [summaries[f"galore-tiny-s{s}"]["val_ppl"] for s in (0, 1)]
-    full = [summaries[f"full-tiny-s{s}"]["val_ppl"] for s in (0, 1)]
+    row = table[(table["metric"] == "val_loss") & (table["method"] == "galore")].iloc[0]
+    galore = [summaries[f"galore-tiny-s{s}"]["val_loss"] for s in (0, 1, 2)]
+    full = [summaries[f"full-tiny-s{s}"]["val_loss"] for s in (0, 1, 2)]
     expected = stats.ttest_ind(galore, full, equal_var=False)
+    assert row["other"] == "full" and row["status"] == "tested"
     assert row["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
     assert row["t_statistic"] == pytest.approx(expected.statistic, rel=1e-9)
     assert row["difference"] == pytest.approx(np.mean(galore) - np.mean(full), rel=1e-12)
-    assert row["ci_low"] <= row["difference"] <= row["ci_high"]
+    interval = expected.confidence_interval(0.95)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(interval.low, rel=1e-9), pytest.approx(interval.high, rel=1e-9))
     assert set(table["metric"]) >= {"val_loss", "downstream_acc", "es_random", "hessian_trace"}
     # Distances to full rank are read against the seed baseline, not tested against full's self-comparison.
     assert not set(table["metric"]) & {"imbh_to_full", "cka_to_reference", "cka_last_layer"}
+    assert "val_ppl" not in set(table["metric"])  # exp(val loss) run by run: tested once, as val loss
+    # Holm over the whole family: the adjusted p of the most significant test is m × p.
+    tested = table[table["status"] == "tested"]
+    smallest = tested.loc[tested["p_value"].idxmin()]
+    assert smallest["p_adjusted"] == pytest.approx(min(1.0, len(tested) * smallest["p_value"]), rel=1e-12)
     markdown = (report / "report.md").read_text()
-    assert "**galore** vs full:" in markdown
+    assert "**galore** vs full (3 / 3 seeds):" in markdown
+    assert f"all {len(tested)} tests of the report" in markdown and "Holm" in markdown
+
+
+def test_the_report_opens_with_the_regime(built):
+    _, summaries, report = built
+    markdown = (report / "report.md").read_text()
+    assert markdown.index("## Regime") < markdown.index("## Definitions used") < markdown.index("### Results")
+    regime = pd.read_csv(report / "tables" / "regime.csv").set_index("method")
+    summary = summaries["galore-tiny-s0"]
+    assert regime.loc["galore", "tokens_per_param"] == pytest.approx(summary["tokens"] / summary["params"], rel=1e-12)
+    assert regime.loc["galore", "steps"] == STEPS[-1] and regime.loc["galore", "seeds"] == 3
+    # No optim.lr in the runs' configs: each method's default, which is the literature's.
+    assert float(regime.loc["galore", "lr"]) == 0.01 and float(regime.loc["full", "lr"]) == 0.001
+    assert set(regime["lr_source"]) == {"literature default"}
+    assert "Learning rates: literature default — none was tuned for this regime." in markdown
+    # The shipped offline tasks have 4 choices each: chance 25%, shown per task and next to the accuracies.
+    chance = pd.read_csv(report / "tables" / "chance.csv").set_index("task")
+    assert chance.loc["rs_cloze", "chance"] == pytest.approx(0.25) and chance.loc["rs_word", "chance"] == pytest.approx(0.25)
+    assert "rs_cloze 25.0% (4 choices" in markdown
+    assert "| baseline: unigram / chance |  | – | – | 25.0 |" in markdown
+    # The synthetic runs have no data section in config.yaml: the unigram perplexity says why it is missing.
+    assert "unigram perplexity (tiny): no run has a config.yaml with a data section" in markdown
+    assert "full rank not tuned on the same budget: differences are not evidence that a method beats full rank" in markdown
 
 
 def test_html_is_self_contained(built):
@@ -325,10 +357,10 @@ def test_failed_run_is_listed_with_its_reason(built):
     assert results.loc["galore", "n_failed"] == 1
     assert "CUDA out of memory at step 3" in results.loc["galore", "failed_runs"]
     markdown = (report / "report.md").read_text()
-    assert "galore-tiny-s2" in markdown and "CUDA out of memory at step 3" in markdown
+    assert "galore-tiny-s3" in markdown and "CUDA out of memory at step 3" in markdown
     failed = pd.read_csv(report / "tables" / "failed_runs.csv")
-    assert failed["run"].tolist() == ["galore-tiny-s2"]
-    assert failed["seed"].tolist() == [2]
+    assert failed["run"].tolist() == ["galore-tiny-s3"]
+    assert failed["seed"].tolist() == [3]
 
 
 def _drop_analysis(study: Path) -> None:
@@ -338,15 +370,16 @@ def _drop_analysis(study: Path) -> None:
             path.unlink()
 
 
-def test_one_seed_states_that_significance_cannot_be_assessed(tmp_path):
-    study, _ = make_study(tmp_path, seeds=(0,), predictor=False)
+def test_two_seeds_are_not_testable_in_the_report(tmp_path):
+    study, _ = make_study(tmp_path, seeds=(0, 1), predictor=False)
     _drop_analysis(study)  # the statement depends on seeds only; fewer figures keep the test quick
     report = build_report(study)
     markdown = (report / "report.md").read_text()
-    assert "Significance cannot be assessed" in markdown
-    assert "needs ≥ 2 seeds per method" in markdown
+    assert "No test was computed" in markdown
+    assert "**galore** vs full (2 / 2 seeds): not testable — a test needs ≥ 3 seeds in each group" in markdown
+    assert "val loss: not testable — fewer than 3 seeds per method, so no order is given." in markdown
     table = pd.read_csv(report / "tables" / "significance.csv")
-    assert table["p_value"].isna().all() and (table["verdict"] == "cannot be assessed").all()
+    assert table["p_value"].isna().all() and (table["status"] == "not testable").all()
     # Without predictor.csv the figure is skipped with a line, not a crash.
     assert "no STUDY_DIR/predictor.csv" in markdown
 
@@ -510,13 +543,11 @@ def test_statistics_helpers_against_known_answers():
     mean, std, n = mean_std([1.0, 2.0, 4.0, float("nan")])
     assert (mean, n) == (pytest.approx(7 / 3), 3) and std == pytest.approx(np.std([1, 2, 4], ddof=1))
     assert math.isnan(mean_std([3.0])[1])
-    low, high = bootstrap_difference_ci([5.0, 5.0, 5.0], [1.0, 1.0], n_boot=200)
-    assert low == high == pytest.approx(4.0)
-    frame = pd.DataFrame({"preset": ["p"] * 5, "method": ["full", "full", "full", "x", "x"],
-                          "m": [1.0, 1.1, 0.9, 3.0, 3.2]})
-    row = compare_to_reference(frame, ["m"], n_boot=500).iloc[0]
-    assert row["verdict"] == "exceeds seed variation"
-    assert row["p_value"] == pytest.approx(stats.ttest_ind([3.0, 3.2], [1.0, 1.1, 0.9], equal_var=False).pvalue)
+    frame = pd.DataFrame({"preset": ["p"] * 6, "method": ["full"] * 3 + ["x"] * 3, "m": [1.0, 1.1, 0.9, 3.0, 3.2, 3.1]})
+    row = compare_methods(frame, ["m"], ranking_metrics=()).iloc[0]
+    assert row["status"] == "tested" and bool(row["separated"])
+    assert row["p_value"] == pytest.approx(stats.ttest_ind([3.0, 3.2, 3.1], [1.0, 1.1, 0.9], equal_var=False).pvalue)
+    assert row["p_adjusted"] == row["p_value"]  # a family of one
 
 
 def test_not_a_study_folder_is_a_user_error(tmp_path):

@@ -10,19 +10,27 @@ import datetime as _dt
 import logging
 from pathlib import Path
 
+import pandas as pd
+
 from rankscope.report.baseline import FINAL_MEASURES, MEASURE_LABELS, SPREAD, SeedBaselines
-from rankscope.report.collect import REFERENCE_METHOD, Study, finite, load_study, sorted_methods
+from rankscope.report.collect import REFERENCE_METHOD, Study, load_study
 from rankscope.report.features import run_features
 from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.dynamics import dynamics_section
 from rankscope.report.figures import FigureResult, render_all
-from rankscope.report.stats import compare_to_reference
+from rankscope.report.regime import baseline_row, regime_display, regime_lines, study_regime
+from rankscope.report.significance import (
+    comparison_display,
+    comparison_words,
+    family_statement,
+    ranking_words,
+    study_comparison,
+    tuning_statement,
+)
 from rankscope.report.tables import (
     GEOMETRY_TABLES,
     METRIC_LABELS,
     _predictor_display,
-    _significance_display,
-    _significance_words,
     baseline_display,
     geometry_table,
     results_table,
@@ -138,18 +146,15 @@ def build_report(study_dir: str | Path) -> Path:
 
     baselines = SeedBaselines(study)
     features = run_features(study, baselines)
-    # Distances to full rank are read against the seed baseline (their own section), not tested
-    # against the full-rank row, whose comparison with itself is trivial.
-    metrics = [m for m in METRIC_LABELS if m in features.columns and m not in FINAL_MEASURES]
-    # A run that has a summary.json finished training, so its numbers count even if a later stage
-    # (analysis, eval) failed; the same rule as the results table.
-    usable = features[finite(features["val_loss"])]
-    comparison = compare_to_reference(usable, metrics)
+    comparison = study_comparison(study, features)
+    regime = study_regime(study)
     figures = render_all(study, figures_dir, baselines)
 
     extra = [c for c in features.columns if c not in study.runs.columns]
     study.runs.merge(features[["run", *extra]], on="run", how="left").to_csv(tables_dir / "runs.csv", index=False)
     comparison.to_csv(tables_dir / "significance.csv", index=False)
+    regime.table.drop(columns="lr_choices").to_csv(tables_dir / "regime.csv", index=False)
+    regime.chance.to_csv(tables_dir / "chance.csv", index=False)
     failed = study.runs[study.runs["status"] == "failed"][["run", "method", "preset", "seed", "failure_reason"]]
     failed.to_csv(tables_dir / "failed_runs.csv", index=False)
     if study.predictor is not None:
@@ -162,6 +167,13 @@ def build_report(study_dir: str | Path) -> Path:
         f"{len(study.runs) - n_done - len(failed)} other) over scales {', '.join(study.presets()) or '–'}. "
         f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Numbers are mean ± sample std over seeds; "
         "validation perplexity is exp of the exact token-weighted mean next-token loss on the validation set.")
+    document.heading("Regime")
+    document.paragraph("What every number below was trained under. Tokens per parameter: training tokens / all "
+                       "parameters of the run's model.")
+    for preset in study.presets():
+        document.heading(f"Scale {preset}", 3)
+        document.table(regime_display(regime, preset))
+        document.bullets(regime_lines(regime, preset, study))
     definitions = _definitions(study)
     if definitions:
         document.heading("Definitions used")
@@ -174,7 +186,10 @@ def build_report(study_dir: str | Path) -> Path:
         numeric.to_csv(tables_dir / f"results_{preset}.csv", index=False)
         document.heading(f"Scale {preset}")
         document.heading("Results", 3)
-        document.table(shown, "Final checkpoint. Optimizer state: bytes of the optimizer's state tensors; "
+        shown = pd.concat([shown, pd.DataFrame([baseline_row(regime, preset)])], ignore_index=True).fillna("")
+        document.table(shown, "Final checkpoint; methods in alphabetical order (full rank first), not in rank order. "
+                              "Last row: the validation split's unigram perplexity and the chance level of the mean "
+                              "downstream accuracy. Optimizer state: bytes of the optimizer's state tensors; "
                               "est. memory: weights + optimizer state at 2 bytes/element (literature convention).")
         failed_here = failed[failed["preset"].astype(str) == str(preset)]
         if len(failed_here):
@@ -197,16 +212,18 @@ def build_report(study_dir: str | Path) -> Path:
                         not_applicable = [f"{REFERENCE_METHOD}: the seed baseline is missing — {missing}.", *not_applicable]
                     document.bullets(not_applicable)
         _baseline_section(document, baselines, preset, tables_dir)
-        document.heading("Does the difference to full-rank exceed seed-to-seed variation?", 3)
-        in_preset = usable[usable["preset"].astype(str) == str(preset)]
-        seed_counts = {m: int(finite(in_preset.loc[in_preset["method"] == m, "val_loss"]).sum())
-                       for m in sorted_methods(in_preset["method"].dropna().unique())}
-        document.bullets([*_significance_words(comparison, preset, seed_counts),
-                          "Distances to full rank (CKA, cosine, relative L2, IMBH) are not tested here: the full-rank "
-                          "row's comparison with itself is no yardstick; they are read against the seed baseline above."])
-        display = _significance_display(comparison, preset)
+        document.heading("Comparison with full rank", 3)
+        document.paragraph(family_statement(comparison) + " Distances to full rank (CKA, cosine, relative L2, IMBH) are "
+                           "not in this family: the full-rank row's comparison with itself is no yardstick; they are "
+                           "read against the seed baseline above.")
+        document.paragraph(tuning_statement(regime, preset))
+        document.bullets(comparison_words(comparison, preset, regime, METRIC_LABELS))
+        display = comparison_display(comparison, preset, METRIC_LABELS)
         if len(display):
-            document.table(display, "Difference = mean(method) − mean(full) over seeds, per metric.")
+            document.table(display, "Difference = mean(method) − mean(full) over seeds. val ppl is exp(val loss) run by "
+                                    "run, so it is tested as val loss. Welch's CI of each difference: tables/significance.csv.")
+        document.heading("Ranking", 3)
+        document.bullets(ranking_words(comparison, preset, regime, METRIC_LABELS))
         document.heading("Figures", 3)
         _figure_blocks(document, figures.get(preset, []), skipped_lines)
         dynamics_section(document, study, preset, figures_dir, tables_dir, skipped_lines)
@@ -214,12 +231,14 @@ def build_report(study_dir: str | Path) -> Path:
     document.heading("Predicting downstream accuracy")
     if study.predictor is not None and not study.predictor.empty:
         document.table(_predictor_display(study.predictor),
-                       "Ridge regression on standardized features; n/a: not computable (reason in the note).")
+                       "Ridge regression on standardized features; n/a: not computable (reason in the note). "
+                       "No test of whether a score differs from 0 is made, so a score describes these n rows; "
+                       "it is not evidence of predictive power.")
     _figure_blocks(document, figures.get("", []), skipped_lines)
 
-    if skipped_lines or study.notes:
+    if skipped_lines or study.notes or regime.notes:
         document.heading("Missing data")
-        document.bullets(skipped_lines + study.notes)
+        document.bullets(skipped_lines + study.notes + regime.notes)
 
     title = f"rankscope study report — {_study_name(study)}"
     (out / "report.md").write_text(render_markdown(document, title))

@@ -45,7 +45,7 @@ class Study:
     study_dir: Path
     runs: pd.DataFrame                      # one row per run (see `read_runs`)
     tables: dict[str, pd.DataFrame]         # analysis family -> concatenated tidy table
-    downstream: pd.DataFrame                # run keys + task, acc, acc_stderr (final step)
+    downstream: pd.DataFrame                # run keys + task, acc, acc_stderr, n (final step)
     training: pd.DataFrame                  # run keys + step, loss, val_loss (metrics.jsonl)
     predictor: pd.DataFrame | None          # STUDY_DIR/predictor.csv
     notes: list[str] = field(default_factory=list)
@@ -233,6 +233,7 @@ def read_runs(study_dir: Path, notes: list[str]) -> tuple[pd.DataFrame, pd.DataF
             "status": stage,
             "failure_reason": (str(error) if error else ("" if stage != "failed" else "no reason recorded")),
             "steps": _number(final_step),
+            "tokens": _number((summary or {}).get("tokens")),
             "val_loss": _number((summary or {}).get("val_loss")),
             "val_ppl": _number((summary or {}).get("val_ppl")),
             "val_tokens": _number((summary or {}).get("val_tokens")),
@@ -252,13 +253,14 @@ def read_runs(study_dir: Path, notes: list[str]) -> tuple[pd.DataFrame, pd.DataF
             downstream_rows.append({
                 "run": run, **identity, "step": eval_step, "task": task,
                 "acc": _number((values or {}).get("acc")), "acc_stderr": _number((values or {}).get("acc_stderr")),
+                "n": _number((values or {}).get("n")),
             })
     runs = pd.DataFrame(rows, columns=[
-        "run", "method", "preset", "seed", "status", "failure_reason", "steps", "val_loss", "val_ppl",
+        "run", "method", "preset", "seed", "status", "failure_reason", "steps", "tokens", "val_loss", "val_ppl",
         "val_tokens", "params", "trainable_params", "optimizer_state_bytes", "estimated_memory_bytes",
         "tokens_per_sec", "wall_time", "downstream_acc", "downstream_step",
     ])
-    downstream = pd.DataFrame(downstream_rows, columns=KEY_COLUMNS + ["task", "acc", "acc_stderr"])
+    downstream = pd.DataFrame(downstream_rows, columns=KEY_COLUMNS + ["task", "acc", "acc_stderr", "n"])
     return runs, downstream
 
 

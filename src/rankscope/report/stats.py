@@ -1,21 +1,35 @@
-"""Seed statistics: mean ± std over seeds, and whether a method's difference to full-rank
-exceeds seed-to-seed variation.
+"""Seed statistics and the tests behind every comparison the report makes.
 
-For each (scale, metric, method ≠ full) the comparison uses the per-seed values of the method
-and of the full-rank runs at the same scale:
+The comparisons (one row each in tables/significance.csv), per scale:
 
-- **difference** = mean(method) − mean(full);
-- **Welch's t-test** (unequal variances, `scipy.stats.ttest_ind(equal_var=False)`), two-sided;
-- **bootstrap CI** of the difference: each group's seeds resampled with replacement on their
-  own (`n_boot` times, seeded, so the report is reproducible), percentile interval.
+- every method ≠ full rank against full rank on every run-level metric (the methods × metrics
+  family), and
+- every pair of methods on the ranking metrics (val loss, downstream accuracy), so that methods
+  are put in an order only where a test separates them.
 
-Both need at least 2 seeds in each group; below that the row carries the statement
-"needs ≥ 2 seeds per method" instead of numbers. With 2–3 seeds a test has little power: a
-"within seed variation" verdict means "not shown to differ", not "equal".
+Each comparison is the difference of the means over seeds, Welch's t-test (two-sided, unequal
+variances, `scipy.stats.ttest_ind(equal_var=False)`) and its 95% CI of the difference (per
+comparison, not adjusted). All p-values of the report form **one family** and are adjusted with
+**Holm's step-down method** (Holm 1979); a comparison is "separated" when its adjusted p < 0.05.
+
+Why Holm rather than Benjamini–Hochberg: the report states its findings one sentence at a time
+("GaLore's val loss differs from full rank's"), so each such sentence should be trustworthy on its
+own: Holm bounds the chance of *any* false claim in the report by 5% (family-wise error), BH only
+the expected share of false claims among those made. And the tests are strongly dependent (every
+metric is measured on the same runs, every comparison with full rank shares the full-rank group):
+Holm is valid under any dependence, BH's guarantee needs positive regression dependence, which
+two-sided tests of correlated metrics do not ensure.
+
+Below `MIN_SEEDS` finite values in either group no test is computed and the row says "not
+testable": with two values per group the t statistic rests on a variance estimated from one degree
+of freedom per group. A group without any seed-to-seed spread on both sides ("no spread", e.g. a
+value fixed by the architecture) is not a t-test either. Rows without a test are not members of
+the family: they neither use up nor receive any of its error budget.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -23,9 +37,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-MIN_SEEDS = 2
+MIN_SEEDS = 3
 ALPHA = 0.05
-NEEDS_SEEDS = "needs ≥ 2 seeds per method"
+CORRECTION = "Holm"
+NOT_TESTABLE = "not testable"
+
+TESTED, NO_SPREAD, NO_VALUES = "tested", "no spread", "no values"
+COLUMNS = ["preset", "metric", "kind", "method", "other", "n_method", "n_other", "mean_method", "mean_other",
+           "difference", "ci_low", "ci_high", "t_statistic", "p_value", "p_adjusted", "separated", "status"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -58,91 +77,102 @@ def format_mean_std(mean: float, std: float, n: int, digits: int = 4) -> str:
     return f"{format_number(mean, digits)} ± {format_number(std, 2)}"
 
 
-def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """(t, two-sided p) of Welch's t-test of mean(a) vs mean(b); NaN when undefined (both groups
-    without spread)."""
+def format_p(value: float) -> str:
+    """A p-value as the report prints it: two significant digits."""
+    return format_number(value, 2)
+
+
+def welch_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """(t, two-sided p, CI low, CI high) of Welch's t-test of mean(a) − mean(b); NaN when
+    undefined (fewer than 2 values in a group, or no spread in either group: scipy would return
+    an infinite t and p = 0 there, which is not a test)."""
     from scipy import stats
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # zero variance: scipy warns and returns NaN
-        result = stats.ttest_ind(np.asarray(a, float), np.asarray(b, float), equal_var=False)
-    return float(result.statistic), float(result.pvalue)
-
-
-def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000,
-                            confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(a) − mean(b), each group resampled on its own."""
-    rng = np.random.default_rng(seed)
     a = np.asarray(a, float)
     b = np.asarray(b, float)
-    means_a = a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(axis=1)
-    means_b = b[rng.integers(0, b.size, size=(n_boot, b.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means_a - means_b, [tail, 1.0 - tail])
-    return float(low), float(high)
+    if a.size < 2 or b.size < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return math.nan, math.nan, math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # near-constant groups: scipy warns about precision
+        result = stats.ttest_ind(a, b, equal_var=False)
+        interval = result.confidence_interval(confidence)
+    return float(result.statistic), float(result.pvalue), float(interval.low), float(interval.high)
 
 
-def _verdict(p_value: float, ci_low: float, ci_high: float) -> str:
-    test_says = np.isfinite(p_value) and p_value < ALPHA
-    ci_says = ci_low > 0 or ci_high < 0
-    if not np.isfinite(p_value):
-        return ("exceeds seed variation (no seed spread; CI excludes 0)" if ci_says
-                else "undefined: no seed-to-seed spread in either group")
-    if test_says and ci_says:
-        return "exceeds seed variation"
-    if test_says or ci_says:
-        return "borderline (" + ("Welch p < 0.05" if test_says else "CI excludes 0") + " only)"
-    return "within seed variation"
+def holm_adjust(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values, in the input order; NaN entries are not tests and stay
+    NaN (the family size m counts the finite ones).
+
+    With the m finite p-values sorted, p_(1) ≤ … ≤ p_(m): adjusted p_(i) = max over j ≤ i of
+    min(1, (m − j + 1) · p_(j)). Rejecting where adjusted p < α is Holm's procedure at level α.
+    """
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, math.nan)
+    tested = np.flatnonzero(np.isfinite(p))
+    m = tested.size
+    if m == 0:
+        return adjusted
+    order = tested[np.argsort(p[tested], kind="stable")]
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted
 
 
-def compare_to_reference(values: pd.DataFrame, metrics: Sequence[str], reference: str = "full",
-                         n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
-    """Per (preset, metric, method ≠ reference): difference to the reference method and its tests.
+def _finite_values(frame: pd.DataFrame, metric: str) -> np.ndarray:
+    return pd.to_numeric(frame[metric], errors="coerce").dropna().to_numpy(dtype=float)
 
-    `values` has one row per run with columns `method`, `preset` and the metric columns.
-    A row whose method or reference has fewer than 2 finite seeds gets `statement` =
-    "needs ≥ 2 seeds per method (...)" and NaN numbers.
+
+def _compare(preset, metric: str, kind: str, method: str, other: str, own: np.ndarray, theirs: np.ndarray) -> dict:
+    row = {"preset": preset, "metric": metric, "kind": kind, "method": method, "other": other,
+           "n_method": int(own.size), "n_other": int(theirs.size),
+           "mean_method": float(own.mean()) if own.size else math.nan,
+           "mean_other": float(theirs.mean()) if theirs.size else math.nan,
+           "ci_low": math.nan, "ci_high": math.nan, "t_statistic": math.nan, "p_value": math.nan}
+    row["difference"] = row["mean_method"] - row["mean_other"]
+    if own.size == 0 or theirs.size == 0:
+        # Not a seed problem: one side has no value at all (not applicable, or not computed).
+        row["status"] = NO_VALUES
+    elif own.size < MIN_SEEDS or theirs.size < MIN_SEEDS:
+        row["status"] = NOT_TESTABLE
+    else:
+        t_statistic, p_value, ci_low, ci_high = welch_test(own, theirs)
+        row.update(t_statistic=t_statistic, p_value=p_value, ci_low=ci_low, ci_high=ci_high,
+                   status=TESTED if np.isfinite(p_value) else NO_SPREAD)
+    return row
+
+
+def compare_methods(values: pd.DataFrame, metrics: Sequence[str], ranking_metrics: Sequence[str],
+                    reference: str = "full", alpha: float = ALPHA) -> pd.DataFrame:
+    """The report's comparison family, Holm-adjusted as one family.
+
+    `values` has one row per run with columns `method`, `preset` and the metric columns. Rows:
+    `kind` = "reference" for every (preset, metric, method ≠ reference) against the reference;
+    `kind` = "pair" for every other pair of methods on the `ranking_metrics` (the pairs with the
+    reference are the "reference" rows already). `status` is tested | not testable | no spread |
+    no values; `p_adjusted` and `separated` (adjusted p < alpha) are set for tested rows only.
     """
     rows = []
     for preset, group in values.groupby("preset", sort=False):
-        reference_rows = group[group["method"] == reference]
+        methods = sorted(str(m) for m in group["method"].dropna().unique())
+        by_method = {m: group[group["method"] == m] for m in methods}
         for metric in metrics:
             if metric not in group.columns:
                 continue
-            ref_values = pd.to_numeric(reference_rows[metric], errors="coerce").dropna().to_numpy()
-            for method, method_rows in group[group["method"] != reference].groupby("method", sort=True):
-                own = pd.to_numeric(method_rows[metric], errors="coerce").dropna().to_numpy()
-                if own.size == 0 and ref_values.size == 0:
+            seeds = {m: _finite_values(by_method[m], metric) for m in methods}
+            others = [m for m in methods if m != reference]
+            pairs = [("reference", m, reference) for m in others]
+            if metric in ranking_metrics:
+                pairs += [("pair", a, b) for a, b in itertools.combinations(others, 2)]
+            for kind, method, other in pairs:
+                own, theirs = seeds[method], seeds.get(other, np.zeros(0))
+                if own.size == 0 and theirs.size == 0:
                     continue  # the metric does not exist for this pair at all
-                row = {"preset": preset, "metric": metric, "method": method, "reference": reference,
-                       "n_method": int(own.size), "n_reference": int(ref_values.size),
-                       "mean_method": float(own.mean()) if own.size else math.nan,
-                       "mean_reference": float(ref_values.mean()) if ref_values.size else math.nan}
-                row["difference"] = row["mean_method"] - row["mean_reference"]
-                if own.size == 0 or ref_values.size == 0:
-                    # Not a seed problem: the metric has no value for one side (not applicable,
-                    # e.g. IMBH of a method without a dense form, or not computed).
-                    missing = method if own.size == 0 else reference
-                    row.update(t_statistic=math.nan, p_value=math.nan, ci_low=math.nan, ci_high=math.nan,
-                               verdict="no values", statement=f"no values for {missing} (not applicable or not computed)")
-                elif own.size < MIN_SEEDS or ref_values.size < MIN_SEEDS:
-                    row.update(t_statistic=math.nan, p_value=math.nan, ci_low=math.nan, ci_high=math.nan,
-                               verdict="cannot be assessed",
-                               statement=f"{NEEDS_SEEDS} ({reference}: {ref_values.size}, {method}: {own.size})")
-                else:
-                    t_statistic, p_value = welch_test(own, ref_values)
-                    ci_low, ci_high = bootstrap_difference_ci(own, ref_values, n_boot=n_boot, seed=seed)
-                    verdict = _verdict(p_value, ci_low, ci_high)
-                    row.update(t_statistic=t_statistic, p_value=p_value, ci_low=ci_low, ci_high=ci_high,
-                               verdict=verdict,
-                               statement=(f"{verdict}: difference {format_number(row['difference'])}, "
-                                          f"95% bootstrap CI [{format_number(ci_low)}, {format_number(ci_high)}], "
-                                          f"Welch p = {format_number(p_value, 2)}"))
-                rows.append(row)
-    columns = ["preset", "metric", "method", "reference", "n_method", "n_reference", "mean_method",
-               "mean_reference", "difference", "ci_low", "ci_high", "t_statistic", "p_value", "verdict", "statement"]
-    return pd.DataFrame(rows, columns=columns)
+                rows.append(_compare(preset, metric, kind, method, other, own, theirs))
+    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("p_adjusted", "separated")])
+    table["p_adjusted"] = holm_adjust(table["p_value"].to_numpy(dtype=float)) if len(table) else []
+    table["separated"] = table["p_adjusted"].to_numpy(dtype=float) < alpha if len(table) else []
+    return table[COLUMNS]
 
 
-__all__ = ["ALPHA", "MIN_SEEDS", "NEEDS_SEEDS", "bootstrap_difference_ci", "compare_to_reference",
-           "format_mean_std", "format_number", "mean_std", "welch_test"]
+__all__ = ["ALPHA", "CORRECTION", "MIN_SEEDS", "NOT_TESTABLE", "NO_SPREAD", "NO_VALUES", "TESTED", "compare_methods",
+           "format_mean_std", "format_number", "format_p", "holm_adjust", "mean_std", "welch_test"]

@@ -1,6 +1,6 @@
-"""The report's tables: per-scale results (mean ± std over seeds), final-checkpoint geometry,
-the significance of each difference to full-rank in words and numbers, and the predictor scores;
-plus the results table printed to the terminal when a study or the demo finishes."""
+"""The report's tables: per-scale results (mean ± std over seeds), final-checkpoint geometry and
+the predictor scores; plus the results table printed to the terminal when a study or the demo
+finishes. (The comparisons between methods, in words and numbers: :mod:`.significance`.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 
 from rankscope.report.collect import REFERENCE_METHOD, finite, load_study, sorted_methods
 from rankscope.report.document import _cell
-from rankscope.report.stats import NEEDS_SEEDS, format_mean_std, format_number, mean_std
+from rankscope.report.stats import format_mean_std, format_number, mean_std
 
 MIB = 1024.0 ** 2
 
@@ -177,68 +177,6 @@ def baseline_display(final_table: pd.DataFrame, measure: str, reference_cell: st
     return pd.DataFrame(shown)
 
 
-def _significance_words(comparison: pd.DataFrame, preset: str, seed_counts: dict[str, int]) -> list[str]:
-    """Plain-language statements: per method, which metrics differ from full-rank beyond
-    seed-to-seed variation."""
-    rows = comparison[comparison["preset"] == preset]
-    if not seed_counts.get(REFERENCE_METHOD):
-        return [f"No finished full-rank ({REFERENCE_METHOD}) run at this scale, so no method can be compared with it."]
-    if rows.empty:
-        return ["No other method has results at this scale to compare with full-rank."]
-    assessable = rows[~rows["verdict"].isin(["cannot be assessed", "no values"])]
-    if assessable.empty:
-        counts = ", ".join(f"{m}: {n}" for m, n in seed_counts.items())
-        return [f"Significance cannot be assessed at this scale: {NEEDS_SEEDS} (seeds with results — {counts}). "
-                "The differences in the tables are single-seed observations and may be seed noise."]
-    sentences = []
-    for method, group in rows.groupby("method", sort=False):
-        exceeds = group[group["verdict"] == "exceeds seed variation"]
-        borderline = group[group["verdict"].str.startswith("borderline")]
-        within = group[group["verdict"] == "within seed variation"]
-        unassessed = group[group["verdict"] == "cannot be assessed"]
-        undefined = group[group["verdict"].str.startswith("undefined")]
-        no_values = group[group["verdict"] == "no values"]
-        parts = []
-        if len(exceeds):
-            parts.append("differs beyond seed-to-seed variation on " + ", ".join(
-                f"{METRIC_LABELS.get(r.metric, r.metric)} ({'+' if r.difference >= 0 else ''}{format_number(r.difference)}, "
-                f"p = {format_number(r.p_value, 2)})" for r in exceeds.itertuples()))
-        if len(borderline):
-            parts.append("borderline (only one of Welch test / bootstrap CI rejects) on " +
-                         ", ".join(METRIC_LABELS.get(m, m) for m in borderline["metric"]))
-        if len(within):
-            parts.append("stays within seed-to-seed variation on " +
-                         ", ".join(METRIC_LABELS.get(m, m) for m in within["metric"]))
-        if len(undefined):
-            parts.append("shows no seed spread at all on " + ", ".join(METRIC_LABELS.get(m, m) for m in undefined["metric"]))
-        if len(unassessed):
-            parts.append("cannot be assessed (" + NEEDS_SEEDS + ") on " +
-                         ", ".join(METRIC_LABELS.get(m, m) for m in unassessed["metric"]))
-        if len(no_values):
-            parts.append("cannot be compared on " + ", ".join(
-                f"{METRIC_LABELS.get(r.metric, r.metric)} ({r.statement})" for r in no_values.itertuples()))
-        sentences.append(f"**{method}** vs {REFERENCE_METHOD}: " + "; ".join(parts) + ".")
-    sentences.append("Test: Welch's t-test (two-sided, α = 0.05) and a 95% percentile bootstrap CI of the difference "
-                     "of means; 'differs' needs both. With few seeds the tests have little power: 'within seed "
-                     "variation' means 'not shown to differ', not 'equal'.")
-    return sentences
-
-
-def _significance_display(comparison: pd.DataFrame, preset: str) -> pd.DataFrame:
-    rows = comparison[comparison["preset"] == preset]
-    return pd.DataFrame({
-        "metric": [METRIC_LABELS.get(m, m) for m in rows["metric"]],
-        "method": rows["method"],
-        "seeds (method / full)": [f"{a} / {b}" for a, b in zip(rows["n_method"], rows["n_reference"])],
-        "difference to full": rows["difference"],
-        "95% bootstrap CI": [("–" if not np.isfinite(lo) else f"[{format_number(lo)}, {format_number(hi)}]")
-                             for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
-        "Welch p": [format_number(p, 2) if np.isfinite(p) else "–" for p in rows["p_value"]],
-        "verdict": [f"cannot be assessed: {NEEDS_SEEDS}" if v == "cannot be assessed" else
-                    (statement if v == "no values" else v) for v, statement in zip(rows["verdict"], rows["statement"])],
-    })
-
-
 def _predictor_display(predictor: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame({"feature set": predictor.get("feature_set")})
     for score, label in (("r2_in_sample", "in-sample R²"), ("loso_pearson", "LOSO r"), ("lomo_pearson", "LOMO r")):
@@ -263,25 +201,36 @@ def _predictor_display(predictor: pd.DataFrame) -> pd.DataFrame:
 
 def print_results_table(study_dir: str | Path) -> None:
     """Print the results table of every scale to the terminal (what `rankscope study` and
-    `rankscope demo` show when they finish), and the failed runs with their reasons."""
+    `rankscope demo` show when they finish) with the unigram / chance baselines as its last row,
+    the regime in one line, what the corrected tests allow to say about the order of the methods,
+    and the failed runs with their reasons."""
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
+    from rankscope.report.regime import baseline_row, regime_summary, study_regime
+    from rankscope.report.significance import ranking_words, study_comparison
+
     study = load_study(study_dir)
+    regime = study_regime(study)
+    comparison = study_comparison(study)
     # Piped output (logs, CI) gets a wide console so rows are not wrapped into unreadable cells.
     console = Console(width=None if sys.stdout.isatty() else 200)
     shown_columns = ["method", "seeds", "val loss", "val ppl", "downstream acc [%]", "params [M]",
                      "optimizer state [MiB]", "tokens/s"]
     for preset in study.presets():
         _, shown = results_table(study.runs, preset)
-        table = Table(title=f"{Path(study_dir).name}: scale {preset} (mean ± std over seeds)")
+        table = Table(title=f"{Path(study_dir).name}: scale {preset} (mean ± std over seeds; alphabetical, not ranked)")
         for column in shown_columns:
             table.add_column(column, justify="left" if column == "method" else "right")
         for row in shown[shown_columns].itertuples(index=False):
             table.add_row(*(str(value) for value in row))
+        baseline = baseline_row(regime, preset)
+        table.add_row(*(baseline.get(column, "") for column in shown_columns), style="dim")
         console.print(table)
+        for line in [regime_summary(regime, preset), *ranking_words(comparison, preset, regime, METRIC_LABELS)]:
+            console.print(line.replace("**", ""), markup=False, highlight=False)
     failed = study.runs[study.runs["status"] == "failed"]
     for row in failed.itertuples(index=False):
         console.print(f"failed: {row.run}: {row.failure_reason}", markup=False, highlight=False)

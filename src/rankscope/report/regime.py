@@ -1,0 +1,307 @@
+"""The regime a study trained in, which the report states before any result: per method the steps,
+tokens, tokens per parameter, seeds and the learning rate with where it came from (and whether it
+was tuned, on what budget); the validation split's unigram perplexity next to the runs'
+perplexities; each downstream task's chance level.
+
+Where each number comes from:
+- steps, tokens, params: each run's summary.json; the lr: the run's config.yaml `optim.lr` when
+  the run set it, else its method's default for the preset (`Method.optim_defaults`).
+- unigram perplexity: `rankscope.data.unigram` on the run's own data config (the cached token
+  shards the run trained on).
+- chance level: 1 / number of choices, averaged over the task's examples — read from the data
+  file of the offline tasks shipped under `rankscope/data/tasks/`, and from the choice count fixed
+  by the task definition for lm-eval's built-in tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from rankscope.errors import RankscopeError
+from rankscope.report.collect import REFERENCE_METHOD, Study, finite, sorted_methods
+from rankscope.report.stats import format_number
+
+
+LITERATURE, SET_BY_RUN, UNKNOWN = "literature default", "set by the run", "unknown"
+
+# Choices per example in lm-eval's built-in tasks of the study's suite (their task YAMLs:
+# piqa sol1/sol2; copa choice1/choice2; mrpc, rte, sst2 two labels; mnli three labels; blimp
+# a good/bad sentence pair).
+BUILTIN_CHOICES: dict[str, int] = {"piqa": 2, "copa": 2, "mrpc": 2, "rte": 2, "sst2": 2, "mnli": 3, "blimp": 2}
+
+
+@dataclass
+class LrChoice:
+    """A run's learning rate and where it came from. `budget` describes the tuning that chose it
+    (None when it was not tuned); two methods were tuned on the same budget when both have one and
+    they are equal."""
+
+    lr: float
+    source: str
+    budget: str | None = None
+
+    @property
+    def tuned(self) -> bool:
+        return self.budget is not None
+
+
+@dataclass
+class Regime:
+    table: pd.DataFrame                                   # one row per (preset, method)
+    unigram_ppl: dict[str, float] = field(default_factory=dict)  # preset -> val unigram perplexity
+    chance: pd.DataFrame = field(default_factory=pd.DataFrame)  # task, chance, examples, how
+    notes: list[str] = field(default_factory=list)        # what could not be determined, and why
+    choices: dict[str, LrChoice] = field(default_factory=dict)   # run -> its lr and provenance
+
+    def methods(self, preset: str) -> list[str]:
+        """The methods with at least one trained run at this scale (full rank first)."""
+        rows = self.table[(self.table["preset"] == str(preset)) & (self.table["seeds"] > 0)]
+        return list(rows["method"])
+
+    def lr_choices(self, preset: str, method: str) -> list[LrChoice]:
+        rows = self.table[(self.table["preset"] == str(preset)) & (self.table["method"] == method)]
+        return [] if rows.empty else list(rows.iloc[0]["lr_choices"])
+
+    def same_budget(self, preset: str, method: str, reference: str = REFERENCE_METHOD) -> bool:
+        """Whether every run of `method` and of `reference` at this scale had its lr tuned on one
+        and the same budget: the condition for calling a difference between them 'better'."""
+        ours, theirs = self.lr_choices(preset, method), self.lr_choices(preset, reference)
+        budgets = {c.budget for c in ours + theirs}
+        return bool(ours) and bool(theirs) and len(budgets) == 1 and None not in budgets
+
+
+def _run_config(study: Study, run: str) -> dict:
+    path = study.run_dir(run) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # collect.read_runs has already noted an unreadable config
+
+
+def lr_choice(config: dict, method: str, preset: str) -> LrChoice:
+    """The lr a run trained with and its provenance, from its config.yaml."""
+    from rankscope import methods
+
+    own = (config.get("optim") or {}).get("lr")
+    if own is not None:
+        return LrChoice(float(own), SET_BY_RUN)
+    try:
+        return LrChoice(float(methods.get(method).optim_defaults(preset).lr), LITERATURE)
+    except RankscopeError:
+        return LrChoice(math.nan, UNKNOWN)  # a method this installation does not know
+
+
+def _format_lr(choices: list[LrChoice]) -> tuple[str, str]:
+    lrs = sorted({c.lr for c in choices if np.isfinite(c.lr)})
+    sources = sorted({c.source + (f" ({c.budget})" if c.budget else "") for c in choices})
+    lr_text = ", ".join(f"{lr:g}" for lr in lrs) or "–"
+    if len(lrs) > 1:
+        lr_text += " (differs between seeds)"
+    return lr_text, "; ".join(sources)
+
+
+def _unigram_ppl(study: Study, configs: dict[str, dict], notes: list[str]) -> dict[str, float]:
+    """Validation unigram perplexity per preset, from the data config of the preset's first run."""
+    from rankscope.config import DataConfig, dataclass_from_dict
+    from rankscope.data import prepare_data
+    from rankscope.data.unigram import val_unigram_perplexity
+
+    values: dict[str, float] = {}
+    computed: dict[str, float] = {}  # data config (as JSON) -> value: presets sharing data compute once
+    for preset in study.presets():
+        runs = study.runs[study.runs["preset"].astype(str) == preset]["run"]
+        data = next((configs[r]["data"] for r in runs if (configs.get(r) or {}).get("data")), None)
+        if data is None:
+            notes.append(f"unigram perplexity ({preset}): no run has a config.yaml with a data section")
+            continue
+        key = json.dumps(data, sort_keys=True)
+        if key not in computed:
+            try:
+                computed[key] = val_unigram_perplexity(prepare_data(dataclass_from_dict(DataConfig, data, "data")))
+            except (RankscopeError, OSError) as exc:
+                notes.append(f"unigram perplexity ({preset}): not computed — {exc}")
+                continue
+        values[preset] = computed[key]
+    return values
+
+
+def _local_task_chance(task: str) -> tuple[float, int, str] | None:
+    """(mean 1/choices, examples, how) of an offline task shipped with rankscope, from its data."""
+    from rankscope.analysis.downstream import LOCAL_TASKS_DIR
+
+    spec_path = LOCAL_TASKS_DIR / task / f"{task}.yaml"
+    if not spec_path.is_file():
+        return None
+    # The task YAMLs carry an lm-eval `!function` tag; only the plain keys are needed here.
+    spec_text = "\n".join(line for line in spec_path.read_text().splitlines() if "!function" not in line)
+    spec = yaml.safe_load(spec_text) or {}
+    data_file = ((spec.get("dataset_kwargs") or {}).get("data_files") or {}).get(spec.get("test_split", "test"))
+    field_name = spec.get("doc_to_choice")
+    if not data_file or not isinstance(field_name, str):
+        return None
+    rows = [json.loads(line) for line in (spec_path.parent / data_file).read_text().splitlines() if line.strip()]
+    counts = [len(row[field_name]) for row in rows if row.get(field_name)]
+    if not counts:
+        return None
+    how = f"{counts[0]} choices" if len(set(counts)) == 1 else f"{min(counts)}–{max(counts)} choices"
+    return float(np.mean([1.0 / n for n in counts])), len(counts), how
+
+
+def chance_levels(tasks: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per task: its chance accuracy (NaN where unknown) and how it was found."""
+    rows, notes = [], []
+    for task in tasks:
+        local = _local_task_chance(task)
+        if local is not None:
+            chance, examples, how = local
+            rows.append({"task": task, "chance": chance, "how": f"{how}, {examples} examples (task data)"})
+        elif task.split("_")[0] in BUILTIN_CHOICES or task in BUILTIN_CHOICES:
+            n = BUILTIN_CHOICES.get(task, BUILTIN_CHOICES.get(task.split("_")[0]))
+            rows.append({"task": task, "chance": 1.0 / n, "how": f"{n} choices (lm-eval task definition)"})
+        else:
+            rows.append({"task": task, "chance": math.nan, "how": "unknown"})
+            notes.append(f"chance level of task {task}: unknown (not a rankscope task; choice count not on record)")
+    return pd.DataFrame(rows, columns=["task", "chance", "how"]), notes
+
+
+def study_regime(study: Study) -> Regime:
+    notes: list[str] = []
+    configs = {str(run): _run_config(study, str(run)) for run in study.runs["run"]}
+    choices = {run: lr_choice(configs[run], str(method), str(preset))
+               for run, method, preset in zip(study.runs["run"], study.runs["method"], study.runs["preset"])}
+    rows = []
+    for preset in study.presets():
+        in_preset = study.runs[study.runs["preset"].astype(str) == preset]
+        for method in sorted_methods(in_preset["method"].dropna().unique()):
+            group = in_preset[in_preset["method"] == method]
+            trained = group[finite(group["val_loss"])]
+            run_choices = [choices[str(r)] for r in group["run"]]
+            lr_text, source_text = _format_lr(run_choices)
+            tokens = trained["tokens"].astype(float) if "tokens" in trained else pd.Series(dtype=float)
+            params = trained["params"].astype(float)
+            rows.append({
+                "preset": preset, "method": method, "seeds": len(trained),
+                "steps": _single(trained["steps"]), "tokens": _single(tokens), "params": _single(params),
+                "tokens_per_param": _single(tokens / params),
+                "lr": lr_text, "lr_source": source_text, "lr_choices": run_choices,
+                "val_ppl_mean": float(trained["val_ppl"].astype(float).mean()) if len(trained) else math.nan,
+            })
+    table = pd.DataFrame(rows, columns=["preset", "method", "seeds", "steps", "tokens", "params", "tokens_per_param",
+                                        "lr", "lr_source", "lr_choices", "val_ppl_mean"])
+    tasks = sorted(set(study.downstream["task"].astype(str))) if len(study.downstream) else []
+    chance, chance_notes = chance_levels(tasks)
+    unigram = _unigram_ppl(study, configs, notes) if len(study.runs) else {}
+    return Regime(table, unigram, chance, notes + chance_notes, choices)
+
+
+def _single(values: pd.Series) -> float:
+    """The value all seeds share (steps, tokens, params are fixed by the config); their mean if not."""
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return float(values.mean()) if len(values) else math.nan
+
+
+
+
+# --- what the report shows -------------------------------------------------------------------------
+
+
+def regime_display(regime: Regime, preset: str) -> pd.DataFrame:
+    """The regime table of one scale, formatted."""
+    rows = regime.table[regime.table["preset"] == str(preset)]
+    return pd.DataFrame({
+        "method": rows["method"].to_numpy(),
+        "seeds": rows["seeds"].to_numpy(),
+        "steps": [_integer(v) for v in rows["steps"]],
+        "tokens": [_integer(v) for v in rows["tokens"]],
+        "params [M]": [format_number(v / 1e6) for v in rows["params"]],
+        "tokens / param": [format_number(v, 3) for v in rows["tokens_per_param"]],
+        "lr": rows["lr"].to_numpy(),
+        "lr from": rows["lr_source"].to_numpy(),
+    })
+
+
+def _integer(value: float) -> str:
+    return f"{int(round(value)):,}" if np.isfinite(value) else "–"
+
+
+def chance_of_mean(regime: Regime) -> float:
+    """Chance level of the mean accuracy over tasks (the mean of the tasks' chance levels)."""
+    values = regime.chance["chance"].astype(float) if len(regime.chance) else pd.Series(dtype=float)
+    return float(values.mean()) if len(values) and np.isfinite(values).all() else math.nan
+
+
+def regime_lines(regime: Regime, preset: str, study: Study) -> list[str]:
+    """What a reader needs to judge this scale's numbers: the unigram and chance baselines next to
+    the runs' values, and the learning rates' provenance."""
+    lines = []
+    rows = regime.table[(regime.table["preset"] == str(preset)) & np.isfinite(regime.table["val_ppl_mean"].astype(float))]
+    unigram = regime.unigram_ppl.get(str(preset), math.nan)
+    if np.isfinite(unigram):
+        text = (f"Unigram perplexity of the validation split: **{format_number(unigram)}** (a model that knows only the "
+                "training split's token frequencies, add-one smoothed, scored on the validation tokens the runs' "
+                "perplexity is scored on).")
+        if len(rows):
+            low, high = rows.loc[rows["val_ppl_mean"].idxmin()], rows.loc[rows["val_ppl_mean"].idxmax()]
+            text += (f" Runs' mean val ppl: {format_number(low['val_ppl_mean'])} ({low['method']}) to "
+                     f"{format_number(high['val_ppl_mean'])} ({high['method']}).")
+            above = rows[rows["val_ppl_mean"] >= unigram]["method"].tolist()
+            if above:
+                text += (f" Not below the unigram perplexity: {', '.join(above)} — these runs predict the validation "
+                         "tokens no better than token frequencies alone.")
+        lines.append(text)
+    else:
+        lines.append("Unigram perplexity of the validation split: not available (see Missing data).")
+    if len(regime.chance):
+        chance = "; ".join(f"{r.task} {format_number(100 * r.chance, 3)}% ({r.how})" if np.isfinite(r.chance)
+                           else f"{r.task}: unknown" for r in regime.chance.itertuples())
+        text = f"Chance level of each downstream task: {chance}; of the mean over tasks: {format_number(100 * chance_of_mean(regime), 3)}%."
+        in_preset = study.downstream[study.downstream["preset"].astype(str) == str(preset)]
+        examples = pd.to_numeric(in_preset["n"], errors="coerce").dropna()
+        if len(examples):
+            text += f" Each run is scored on {count_range(examples)} examples per task."
+        stderr = pd.to_numeric(in_preset["acc_stderr"], errors="coerce").dropna()
+        if len(stderr):
+            text += (f" One task's accuracy has a standard error of about {format_number(100 * stderr.mean(), 2)} points "
+                     "(mean of lm-eval's acc_stderr over runs and tasks).")
+        lines.append(text)
+    sources = {c.source for m in rows["method"] for c in regime.lr_choices(preset, m)} if len(rows) else set()
+    if sources and not any(c.tuned for m in rows["method"] for c in regime.lr_choices(preset, m)):
+        lines.append(f"Learning rates: {', '.join(sorted(sources))} — none was tuned for this regime.")
+    return lines
+
+
+def regime_summary(regime: Regime, preset: str) -> str:
+    """The regime of one scale in one line (for the terminal)."""
+    rows = regime.table[(regime.table["preset"] == str(preset)) & (regime.table["seeds"] > 0)]
+    if rows.empty:
+        return f"regime ({preset}): no trained run"
+    reference = rows.iloc[0]  # full rank when present (the table's first row)
+    lrs = "; ".join(f"{r.method} {r.lr}" for r in rows.itertuples())
+    sources = sorted({s for text in rows["lr_source"] for s in text.split("; ")})
+    return (f"regime ({preset}): {_integer(reference['steps'])} steps, {_integer(reference['tokens'])} tokens = "
+            f"{format_number(reference['tokens_per_param'], 3)} tokens/param ({reference['method']}); "
+            f"seeds {count_range(rows['seeds'])}; lr ({', '.join(sources)}): {lrs}")
+
+
+def count_range(counts) -> str:
+    counts = sorted({int(c) for c in counts})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def baseline_row(regime: Regime, preset: str) -> dict[str, str]:
+    """The unigram and chance baselines as one extra row of the results table."""
+    unigram = regime.unigram_ppl.get(str(preset), math.nan)
+    return {"method": "baseline: unigram / chance", "val loss": format_number(math.log(unigram)) if np.isfinite(unigram) else "–",
+            "val ppl": format_number(unigram), "downstream acc [%]": format_number(100 * chance_of_mean(regime), 3)}
+
+
+__all__ = ["BUILTIN_CHOICES", "LITERATURE", "SET_BY_RUN", "UNKNOWN", "LrChoice", "Regime", "baseline_row", "chance_levels",
+           "chance_of_mean", "lr_choice", "regime_display", "regime_lines", "regime_summary", "study_regime"]
