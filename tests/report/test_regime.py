@@ -52,3 +52,23 @@ def test_unigram_perplexity_of_the_runs_data(tmp_path):
     log_p = np.log((counts[targets] + 1) / (counts.sum() + prepared.vocab_size))
     assert regime.unigram_ppl == {"tiny": pytest.approx(math.exp(-log_p.mean()), rel=1e-9)}
     assert regime.notes == []
+
+
+def test_runs_not_below_the_unigram_perplexity_are_named(tmp_path):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from rankscope.report.collect import Study
+    from rankscope.report.regime import LrChoice, Regime, regime_lines
+
+    table = pd.DataFrame([{"preset": "tiny", "method": m, "seeds": 3, "val_ppl_mean": ppl,
+                           "lr_choices": [LrChoice(1e-3, LITERATURE)]} for m, ppl in (("full", 900.0), ("galore", 700.0))])
+    regime = Regime(table, unigram_ppl={"tiny": 784.3})
+    empty = pd.DataFrame(columns=["run", "method", "preset", "seed", "step", "task", "acc", "acc_stderr", "n"])
+    study = Study(Path(tmp_path), pd.DataFrame(), {}, empty, pd.DataFrame(), None)
+    lines = regime_lines(regime, "tiny", study)
+    assert lines[0].startswith("Unigram perplexity of the validation split: **784.3**")
+    assert "between 700.0 and 900.0" in lines[0] and "(galore)" not in lines[0]  # a range, not a ranking
+    assert "Not below the unigram perplexity: full — these runs predict the validation tokens no better" in lines[0]
+    assert lines[-1] == "Learning rates: literature default — none was tuned for this regime."
