@@ -455,32 +455,39 @@ def _similarity(study: Path, run: str, reference: str, metric: str, step: int = 
 
 def test_the_full_rank_row_shows_the_seed_baseline_and_low_rank_values_are_read_against_it(built):
     study, _, report = built
-    # The one seed pair (s0, s1), stored in seed 0's run: its last layer's CKA at the final step.
-    pair = _similarity(study, "full-tiny-s0", "full-tiny-s1", "cka").iloc[-1]
+    # Three seeds give three pairs, each stored in its lower seed's run: last-layer CKA at the final step.
+    seed_pairs = ((0, 1), (0, 2), (1, 2))
+    pairs = [_similarity(study, f"full-tiny-s{a}", f"full-tiny-s{b}", "cka").iloc[-1] for a, b in seed_pairs]
     geometry = pd.read_csv(report / "tables" / "geometry_tiny.csv").set_index("method")
     cell = geometry.loc["full", "CKA to full-rank (last layer)"]
-    assert cell == f"{format_number(pair)} [{format_number(pair)}, {format_number(pair)}] (1 pair)"
-    # Relative L2 divides by the reference's norm: the baseline holds the pair in both directions.
-    l2 = _similarity(study, "full-tiny-s0", "full-tiny-s1", "l2")
-    norm_s0 = _similarity(study, "full-tiny-s0", "full-tiny-s1", "mean_norm")
-    stored = _similarity(study, "full-tiny-s0", "full-tiny-s1", "relative_l2").mean()
+    assert cell == f"{format_number(np.mean(pairs))} [{format_number(min(pairs))}, {format_number(max(pairs))}] (3 pairs)"
+    # Relative L2 divides by the reference's norm: the baseline holds each pair in both directions.
     loaded = load_study(study)
     relative = SeedBaselines(loaded).final_baseline("tiny", "relative_l2_to_reference")
-    assert sorted(relative.values) == pytest.approx(sorted([stored, (l2 / norm_s0).mean()]), rel=1e-12)
+    expected_relative = []
+    for a, b in seed_pairs:
+        l2 = _similarity(study, f"full-tiny-s{a}", f"full-tiny-s{b}", "l2")
+        norm = _similarity(study, f"full-tiny-s{a}", f"full-tiny-s{b}", "mean_norm")
+        expected_relative += [_similarity(study, f"full-tiny-s{a}", f"full-tiny-s{b}", "relative_l2").mean(),
+                              (l2 / norm).mean()]
+    assert sorted(relative.values) == pytest.approx(sorted(expected_relative), rel=1e-12)
 
     distance = pd.read_csv(report / "tables" / "distance_to_full_tiny.csv")
     cka = distance[(distance["metric"] == "cka_last_layer") & (distance["method"] == "galore")].set_index("pairing")
-    same = [_similarity(study, f"galore-tiny-s{s}", f"full-tiny-s{s}", "cka").iloc[-1] for s in (0, 1)]
-    other = [_similarity(study, f"galore-tiny-s{s}", f"full-tiny-s{1 - s}", "cka").iloc[-1] for s in (0, 1)]
+    same = [_similarity(study, f"galore-tiny-s{s}", f"full-tiny-s{s}", "cka").iloc[-1] for s in (0, 1, 2)]
+    other = [_similarity(study, f"galore-tiny-s{s}", f"full-tiny-s{t}", "cka").iloc[-1]
+             for s in (0, 1, 2) for t in (0, 1, 2) if t != s]
+    low, high, tolerance = min(pairs), max(pairs), 1e-5
     for pairing, values in (("same-seed", same), ("cross-seed", other)):
+        assert cka.loc[pairing, "n"] == len(values)
         assert cka.loc[pairing, "mean"] == pytest.approx(np.mean(values), rel=1e-12)
-        assert cka.loc[pairing, "difference_to_baseline"] == pytest.approx(np.mean(values) - pair, rel=1e-12)
-        expected = "farther than seed baseline" if np.mean(values) < pair - 1e-5 else (
-            "closer than seed baseline" if np.mean(values) > pair + 1e-5 else "within seed baseline")
+        assert cka.loc[pairing, "difference_to_baseline"] == pytest.approx(np.mean(values) - np.mean(pairs), rel=1e-12)
+        expected = "farther than seed baseline" if np.mean(values) < low - tolerance else (
+            "closer than seed baseline" if np.mean(values) > high + tolerance else "within seed baseline")
         assert cka.loc[pairing, "reading"] == expected
     assert cka.loc["cross-seed", "reading"] == "farther than seed baseline"  # 0.4 + 0.3 drift vs 0.3
     baseline_row = distance[(distance["metric"] == "cka_last_layer") & (distance["method"] == "full")].iloc[0]
-    assert baseline_row["pairing"] == "seed baseline" and baseline_row["n"] == 1
+    assert baseline_row["pairing"] == "seed baseline" and baseline_row["n"] == 3
     # Per checkpoint and layer as well, labelled by pairing.
     layers = pd.read_csv(report / "tables" / "seed_baseline_tiny.csv")
     assert set(layers["pairing"]) == {"seed baseline", "same-seed", "cross-seed"} and set(layers["step"]) == set(STEPS)
@@ -517,7 +524,8 @@ def test_a_seed_pair_analysed_from_both_sides_counts_once(built):
     mirrored = stored.assign(run="full-tiny-s1", seed=1, reference_run="full-tiny-s0", reference_seed=0)
     loaded.tables["similarity"] = pd.concat([similarity, mirrored], ignore_index=True)
     after = SeedBaselines(loaded)
-    for measure, pairs in (("cka_last_layer", 1), ("relative_l2_to_reference", 2)):  # relative L2: one per direction
+    # Three seed pairs; relative L2 holds each in both directions.
+    for measure, pairs in (("cka_last_layer", 3), ("relative_l2_to_reference", 6)):
         assert after.final_baseline("tiny", measure).n == before.final_baseline("tiny", measure).n == pairs, measure
     assert after.final_baseline("tiny", "cka_last_layer").mean == before.final_baseline("tiny", "cka_last_layer").mean
 
