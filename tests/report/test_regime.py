@@ -18,11 +18,28 @@ from rankscope.report.regime import LITERATURE, SET_BY_RUN, UNKNOWN, chance_leve
 def test_lr_provenance_from_the_run_config():
     assert lr_choice({"optim": {"lr": 3e-4}}, "galore", "tiny").source == SET_BY_RUN
     assert lr_choice({"optim": {"lr": 3e-4}}, "galore", "tiny").lr == 3e-4
-    default = lr_choice({"optim": {"lr": None}}, "galore", "tiny")
+    default = lr_choice({"optim": {"lr": None}}, "galore", "60m")
     assert (default.lr, default.source, default.tuned) == (0.01, LITERATURE, False)  # GaLore's harness default
-    assert lr_choice({}, "full", "tiny").lr == 1e-3
+    assert lr_choice({}, "full", "60m").lr == 1e-3
     unknown = lr_choice({}, "not-a-method", "tiny")
     assert unknown.source == UNKNOWN and math.isnan(unknown.lr)
+
+
+def test_lr_provenance_of_shipped_tuned_defaults_and_of_the_tune_stage(monkeypatch):
+    from rankscope.methods import tuned
+
+    monkeypatch.setattr(tuned, "tuned_table", lambda: {"tiny": {"galore": {"lr": 0.02}}})
+    monkeypatch.setattr(tuned, "tuned_source", lambda: {"tiny": {"study": "studies/tune-tiny.yaml", "commit": "abc",
+                                                                 "document": "docs/tuning.md"}})
+    shipped = lr_choice({}, "galore", "tiny")
+    assert (shipped.lr, shipped.source, shipped.tuned) == (0.02, tuned.TUNED_HERE, True)
+    assert shipped.budget == "studies/tune-tiny.yaml at commit abc (docs/tuning.md)"
+    assert lr_choice({}, "full", "tiny").source == LITERATURE  # no shipped value: the literature's
+    # regime.json knows that the tune stage chose the lr the run's config.yaml holds.
+    recorded = lr_choice({"optim": {"lr": 0.004}}, "full", "tiny",
+                         {"lr": 0.004, "lr_source": "tuned in this study", "lr_budget": "tune stage of study s"})
+    assert (recorded.source, recorded.budget) == ("tuned in this study", "tune stage of study s")
+    assert lr_choice({"optim": {"lr": 0.004}}, "full", "tiny", {"lr": 0.004, "lr_source": "run"}).source == SET_BY_RUN
 
 
 def test_chance_levels_from_task_data_and_task_definitions():

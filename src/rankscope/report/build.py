@@ -27,6 +27,7 @@ from rankscope.report.significance import (
     study_comparison,
     tuning_statement,
 )
+from rankscope.report.tuning import tuning_section
 from rankscope.report.tables import (
     GEOMETRY_TABLES,
     METRIC_LABELS,
@@ -180,6 +181,7 @@ def build_report(study_dir: str | Path) -> Path:
         document.paragraph("Where the study's code and rankscope define a metric differently, the study's definition is "
                            "the default and ours a named setting (docs/metrics.md). These tables use:")
         document.bullets(definitions)
+    tuning_section(document, study.study_dir, figures_dir, tables_dir)
     skipped_lines: list[str] = []
     for preset in study.presets():
         numeric, shown = results_table(study.runs, preset)

@@ -4,8 +4,11 @@ was tuned, on what budget); the validation split's unigram perplexity next to th
 perplexities; each downstream task's chance level.
 
 Where each number comes from:
-- steps, tokens, params: each run's summary.json; the lr: the run's config.yaml `optim.lr` when
-  the run set it, else its method's default for the preset (`Method.optim_defaults`).
+- steps, tokens, params: each run's summary.json; the lr and its provenance: the study's
+  regime.json (`rankscope.study.regime`: set by the run, chosen by the study's tune stage, a
+  shipped tuned default, or the literature's) and, for runs without one, the run's config.yaml
+  `optim.lr` when it set it, else its method's default for the preset
+  (`rankscope.methods.tuned.optim_defaults_for`).
 - unigram perplexity: `rankscope.data.unigram` on the run's own data config (the cached token
   shards the run trained on).
 - chance level: 1 / number of choices, averaged over the task's examples — read from the data
@@ -29,6 +32,8 @@ from rankscope.report.stats import format_number
 
 
 LITERATURE, SET_BY_RUN, UNKNOWN = "literature default", "set by the run", "unknown"
+# regime.json's lr_source (rankscope.study.regime) in the report's words.
+RECORDED_SOURCES = {"literature": LITERATURE, "run": SET_BY_RUN}
 
 # Choices per example in lm-eval's built-in tasks of the study's suite (their task YAMLs:
 # piqa sol1/sol2; copa choice1/choice2; mrpc, rte, sst2 two labels; mnli three labels; blimp
@@ -86,17 +91,28 @@ def _run_config(study: Study, run: str) -> dict:
         return {}  # collect.read_runs has already noted an unreadable config
 
 
-def lr_choice(config: dict, method: str, preset: str) -> LrChoice:
-    """The lr a run trained with and its provenance, from its config.yaml."""
+def lr_choice(config: dict, method: str, preset: str, recorded: dict | None = None) -> LrChoice:
+    """The lr a run trained with and its provenance: from the study's regime.json entry of the run
+    when there is one (it knows whether the tune stage chose the lr), else from its config.yaml and
+    the method's defaults (literature, or rankscope's shipped tuned defaults for tiny / 20m)."""
     from rankscope import methods
+    from rankscope.methods.tuned import TUNED_HERE, default_kinds, optim_defaults_for
+    from rankscope.study.regime import shipped_budget
 
+    if recorded and recorded.get("lr") is not None:
+        source = RECORDED_SOURCES.get(recorded.get("lr_source"), str(recorded.get("lr_source")))
+        return LrChoice(float(recorded["lr"]), source, recorded.get("lr_budget"))
     own = (config.get("optim") or {}).get("lr")
     if own is not None:
         return LrChoice(float(own), SET_BY_RUN)
     try:
-        return LrChoice(float(methods.get(method).optim_defaults(preset).lr), LITERATURE)
+        method_cls = methods.get(method)
     except RankscopeError:
         return LrChoice(math.nan, UNKNOWN)  # a method this installation does not know
+    lr = float(optim_defaults_for(method_cls, preset).lr)
+    if default_kinds(method_cls, preset)["lr"] == TUNED_HERE:
+        return LrChoice(lr, TUNED_HERE, shipped_budget(preset))
+    return LrChoice(lr, LITERATURE)
 
 
 def _format_lr(choices: list[LrChoice]) -> tuple[str, str]:
@@ -172,10 +188,22 @@ def chance_levels(tasks: list[str]) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows, columns=["task", "chance", "how"]), notes
 
 
+def _recorded_runs(study: Study) -> dict[str, dict]:
+    """regime.json's per-run entries ({} for run folders reported without a study)."""
+    from rankscope.study.regime import REGIME_FILE
+
+    path = study.study_dir / REGIME_FILE
+    try:
+        return dict(json.loads(path.read_text()).get("runs") or {}) if path.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def study_regime(study: Study) -> Regime:
     notes: list[str] = []
     configs = {str(run): _run_config(study, str(run)) for run in study.runs["run"]}
-    choices = {run: lr_choice(configs[run], str(method), str(preset))
+    recorded = _recorded_runs(study)
+    choices = {run: lr_choice(configs[run], str(method), str(preset), recorded.get(run))
                for run, method, preset in zip(study.runs["run"], study.runs["method"], study.runs["preset"])}
     rows = []
     for preset in study.presets():
