@@ -227,7 +227,10 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     study, summaries = make_study(root, seeds=(0, 1, 2),
                                   failed={"galore-tiny-s3": "CUDA out of memory at step 3 (lower train.micro_batch_size)"})
-    report = build_report(study)
+    # The synthetic runs stand for runs at the literature's lrs (no shipped tuned defaults).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("rankscope.methods.tuned.tuned_table", lambda: {})
+        report = build_report(study)
     return study, summaries, report
 
 
@@ -317,6 +320,20 @@ def test_the_report_opens_with_the_regime(built):
     # The synthetic runs have no data section in config.yaml: the unigram perplexity says why it is missing.
     assert "unigram perplexity (tiny): no run has a config.yaml with a data section" in markdown
     assert "full rank not tuned on the same budget: differences are not evidence that a method beats full rank" in markdown
+    assert "tokens per parameter at most, against about 20 for compute-optimal training" in markdown
+
+
+def test_lrs_from_the_shipped_tuned_defaults_count_as_tuned_on_one_budget(tmp_path):
+    from rankscope.methods.tuned import tuned_source
+
+    study, _ = make_study(tmp_path, seeds=(0, 1, 2), predictor=False)
+    report = build_report(study)
+    regime = pd.read_csv(report / "tables" / "regime.csv").set_index("method")
+    assert set(regime["lr_source"]) == {f"tuned here (studies/tune-tiny.yaml at commit {tuned_source()['tiny']['commit']} "
+                                        "(docs/tuning.md))"}
+    markdown = (report / "report.md").read_text()
+    assert "Full rank and every method had their lr tuned on the same budget (studies/tune-tiny.yaml" in markdown
+    assert "none was tuned for this regime" not in markdown
 
 
 def test_html_is_self_contained(built):

@@ -32,6 +32,8 @@ from rankscope.report.stats import format_number
 
 
 LITERATURE, SET_BY_RUN, UNKNOWN = "literature default", "set by the run", "unknown"
+# Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses about 20 tokens per parameter.
+COMPUTE_OPTIMAL_TOKENS_PER_PARAM = 20
 # regime.json's lr_source (rankscope.study.regime) in the report's words.
 RECORDED_SOURCES = {"literature": LITERATURE, "run": SET_BY_RUN}
 
@@ -304,6 +306,13 @@ def regime_lines(regime: Regime, preset: str, study: Study) -> list[str]:
     sources = {c.source for m in rows["method"] for c in regime.lr_choices(preset, m)} if len(rows) else set()
     if sources and not any(c.tuned for m in rows["method"] for c in regime.lr_choices(preset, m)):
         lines.append(f"Learning rates: {', '.join(sorted(sources))} — none was tuned for this regime.")
+    per_param = (pd.to_numeric(rows["tokens_per_param"], errors="coerce").dropna()
+                 if len(rows) and "tokens_per_param" in rows else pd.Series(dtype=float))
+    if len(per_param) and per_param.max() < COMPUTE_OPTIMAL_TOKENS_PER_PARAM:
+        lines.append(f"Training length: {format_number(per_param.max(), 2)} tokens per parameter at most, against about "
+                     f"{COMPUTE_OPTIMAL_TOKENS_PER_PARAM} for compute-optimal training (Hoffmann et al. 2022). These runs "
+                     "are far from converged: an ordering of methods here need not hold for longer training or larger "
+                     "models.")
     return lines
 
 
