@@ -39,6 +39,8 @@ def _results(cell, scores, seed=0):
 def test_multipliers_multiply_the_default_or_the_literature_value(monkeypatch):
     from rankscope.methods import tuned
 
+    # Without shipped tuned defaults "default" is the literature's value.
+    monkeypatch.setattr(tuned, "tuned_table", lambda: {})
     spec = _spec({"params": {"optim.lr": {"multipliers": [0.5, 1, 2]}},
                   "method_params": {"lowrank": {"optim.lr": {"values": [0.01, 0.003]}}}})
     full, lowrank = _cell(spec, "full"), _cell(spec, "lowrank")
@@ -138,7 +140,7 @@ def test_other_hyper_parameters_and_method_knobs_tune_the_same_way():
     assert (0.25, 0.004) in galore.points and len(galore.points) == 9
 
 
-def test_a_runs_own_setting_wins_over_the_choice_and_the_lr_source_says_where_it_came_from():
+def test_a_runs_own_setting_wins_over_the_choice_and_the_lr_source_says_where_it_came_from(monkeypatch):
     spec = study_from_dict(small_study_dict(methods=("full", "lowrank"), seeds=(0,),
                                             method_overrides={"lowrank": {"optim": {"lr": 0.0005}}}))
     chosen = {("full", "tiny"): {"optim.lr": 0.004, "optim.warmup_ratio": 0.2},
@@ -148,6 +150,9 @@ def test_a_runs_own_setting_wins_over_the_choice_and_the_lr_source_says_where_it
     assert runs["lowrank"].config.optim.lr == 0.0005 and runs["lowrank"].lr_source == "run"
     assert runs["lowrank"].config.optim.warmup_ratio == 0.3  # what it does not set itself, it takes
     assert runs["lowrank"].tuned == {"optim.warmup_ratio": 0.3}
+    # Untuned by the study: the shipped tiny default ("tuned here"), or the literature's where none is shipped.
+    assert {run.lr_source for run in plan_runs(spec)} == {"tuned here", "run"}
+    monkeypatch.setattr("rankscope.methods.tuned.tuned_table", lambda: {})
     assert {run.lr_source for run in plan_runs(spec)} == {"literature", "run"}
 
 

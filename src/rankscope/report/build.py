@@ -147,7 +147,7 @@ def build_report(study_dir: str | Path) -> Path:
 
     baselines = SeedBaselines(study)
     features = run_features(study, baselines)
-    comparison = study_comparison(study, features)
+    comparison = study_comparison(study, METRIC_LABELS, features)
     regime = study_regime(study)
     figures = render_all(study, figures_dir, baselines)
 

@@ -40,19 +40,18 @@ RANKING_METRICS: tuple[str, ...] = ("val_loss", "downstream_acc")
 NOT_SAME_BUDGET = "full rank not tuned on the same budget: differences are not evidence that a method beats full rank"
 
 
-def study_comparison(study: Study, features: pd.DataFrame | None = None) -> pd.DataFrame:
+def study_comparison(study: Study, labels: dict[str, str], features: pd.DataFrame | None = None) -> pd.DataFrame:
     """The report's comparison family (:func:`compare_methods`) for a loaded study: every run-level
-    metric of the report's tables, over the runs that finished training (a run with a summary.json
-    counts even if a later stage failed; the results table's rule)."""
+    metric of the report's tables (the keys of `labels`), over the runs that finished training (a
+    run with a summary.json counts even if a later stage failed; the results table's rule)."""
     from rankscope.report.baseline import FINAL_MEASURES
     from rankscope.report.features import run_features
-    from rankscope.report.tables import METRIC_LABELS
 
     features = run_features(study) if features is None else features
     # val ppl is exp(val loss) run by run: testing both would ask one question twice. Distances to
     # full rank are read against the seed baseline instead: full rank's distance to itself is no
     # sample to test against.
-    metrics = [m for m in METRIC_LABELS if m in features.columns and m != "val_ppl" and m not in FINAL_MEASURES]
+    metrics = [m for m in labels if m in features.columns and m != "val_ppl" and m not in FINAL_MEASURES]
     return compare_methods(features[finite(features["val_loss"])], metrics, RANKING_METRICS)
 
 

@@ -214,7 +214,7 @@ def print_results_table(study_dir: str | Path) -> None:
 
     study = load_study(study_dir)
     regime = study_regime(study)
-    comparison = study_comparison(study)
+    comparison = study_comparison(study, METRIC_LABELS)
     # Piped output (logs, CI) gets a wide console so rows are not wrapped into unreadable cells.
     console = Console(width=None if sys.stdout.isatty() else 200)
     shown_columns = ["method", "seeds", "val loss", "val ppl", "downstream acc [%]", "params [M]",
