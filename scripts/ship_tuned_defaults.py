@@ -53,6 +53,20 @@ def _table(frame: pd.DataFrame, chosen: dict, preset: str) -> str:
     return "\n".join(lines)
 
 
+def _tuning_regime(frame: pd.DataFrame, folder: Path, preset: str) -> dict:
+    """The regime the preset's runs were tuned in (one for all of them, or the script refuses)."""
+    from rankscope.study.regime import regime_of
+
+    regimes = []
+    for run in frame.loc[frame["preset"].astype(str) == preset, "run"]:
+        config = yaml.safe_load((folder / "tune" / "runs" / run / "config.yaml").read_text())
+        if regime_of(config) not in regimes:
+            regimes.append(regime_of(config))
+    if len(regimes) != 1:
+        sys.exit(f"{folder}: the {preset} tuning runs differ in their regime ({regimes}); ship one regime per preset")
+    return regimes[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study_dirs", nargs="+", help="study folders whose tune stage finished")
@@ -68,14 +82,18 @@ def main() -> int:
         for preset in {str(cell["preset"]) for cell in chosen["cells"]}:
             presets[preset] = {}  # a preset is shipped whole from one study
             sources[preset] = {"study": f"studies/{chosen.get('study', folder.name)}.yaml", "commit": args.commit,
-                               "document": "docs/tuning.md"}
+                               "document": "docs/tuning.md", "regime": _tuning_regime(frame, folder, preset)}
         for cell in chosen["cells"]:
             preset = str(cell["preset"])
             if preset not in SMALL_PRESETS:
                 sys.exit(f"{folder}: tuned preset {preset}; the shipped defaults cover {', '.join(SMALL_PRESETS)} only")
             if not cell.get("values"):
                 sys.exit(f"{folder}: {cell['method']}/{preset} chose nothing ({cell.get('note')}); nothing to ship")
-            shipped = {FIELDS[k]: float(v) for k, v in cell["values"].items() if k in FIELDS}
+            others = sorted(set(cell["values"]) - set(FIELDS))
+            if others:
+                sys.exit(f"{folder}: {cell['method']}/{preset} also tuned {others}; only {sorted(FIELDS)} can be "
+                         "shipped, and an lr tuned jointly with another key would ship without it")
+            shipped = {FIELDS[k]: float(v) for k, v in cell["values"].items()}
             presets.setdefault(preset, {})[cell["method"]] = shipped
         studies.append((folder, chosen, frame))
     TUNED_FILE.write_text(HEADER + yaml.safe_dump({"source": sources, "presets": presets}, sort_keys=False))

@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of shapes on the meta device (seconds at any preset, same counts)")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("study", help="run a study: train, analyze, eval, predict, report")
+    p = sub.add_parser("study", help="run a study: tune, train, analyze, eval, predict, report")
     p.add_argument("study_file", help="study YAML (see studies/)")
     p.add_argument("--out", help="study folder (default studies-out/<file name>)")
     p.add_argument("--stage", help="comma-separated stages to run: tune, train, analyze, eval, predict, report "

@@ -29,12 +29,20 @@ def test_lr_provenance_of_shipped_tuned_defaults_and_of_the_tune_stage(monkeypat
     from rankscope.methods import tuned
 
     monkeypatch.setattr(tuned, "tuned_table", lambda: {"tiny": {"galore": {"lr": 0.02}}})
+    regime = {"data.source": "embedded", "data.tokenizer": "bpe", "data.vocab_size": 2048, "data.seq_len": 64,
+              "model.overrides": {"num_layers": 2}, "train.steps": 250, "train.batch_size": 16}
     monkeypatch.setattr(tuned, "tuned_source", lambda: {"tiny": {"study": "studies/tune-tiny.yaml", "commit": "abc",
-                                                                 "document": "docs/tuning.md"}})
-    shipped = lr_choice({}, "galore", "tiny")
+                                                                 "document": "docs/tuning.md", "regime": regime}})
+    in_regime = {"data": {"source": "embedded", "tokenizer": "bpe", "vocab_size": 2048, "seq_len": 64},
+                 "model": {"preset": "tiny", "overrides": {"num_layers": 2}}, "train": {"steps": 250, "batch_size": 16}}
+    shipped = lr_choice(in_regime, "galore", "tiny")
     assert (shipped.lr, shipped.source, shipped.tuned) == (0.02, tuned.TUNED_HERE, True)
     assert shipped.budget == "studies/tune-tiny.yaml at commit abc (docs/tuning.md)"
-    assert lr_choice({}, "full", "tiny").source == LITERATURE  # no shipped value: the literature's
+    # The same lr in another regime (here 24 steps) is used, but not counted as tuned for it.
+    shorter = {**in_regime, "train": {"steps": 24, "batch_size": 16}}
+    other = lr_choice(shorter, "galore", "tiny")
+    assert (other.lr, other.source, other.tuned) == (0.02, "tuned here, for another regime", False)
+    assert lr_choice(in_regime, "full", "tiny").source == LITERATURE  # no shipped value: the literature's
     # regime.json knows that the tune stage chose the lr the run's config.yaml holds.
     recorded = lr_choice({"optim": {"lr": 0.004}}, "full", "tiny",
                          {"lr": 0.004, "lr_source": "tuned in this study", "lr_budget": "tune stage of study s"})

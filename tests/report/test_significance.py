@@ -170,6 +170,11 @@ def test_a_lower_loss_is_not_called_better_unless_full_rank_was_tuned_on_the_sam
     assert "lrs tuned on the same budget" in line and NOT_SAME_BUDGET not in line
     assert NOT_SAME_BUDGET not in tuning_statement(same, "p") and budget in tuning_statement(same, "p")
     assert f"Holm-adjusted p = {adjusted};" in line
+    # Full rank alone, or no full rank: no claim about budgets at all.
+    alone = _regime({"full": LrChoice(1e-3, "tuned", budget)})
+    headless = _regime({"big": LrChoice(1e-3, "tuned", budget)})
+    for regime in (alone, headless):
+        assert tuning_statement(regime, "p").startswith("No pair of full rank and another method")
 
 
 def test_methods_are_ranked_only_where_the_corrected_test_separates_them():

@@ -48,6 +48,19 @@ def test_the_tuning_section_tabulates_choices_flags_edges_and_draws_the_figure(t
     assert table.iloc[1]["on an edge"] == "lr high"
     assert "`galore` at tiny: the choice sits on the high edge of `optim.lr`" in text
     assert (tmp_path / "figures" / "tuning_tiny.png").is_file() and "tuning_tiny.png" in text
+    assert "share seed" not in text  # no regime.json: the study's seeds are not known
+
+
+def test_tuning_seeds_shared_with_the_studys_runs_are_pointed_out(tmp_path):
+    _tune_folder(tmp_path)
+    for name in ("figures", "tables"):
+        (tmp_path / name).mkdir()
+    for seeds, said in (([1, 2, 3], True), ([2, 3, 4], False)):
+        (tmp_path / "regime.json").write_text(json.dumps({"seeds": seeds, "runs": {}}))
+        document = Document()
+        tuning_section(document, tmp_path, tmp_path / "figures", tmp_path / "tables")
+        text = render_markdown(document, "t")
+        assert ("**The tuning runs share seed(s) [1] with the study's runs**" in text) == said
 
 
 def test_the_curve_uses_the_grid_seeds_and_marks_divergence(tmp_path):

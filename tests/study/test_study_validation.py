@@ -79,8 +79,17 @@ def test_the_demo_trains_in_the_regime_its_lrs_were_tuned_in():
     assert demo.base == tuning.base and demo.method_overrides == tuning.method_overrides
     assert set(demo.grid.methods) == set(methods.names()) == set(tuning.grid.methods)
     assert demo.grid.presets == tuning.grid.presets == ["tiny"] and len(demo.grid.seeds) >= 3
+    # The lrs were chosen on the tuning seeds' validation loss: the demo's runs are other seeds.
+    assert not set(demo.grid.seeds) & (set(tuning.tune.seeds) | set(tuning.tune.refine.seeds))
     assert tuning.tune.steps is None  # the tuning runs are as long as the demo's
     assert {run.lr_source for run in plan_runs(demo)} == {"tuned here"}
+    # The shipped lrs are claimed as tuned for the demo's runs (same regime), not for demo-quick's.
+    from rankscope.config import config_to_dict
+    from rankscope.study.regime import shipped_budget
+
+    assert all(shipped_budget("tiny", config_to_dict(run.config)) for run in plan_runs(demo))
+    quick = load_study(STUDIES_DIR / "demo-quick.yaml")
+    assert not any(shipped_budget("tiny", config_to_dict(run.config)) for run in plan_runs(quick))
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from study_helpers import last_logged_step, read_outcome, small_study_dict, star
 
 from rankscope.errors import ConfigError
 from rankscope.study import LaunchOptions, plan_runs, run_study, study_from_dict
-from rankscope.study.tune import choose, extend, plan_tuning
+from rankscope.study.tune import choose, extend, plan_tuning, read_results, tune_jobs
 
 
 def _spec(tune, methods=("full", "lowrank"), **extra):
@@ -53,6 +53,22 @@ def test_multipliers_multiply_the_default_or_the_literature_value(monkeypatch):
               for name in ("default", "literature")}
     assert around["default"].values == (0.002, 0.004) and around["default"].default == 0.004
     assert around["literature"].values == (0.0005, 0.001)
+
+
+def test_a_result_is_read_only_for_the_tuning_run_that_wrote_it(tmp_path):
+    """A result file left by a run whose definition has changed since (other steps, other run
+    settings) is not a score of the new run: it is not read, and the new run trains again."""
+    grid = {"params": {"optim.lr": {"values": [0.001, 0.002]}}}
+    old_spec, new_spec = _spec({**grid, "steps": 4}), _spec({**grid, "steps": 6})
+    old_jobs = tune_jobs([_cell(old_spec)], tmp_path, old_spec)
+    new_jobs = tune_jobs([_cell(new_spec)], tmp_path, new_spec)
+    assert [j.name for j in old_jobs] == [j.name for j in new_jobs]  # same run names, same files
+    for job in old_jobs:
+        (tmp_path / "results").mkdir(exist_ok=True)
+        with open(job.result_file, "w") as f:
+            json.dump({"diverged": False, "score": 4.0, "fingerprint": job.fingerprint()}, f)
+    assert set(read_results(old_jobs)) == {j.name for j in old_jobs}
+    assert read_results(new_jobs) == {} and not any(j.finished_on_disk() for j in new_jobs)
 
 
 def test_a_best_value_on_an_edge_grows_the_grid_by_the_grid_ratio_until_the_bound():

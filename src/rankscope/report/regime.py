@@ -99,12 +99,12 @@ def lr_choice(config: dict, method: str, preset: str, recorded: dict | None = No
     the method's defaults (literature, or rankscope's shipped tuned defaults for tiny / 20m)."""
     from rankscope import methods
     from rankscope.methods.tuned import TUNED_HERE, default_kinds, optim_defaults_for
-    from rankscope.study.regime import shipped_budget
+    from rankscope.study.regime import OTHER_REGIME, shipped_budget
 
-    if recorded and recorded.get("lr") is not None:
+    own = (config.get("optim") or {}).get("lr")
+    if recorded and recorded.get("lr") is not None and (own is None or float(own) == float(recorded["lr"])):
         source = RECORDED_SOURCES.get(recorded.get("lr_source"), str(recorded.get("lr_source")))
         return LrChoice(float(recorded["lr"]), source, recorded.get("lr_budget"))
-    own = (config.get("optim") or {}).get("lr")
     if own is not None:
         return LrChoice(float(own), SET_BY_RUN)
     try:
@@ -113,7 +113,8 @@ def lr_choice(config: dict, method: str, preset: str, recorded: dict | None = No
         return LrChoice(math.nan, UNKNOWN)  # a method this installation does not know
     lr = float(optim_defaults_for(method_cls, preset).lr)
     if default_kinds(method_cls, preset)["lr"] == TUNED_HERE:
-        return LrChoice(lr, TUNED_HERE, shipped_budget(preset))
+        budget = shipped_budget(preset, config)
+        return LrChoice(lr, TUNED_HERE if budget else OTHER_REGIME, budget)
     return LrChoice(lr, LITERATURE)
 
 

@@ -104,6 +104,8 @@ def family_statement(comparison: pd.DataFrame) -> str:
 def tuning_statement(regime: Regime, preset: str) -> str:
     """Whether 'better than full rank' may be said at this scale, and why."""
     others = [m for m in regime.methods(preset) if m != REFERENCE_METHOD]
+    if not others or not regime.lr_choices(preset, REFERENCE_METHOD):
+        return "No pair of full rank and another method trained at this scale: nothing is worded as better or worse."
     untuned = [m for m in others if not regime.same_budget(preset, m)]
     if not untuned:
         budget = regime.lr_choices(preset, REFERENCE_METHOD)[0].budget

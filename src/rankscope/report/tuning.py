@@ -10,6 +10,7 @@ import pandas as pd
 
 from rankscope.report.collect import sorted_methods, sorted_presets
 from rankscope.report.figures.tuning import fig_tuning, read_tuning
+from rankscope.study.status import read_json
 
 
 def _short(key: str) -> str:
@@ -68,6 +69,13 @@ def tuning_section(document, study_dir: Path, figures_dir: Path, tables_dir: Pat
         "unless the study sets them itself (tune/results.csv has every tuning run, tune/chosen.json the choices).")
     document.table(table, "default: what a run would use without tuning; tried: the range and number of values; "
                           "the score is the mean ± std over the chosen point's seeds.")
+    tuning_seeds = set(chosen.get("seeds") or []) | set(refine)
+    regime = read_json(study_dir / "regime.json") or {}
+    shared = sorted(tuning_seeds & set(regime.get("seeds") or []))
+    if shared:
+        document.paragraph(f"**The tuning runs share seed(s) {shared} with the study's runs**: at those seeds a chosen "
+                           "value was picked on the very validation loss the runs then report, which favours it. "
+                           "Seeds outside the tuning seeds give the fair comparison.")
     flags = [f"`{c['method']}` at {c['preset']}: the choice sits on the {v['side']} edge of `{k}` ({v['reason']}); "
              "the best value may lie beyond it."
              for c in chosen.get("cells", []) for k, v in sorted((c.get("at_edge") or {}).items())]

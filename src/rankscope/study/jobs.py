@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from rankscope.study.status import JobFiles, error_line, write_json_atomic
+from rankscope.study.status import JobFiles, error_line, read_json, write_json_atomic
 
 log = logging.getLogger("rankscope.study")
 
@@ -110,19 +110,28 @@ class TuneJob(TrainJob):
         from rankscope.train import train
         from rankscope.train.trainer import NonFiniteLossError
 
+        # An earlier attempt's result (of this job or of a changed one) must never be read as this one's.
+        Path(self.result_file).unlink(missing_ok=True)
         try:
             summary = train(config_from_dict(self.config), self.run_dir)
             result = score_tuning_run(Path(self.run_dir), summary, self.metric)
         except NonFiniteLossError as exc:
             result = {"diverged": True, "score": None, "val_loss": None, "error": str(exc)}
+        result["fingerprint"] = self.fingerprint()
+        # The result first: a kill between the two leaves a scored run, not a re-training.
+        write_json_atomic(Path(self.result_file), result)
         if not self.keep_checkpoints:
             shutil.rmtree(Path(self.run_dir) / "checkpoints", ignore_errors=True)
-        write_json_atomic(Path(self.result_file), result)
         log.info("%s: %s", self.name, "diverged" if result["diverged"] else f"{self.metric} {result['score']:.4f}")
         return result
 
     def finished_on_disk(self) -> bool:
-        return Path(self.result_file).is_file()
+        return self.read_result() is not None
+
+    def read_result(self) -> dict[str, Any] | None:
+        """The result file when it is this job's (same fingerprint); None otherwise."""
+        data = read_json(Path(self.result_file))
+        return data if isinstance(data, dict) and data.get("fingerprint") == self.fingerprint() else None
 
 
 def score_tuning_run(run_dir: Path, summary: dict, metric: str) -> dict[str, Any]:

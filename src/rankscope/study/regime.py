@@ -10,48 +10,68 @@ from pathlib import Path
 from typing import Any
 
 from rankscope import methods
-from rankscope.study.spec import PlannedRun, StudySpec
+from rankscope.config import config_to_dict
+from rankscope.study.spec import PlannedRun, StudySpec, get_path
 from rankscope.study.status import read_json, write_json_atomic
 
 REGIME_FILE = "regime.json"
 
 
-def tuning_budget(spec: StudySpec, steps: int) -> str:
-    """The budget of this study's tune stage, in words: equal strings mean equal budgets."""
+def tuning_budget(spec: StudySpec, cell, steps: int) -> str:
+    """The budget of this study's tune stage for one (method, preset), in words: equal strings mean
+    equal budgets. It names the grid's size per key, so a method searched over one point is not
+    "tuned on the same budget" as one searched over five."""
     tune = spec.tune
+    grid = " x ".join(f"{len(axis.values)} {axis.label}" for axis in cell.axes) if cell else "no grid"
     refine = f", top {tune.refine.top} refined on seeds {list(tune.refine.seeds)}" if tune.refine.seeds else ""
-    return (f"tune stage of study {spec.name}: {steps} steps per run, seeds {list(tune.seeds)}{refine}, "
-            f"metric {tune.metric}")
+    return (f"tune stage of study {spec.name}: grid {grid} (up to {tune.max_extensions} extensions), {steps} steps "
+            f"per run, seeds {list(tune.seeds)}{refine}, metric {tune.metric}")
 
 
-def shipped_budget(preset: str) -> str | None:
-    """The budget behind rankscope's shipped tuned defaults of a preset (None: none shipped)."""
+# What a shipped tuned default was tuned in, as a run config's values at these keys; a run in
+# another regime (other steps, batch, data or model shape) gets the value but not the claim.
+SHIPPED_REGIME_KEYS = ("data.source", "data.tokenizer", "data.vocab_size", "data.seq_len", "model.overrides",
+                       "train.steps", "train.batch_size")
+OTHER_REGIME = "tuned here, for another regime"
+
+
+def regime_of(tree: dict) -> dict[str, Any]:
+    """A run config's (as a mapping) values at SHIPPED_REGIME_KEYS."""
+    return {key: get_path(tree, key) for key in SHIPPED_REGIME_KEYS}
+
+
+def shipped_budget(preset: str, tree: dict) -> str | None:
+    """The budget behind rankscope's shipped tuned defaults of a preset, for a run (config mapping)
+    trained in the regime they were tuned in; None otherwise (none shipped, or another regime)."""
     from rankscope.methods.tuned import tuned_source
 
-    source = tuned_source().get(str(preset))
-    if not source:
+    source = tuned_source().get(str(preset).strip().lower())
+    if not source or source.get("regime") != regime_of(tree):
         return None
     return f"{source.get('study')} at commit {source.get('commit')} ({source.get('document')})"
 
 
 def write_regime(out: Path, planned: list[PlannedRun], spec: StudySpec) -> Path:
+    from rankscope.study.tune import plan_tuning
     from rankscope.train.setup import resolve_optim
 
     chosen = read_json(out / "tune" / "chosen.json") or {}
+    cells = {(c.method, c.preset): c for c in plan_tuning(spec)} if chosen else {}
     runs: dict[str, Any] = {}
     for run in planned:
         cfg = run.config
         optim = resolve_optim(cfg, methods.get(run.method))
         if run.lr_source == "tuned in this study":
             steps = (chosen.get("steps") or {}).get(f"{run.method}/{run.preset}", cfg.train.steps)
-            budget = tuning_budget(spec, steps)
+            budget = tuning_budget(spec, cells.get((run.method, run.preset)), steps)
         elif run.lr_source == "tuned here":
-            budget = shipped_budget(run.preset)
+            budget = shipped_budget(run.preset, config_to_dict(cfg))
         else:
             budget = None
+        lr_source = OTHER_REGIME if run.lr_source == "tuned here" and budget is None else run.lr_source
         runs[run.name] = {
             "method": run.method, "preset": run.preset, "seed": run.seed,
-            "lr": optim.lr, "lr_source": run.lr_source, "lr_budget": budget, "tuned": dict(run.tuned),
+            "lr": optim.lr, "lr_source": lr_source, "lr_budget": budget, "tuned": dict(run.tuned),
             "weight_decay": optim.weight_decay, "warmup_steps": optim.warmup_steps,
             "min_lr_ratio": optim.min_lr_ratio, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
             "seq_len": cfg.data.seq_len, "tokens": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len,

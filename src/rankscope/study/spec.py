@@ -100,7 +100,6 @@ class StudySpec:
 
 
 # Where a run's lr comes from (regime.json, the report's regime statement).
-LR_SOURCES = ("run", "tuned in this study", "tuned here", "literature")
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ class PlannedRun:
     config: RunConfig
     # The tune stage's values this run uses ({dotted key: value}); keys the run sets itself are not here.
     tuned: dict = field(default_factory=dict)
-    lr_source: str = "literature"  # one of LR_SOURCES
+    lr_source: str = "literature"  # run | tuned in this study | tuned here | literature
 
 
 def run_name(method: str, preset: str, seed: int) -> str:

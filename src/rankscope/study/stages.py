@@ -35,7 +35,7 @@ from rankscope.study.spec import (
     load_study,
     plan_runs,
 )
-from rankscope.study.regime import write_regime
+from rankscope.study.regime import REGIME_FILE, write_regime
 from rankscope.study.status import StudyStatus
 from rankscope.study.tune import load_chosen, plan_tuning, run_tune, tune_jobs
 
@@ -83,6 +83,9 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
                         run_tune(spec, cells, out, launcher, board)
                         planned = _plan_with_choices(spec, cells, out, strict=True)
                     if "train" in stages:
+                        # Before training: the record of how these runs are set up is what the
+                        # report reads, whatever happens to the study file later.
+                        write_regime(out, planned, spec)
                         run_jobs(train_jobs(planned, runs_dir), launcher, out, status, board)
                     if "analyze" in stages:
                         run_jobs(analyze_jobs(planned, runs_dir, status, spec), launcher, out, status, board)
@@ -93,8 +96,8 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
                 raise
             finally:
                 launcher.close()
-        if any(stage in stages for stage in ("train", "report")):
-            write_regime(out, planned, spec)
+        if "report" in stages and not (out / REGIME_FILE).is_file():
+            write_regime(out, planned, spec)  # runs trained before regime.json existed
         if "predict" in stages:
             _stage_predict(planned, runs_dir, out, status, spec.predictor)
         report_path = None

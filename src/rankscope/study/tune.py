@@ -98,10 +98,6 @@ class Cell:
         for point in itertools.product(*(axis.values for axis in self.axes)):
             self.points.setdefault(point, "grid")
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.method, self.preset
-
     def label(self, point: Point) -> str:
         return "_".join(f"{axis.label}{value:.4g}" for axis, value in zip(self.axes, point))
 
@@ -244,10 +240,7 @@ def default_value(tree: dict, key: str) -> float | None:
     elif section == "method":
         value = getattr(cfg.method.settings, name, None)
     else:
-        node: Any = config_to_dict(cfg)
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        value = node
+        value = get_path(config_to_dict(cfg), key)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -298,29 +291,32 @@ def run_tune(spec: StudySpec, cells: list[Cell], out: Path, launcher, board) -> 
     tune_dir = out / "tune"
     status = StudyStatus(tune_dir / "status.json")
     while True:
-        run_jobs(tune_jobs(cells, tune_dir, spec), launcher, out, status, board)
-        results = read_results(tune_dir)
+        jobs = tune_jobs(cells, tune_dir, spec)
+        run_jobs(jobs, launcher, out, status, board)
+        results = read_results(jobs)
         grown = [extend(cell, results, spec) for cell in cells]
         if not any(grown):
             break
     if spec.tune.refine.seeds:
         for cell in cells:
             cell.refined = best_points(cell, results, spec.tune.seeds)[: spec.tune.refine.top]
-        run_jobs(tune_jobs(cells, tune_dir, spec), launcher, out, status, board)
-        results = read_results(tune_dir)
+        jobs = tune_jobs(cells, tune_dir, spec)
+        run_jobs(jobs, launcher, out, status, board)
+        results = read_results(jobs)
     chosen = choose(cells, results, spec, out)
     write_results_table(cells, results, spec, tune_dir, out)
     write_json_atomic(tune_dir / CHOSEN_FILE, chosen)
     return chosen
 
 
-def read_results(tune_dir: Path) -> dict[str, dict]:
-    """{tuning run name: its result file} for every scored run."""
+def read_results(jobs: list[TuneJob]) -> dict[str, dict]:
+    """{tuning run name: its result} for every job scored under its current definition (a result
+    of a run whose steps, config or metric have changed since is not read)."""
     results = {}
-    for path in sorted((tune_dir / "results").glob("*.json")):
-        data = read_json(path)
-        if isinstance(data, dict):
-            results[path.stem] = data
+    for job in jobs:
+        data = job.read_result()
+        if data is not None:
+            results[job.name] = data
     return results
 
 
