@@ -118,6 +118,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from rankscope.methods.tuned import default_kinds, optim_defaults_for
+
     model_cfg = get_preset(args.preset)
     table = Table(title=f"rankscope methods (settings shown for preset {args.preset})")
     table.add_column("method", style="bold")
@@ -127,10 +129,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
         cls = methods.get(name)
         settings = cls.default_settings(args.preset, model_cfg)
         shown = ", ".join(f"{k}={v}" for k, v in vars(settings).items()) or "-"
-        opt = cls.optim_defaults(args.preset)
-        table.add_row(name, cls.description, f"{shown}; lr={opt.lr}, wd={opt.weight_decay} ({opt.weight_decay_scope}), "
-                      f"eps={opt.eps}, clip={opt.grad_clip or 'off'}")
+        opt = optim_defaults_for(cls, args.preset)
+        kinds = default_kinds(cls, args.preset)
+        table.add_row(name, cls.description, f"{shown}; lr={opt.lr} ({kinds['lr']}), wd={opt.weight_decay} "
+                      f"({opt.weight_decay_scope}), eps={opt.eps}, clip={opt.grad_clip or 'off'}")
     Console().print(table)
+    print("Optimizer defaults: 'literature' = the method's official harness (60M+ models, 10k+ steps); "
+          "'tuned here' = chosen by rankscope's tuning study for this preset (docs/tuning.md).")
     return 0
 
 
@@ -390,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run a study: train, analyze, eval, predict, report")
     p.add_argument("study_file", help="study YAML (see studies/)")
     p.add_argument("--out", help="study folder (default studies-out/<file name>)")
-    p.add_argument("--stage", help="comma-separated stages to run: train, analyze, eval, predict, report (default all)")
+    p.add_argument("--stage", help="comma-separated stages to run: tune, train, analyze, eval, predict, report "
+                   "(default all; tune does nothing without a tune: block)")
     _add_launch_arguments(p)
     p.add_argument("--slurm-partition", help="slurm: partition")
     p.add_argument("--slurm-time", help="slurm, submitit-local: time limit of a job (minutes or H:M:S, default 4:00:00); "

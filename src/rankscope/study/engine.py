@@ -7,8 +7,7 @@ For each job it first looks at what the study folder already knows:
 It then polls the launcher until every job has ended and records each job's outcome in
 status.json for the runs it covers. A job that fails (or whose process dies) is recorded and the
 others go on. The driver holds no state of its own that is not on disk, so it can be stopped and
-started again at any time; a later `tune` stage (or anything with a list of jobs) uses the same
-function.
+started again at any time; the tune stage calls it once per round of its search.
 """
 
 from __future__ import annotations
@@ -103,8 +102,12 @@ def _detail(outcome: dict) -> str:
     if outcome["state"] == "failed":
         return str(outcome.get("error", ""))
     result = outcome.get("result") or {}
+    if result.get("diverged"):
+        return f"diverged, {outcome.get('elapsed', 0):.0f}s"
     if result.get("val_ppl") is not None:
         return f"val ppl {result['val_ppl']:.2f}, {outcome.get('elapsed', 0):.0f}s"
+    if result.get("score") is not None:
+        return f"score {result['score']:.4f}, {outcome.get('elapsed', 0):.0f}s"
     if result.get("mean_acc") is not None:
         return f"mean acc {result['mean_acc']:.3f}, {outcome.get('elapsed', 0):.0f}s"
     return f"{outcome.get('elapsed', 0):.0f}s"

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from rankscope.study.status import JobFiles, error_line
+from rankscope.study.status import JobFiles, error_line, write_json_atomic
 
 log = logging.getLogger("rankscope.study")
 
@@ -84,6 +85,74 @@ class TrainJob(Job):
         if not record or "loss" not in record:
             return None
         return f"step {record['step']}/{self.config['train']['steps']} loss {record['loss']:.3f}"
+
+
+TUNE_METRICS = ("val_loss", "best_val_loss", "train_loss")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneJob(TrainJob):
+    """One tuning run: trained like any run, then scored by the tune metric into `result_file`.
+
+    A run that diverges (a non-finite loss stops it, or it ends with a non-finite or higher loss
+    than it started with) is a result, not a failure: its score is the worst there is, and the
+    tune stage goes on. Its checkpoints are deleted once it is scored unless asked to keep them.
+    """
+
+    result_file: str
+    metric: str
+    keep_checkpoints: bool = False
+
+    def run(self) -> dict[str, Any]:
+        import shutil
+
+        from rankscope.config import config_from_dict
+        from rankscope.train import train
+        from rankscope.train.trainer import NonFiniteLossError
+
+        try:
+            summary = train(config_from_dict(self.config), self.run_dir)
+            result = score_tuning_run(Path(self.run_dir), summary, self.metric)
+        except NonFiniteLossError as exc:
+            result = {"diverged": True, "score": None, "val_loss": None, "error": str(exc)}
+        if not self.keep_checkpoints:
+            shutil.rmtree(Path(self.run_dir) / "checkpoints", ignore_errors=True)
+        write_json_atomic(Path(self.result_file), result)
+        log.info("%s: %s", self.name, "diverged" if result["diverged"] else f"{self.metric} {result['score']:.4f}")
+        return result
+
+    def finished_on_disk(self) -> bool:
+        return Path(self.result_file).is_file()
+
+
+def score_tuning_run(run_dir: Path, summary: dict, metric: str) -> dict[str, Any]:
+    """The tune metric of a finished run, and whether it diverged (non-finite, or it ended worse
+    than it started)."""
+    records = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    steps = int(summary["steps"])
+    if metric == "val_loss":
+        score = summary.get("val_loss")
+    elif metric == "best_val_loss":
+        values = [r["val_loss"] for r in records if r.get("step", 0) > 0 and r.get("val_loss") is not None]
+        score = min(values, default=summary.get("val_loss"))
+    elif metric == "train_loss":  # the mean logged training loss over the last 10% of the steps
+        values = [r["loss"] for r in records if r.get("loss") is not None and r.get("step", 0) > 0.9 * steps]
+        score = sum(values) / len(values) if values else None
+    else:
+        raise ValueError(f"unknown tune metric {metric!r}; use one of {', '.join(TUNE_METRICS)}")
+    val_loss, initial = summary.get("val_loss"), summary.get("initial_val_loss")
+    finite = [v is not None and math.isfinite(v) for v in (score, val_loss)]
+    diverged = not all(finite) or (initial is not None and val_loss > initial)
+    return {"diverged": diverged, "score": score if finite[0] else None, "val_loss": val_loss if finite[1] else None,
+            "initial_val_loss": initial, "steps": steps, "skipped_steps": summary.get("skipped_steps", 0),
+            "train_time": summary.get("train_time")}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ from rankscope import methods
 from rankscope.config import RunConfig, build_config, dataclass_from_dict, load_yaml
 from rankscope.errors import ConfigError, RankscopeError, did_you_mean
 
-STAGES = ("train", "analyze", "eval", "predict", "report")
+STAGES = ("tune", "train", "analyze", "eval", "predict", "report")
 REFERENCE_METHOD = "full"
 
 
@@ -43,6 +43,48 @@ class PredictorSpec:
 
 
 @dataclass
+class ParamGrid:
+    """The values one hyper-parameter (a dotted run-config key) takes in the tuning grid."""
+
+    values: list[float] = field(default_factory=list)  # absolute values
+    multipliers: list[float] = field(default_factory=list)  # x the method's default at the preset
+    # Which default the multipliers multiply: "default" (what a run uses: the value tuned here for
+    # tiny and 20m, the literature's above) or "literature" (the method's official harness value,
+    # so that a tuning study gives the same grid after its results were shipped as defaults).
+    around: str = "default"
+    # How a best value on the edge extends the grid: "log" multiplies by the ratio of the two
+    # outermost values on that side, "linear" adds their difference.
+    scale: str = "log"
+    min: float | None = None  # the extension never goes below / above these
+    max: float | None = None
+
+
+@dataclass
+class RefineSpec:
+    """More seeds for the best points of the grid, once its edges are settled."""
+
+    seeds: list[int] = field(default_factory=list)
+    top: int = 3  # how many of the best points (by the mean over the grid's seeds) get them
+
+
+@dataclass
+class TuneSpec:
+    """The `tune:` block: a grid per hyper-parameter, searched per (method, preset) before training."""
+
+    params: dict[str, Any] = field(default_factory=dict)  # dotted key -> ParamGrid mapping; empty: no tuning
+    method_params: dict[str, Any] = field(default_factory=dict)  # method -> {key: ParamGrid mapping or null}
+    methods: list[str] = field(default_factory=list)  # default: grid.methods
+    presets: list[str] = field(default_factory=list)  # default: grid.presets
+    steps: int | None = None  # default: each run's train.steps
+    seeds: list[int] = field(default_factory=lambda: [0])
+    metric: str = "val_loss"  # val_loss (final) | best_val_loss | train_loss (mean of the last 10% logged)
+    max_extensions: int = 2  # per parameter and direction
+    refine: RefineSpec = field(default_factory=RefineSpec)
+    run: dict[str, Any] = field(default_factory=dict)  # run config mapping for tuning runs only
+    keep_checkpoints: bool = False  # tuning runs are not analysed: their checkpoints go once scored
+
+
+@dataclass
 class StudySpec:
     name: str = "study"
     grid: GridSpec = field(default_factory=GridSpec)
@@ -54,6 +96,11 @@ class StudySpec:
     analysis: dict[str, Any] = field(default_factory=dict)  # AnalysisSettings fields
     eval: EvalSpec = field(default_factory=EvalSpec)
     predictor: PredictorSpec = field(default_factory=PredictorSpec)
+    tune: TuneSpec = field(default_factory=TuneSpec)
+
+
+# Where a run's lr comes from (regime.json, the report's regime statement).
+LR_SOURCES = ("run", "tuned in this study", "tuned here", "literature")
 
 
 @dataclass(frozen=True)
@@ -63,6 +110,9 @@ class PlannedRun:
     preset: str
     seed: int
     config: RunConfig
+    # The tune stage's values this run uses ({dotted key: value}); keys the run sets itself are not here.
+    tuned: dict = field(default_factory=dict)
+    lr_source: str = "literature"  # one of LR_SOURCES
 
 
 def run_name(method: str, preset: str, seed: int) -> str:
@@ -88,8 +138,36 @@ def study_from_dict(data: dict) -> StudySpec:
     return dataclass_from_dict(StudySpec, data, "study")
 
 
-def plan_runs(spec: StudySpec) -> list[PlannedRun]:
-    """Resolve and validate every run config of the grid before anything is trained."""
+def run_tree(spec: StudySpec, method: str, preset: str, seed: int) -> dict:
+    """The run config mapping of one cell: base, then preset, method and method-preset overrides."""
+    tree = _merge(spec.base, spec.preset_overrides.get(preset, {}))
+    tree = _merge(tree, spec.method_overrides.get(method, {}))
+    tree = _merge(tree, spec.method_preset_overrides.get(method, {}).get(preset, {}))
+    tree = _merge(tree, {"model": {"preset": preset}, "train": {"seed": seed}})
+    tree["method"] = _merge(tree.get("method", {}) or {}, {"name": method})
+    return tree
+
+
+def get_path(tree: dict, dotted: str) -> Any:
+    """The value at a dotted key of a config mapping (None where it is not set)."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def with_path(tree: dict, dotted: str, value: Any) -> dict:
+    """A copy of `tree` with the dotted key set to `value`."""
+    parts = dotted.split(".")
+    update: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        update = {part: update}
+    return _merge(tree, update)
+
+
+def check_grid(spec: StudySpec) -> None:
     grid = spec.grid
     if not grid.methods or not grid.presets or not grid.seeds:
         raise ConfigError(
@@ -115,22 +193,40 @@ def plan_runs(spec: StudySpec) -> list[PlannedRun]:
         )
     if len(set(grid.seeds)) != len(grid.seeds) or len(set(grid.methods)) != len(grid.methods):
         raise ConfigError("study grid lists a method or seed twice")
+
+
+def plan_runs(spec: StudySpec, chosen: dict[tuple[str, str], dict[str, Any]] | None = None) -> list[PlannedRun]:
+    """Resolve and validate every run config of the grid before anything is trained.
+
+    `chosen` maps (method, preset) to the tune stage's values ({dotted key: value}); a run uses
+    them except for the keys its own config sets (a run's own `optim.lr` wins).
+    """
+    from rankscope.methods.tuned import default_kinds
+
+    check_grid(spec)
     planned = []
-    for preset in grid.presets:
-        for seed in grid.seeds:
-            for method in grid.methods:
-                tree = _merge(spec.base, spec.preset_overrides.get(preset, {}))
-                tree = _merge(tree, spec.method_overrides.get(method, {}))
-                tree = _merge(tree, spec.method_preset_overrides.get(method, {}).get(preset, {}))
-                tree = _merge(tree, {"model": {"preset": preset}, "train": {"seed": seed}})
-                tree["method"] = _merge(tree.get("method", {}) or {}, {"name": method})
+    for preset in spec.grid.presets:
+        for seed in spec.grid.seeds:
+            for method in spec.grid.methods:
+                own = run_tree(spec, method, preset, seed)
+                tree, tuned = own, {}
+                for key, value in (chosen or {}).get((method, preset), {}).items():
+                    if value is not None and get_path(own, key) is None:
+                        tree = with_path(tree, key, value)
+                        tuned[key] = value
                 name = run_name(method, preset, seed)
                 try:
                     cfg = build_config(tree)
                     _validate_method(cfg)
                 except RankscopeError as exc:
                     raise type(exc)(f"study run {name}: {exc}") from None
-                planned.append(PlannedRun(name, method, preset, seed, cfg))
+                if get_path(own, "optim.lr") is not None:
+                    lr_source = "run"
+                elif "optim.lr" in tuned:
+                    lr_source = "tuned in this study"
+                else:
+                    lr_source = default_kinds(methods.get(method), preset)["lr"]
+                planned.append(PlannedRun(name, method, preset, seed, cfg, tuned, lr_source))
     return planned
 
 

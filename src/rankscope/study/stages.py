@@ -1,6 +1,6 @@
 """`run_study`: the stages of a study in order, each re-runnable alone.
 
-train, analyze (one job per preset/seed group, against its full-rank run) and eval (one job per
+tune (study/tune.py: per-method hyper-parameter search whose choices the train stage uses), train, analyze (one job per preset/seed group, against its full-rank run) and eval (one job per
 run) are jobs run by a launcher (study/launch/); predict and report only read tables and run in
 the driver. Finished work is skipped and interrupted work resumes (the trainer, the analysis and
 the driver all key their work on disk). A failing run is recorded in status.json and the study
@@ -35,11 +35,13 @@ from rankscope.study.spec import (
     load_study,
     plan_runs,
 )
+from rankscope.study.regime import write_regime
 from rankscope.study.status import StudyStatus
+from rankscope.study.tune import load_chosen, plan_tuning, run_tune, tune_jobs
 
 log = logging.getLogger("rankscope.study")
 
-JOB_STAGES = ("train", "analyze", "eval")
+JOB_STAGES = ("tune", "train", "analyze", "eval")
 
 
 def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[str, ...] = STAGES,
@@ -51,6 +53,7 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
         if stage not in STAGES:
             raise ConfigError(f"unknown study stage {stage!r}{did_you_mean(stage, STAGES)}")
     planned = plan_runs(spec)
+    cells = plan_tuning(spec)
     analysis_settings(spec)
     if spec.eval.tasks:
         from rankscope.analysis.downstream import _expand_task_names
@@ -61,10 +64,13 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
     out = Path(out_dir)
     runs_dir = out / "runs"
     names = [p.name for p in planned]
+    if cells and "tune" not in stages:
+        # Training without the tune stage's results (missing, or of another tune: block) fails here.
+        planned = _plan_with_choices(spec, cells, out, strict="train" in stages)
     launcher = make_launcher(launch, out, spec.name) if any(s in stages for s in JOB_STAGES) else None
     if launch.dry_run:
         return {"runs": names, "failed": [], "report": None, "out": out,
-                "plan": describe_study(planned, spec, stages, out, launcher)}
+                "plan": describe_study(planned, spec, stages, out, launcher, cells)}
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     with _driver_lock(out):
@@ -73,6 +79,9 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
         if launcher is not None:
             try:
                 with StudyBoard(f"study {spec.name} ({launcher.name})") as board:
+                    if "tune" in stages and cells:
+                        run_tune(spec, cells, out, launcher, board)
+                        planned = _plan_with_choices(spec, cells, out, strict=True)
                     if "train" in stages:
                         run_jobs(train_jobs(planned, runs_dir), launcher, out, status, board)
                     if "analyze" in stages:
@@ -84,6 +93,8 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
                 raise
             finally:
                 launcher.close()
+        if any(stage in stages for stage in ("train", "report")):
+            write_regime(out, planned, spec)
         if "predict" in stages:
             _stage_predict(planned, runs_dir, out, status, spec.predictor)
         report_path = None
@@ -93,6 +104,18 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
             report_path = build_report(out)
         failed = [p.name for p in planned if status.failed(p.name)]
     return {"runs": names, "failed": failed, "report": report_path, "out": out}
+
+
+def _plan_with_choices(spec: StudySpec, cells, out: Path, strict: bool) -> list[PlannedRun]:
+    """The runs with the tune stage's choices. Without them (missing, or of another tune: block)
+    training refuses (`strict`); analysis, eval and the report read only runs that exist and go on."""
+    try:
+        return plan_runs(spec, load_chosen(spec, cells, out))
+    except ConfigError as exc:
+        if strict:
+            raise
+        log.warning("%s", exc)
+        return plan_runs(spec)
 
 
 def train_jobs(planned: list[PlannedRun], runs_dir: Path) -> list[Job]:
@@ -143,15 +166,16 @@ def eval_jobs(planned: list[PlannedRun], runs_dir: Path, status: StudyStatus | N
 
 
 def describe_study(planned: list[PlannedRun], spec: StudySpec, stages: tuple[str, ...], out: Path,
-                   launcher: Launcher | None) -> str:
+                   launcher: Launcher | None, cells=()) -> str:
     """What a dry run prints: per job stage, how its jobs would be launched (sbatch lines for SLURM)."""
     lines = [f"study {spec.name}: {len(planned)} runs into {out} (dry run: nothing is written or submitted)"]
     runs_dir = out / "runs"
-    builders = {"train": lambda: train_jobs(planned, runs_dir),
+    builders = {"tune": lambda: tune_jobs(list(cells), out / "tune", spec),  # the first round; edges may add more
+                "train": lambda: train_jobs(planned, runs_dir),
                 "analyze": lambda: analyze_jobs(planned, runs_dir, None, spec),
                 "eval": lambda: eval_jobs(planned, runs_dir, None, spec.eval)}
     for stage in JOB_STAGES:
-        if stage in stages:
+        if stage in stages and (stage != "tune" or cells):
             lines.append(launcher.describe(stage, builders[stage]()))
     lines += [f"stage {stage}: in the driver" for stage in stages if stage not in JOB_STAGES]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from rankscope import methods
 from rankscope.config import RunConfig, check_device_name, config_from_dict, load_yaml
 from rankscope.errors import CheckpointError, ConfigError
 from rankscope.methods.base import Method, ResolvedOptim
+from rankscope.methods.tuned import optim_defaults_for
 from rankscope.models import LlamaConfig, build_model, get_preset, token_losses
 from rankscope.train import checkpoint as ckpt
 
@@ -55,7 +56,7 @@ def resolve_model_config(cfg: RunConfig, tokenizer_vocab: int) -> LlamaConfig:
 
 
 def resolve_optim(cfg: RunConfig, method_cls: type[Method]) -> ResolvedOptim:
-    defaults = method_cls.optim_defaults(cfg.model.preset)
+    defaults = optim_defaults_for(method_cls, cfg.model.preset)
     o = cfg.optim
 
     def pick(value: Any, default: Any) -> Any:
