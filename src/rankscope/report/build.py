@@ -15,6 +15,7 @@ from rankscope.report.features import run_features
 from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.figures import FigureResult, render_all
 from rankscope.report.stats import compare_to_reference
+from rankscope.report.tuning import tuning_section
 from rankscope.report.tables import (
     GEOMETRY_TABLES,
     METRIC_LABELS,
@@ -127,6 +128,7 @@ def build_report(study_dir: str | Path) -> Path:
         document.paragraph("Where the study's code and rankscope define a metric differently, the study's definition is "
                            "the default and ours a named setting (docs/metrics.md). These tables use:")
         document.bullets(definitions)
+    tuning_section(document, study.study_dir, figures_dir, tables_dir)
     skipped_lines: list[str] = []
     for preset in study.presets():
         numeric, shown = results_table(study.runs, preset)

@@ -392,10 +392,10 @@ def choose(cells: list[Cell], results: dict[str, dict], spec: StudySpec, out: Pa
     """chosen.json: per cell the values of the best point, its score and where it sits on the grid."""
     rows = []
     for cell in cells:
+        # With refinement, only the refined points have every seed (point_score skips the others).
         seeds = list(spec.tune.seeds) + (list(spec.tune.refine.seeds) if cell.refined else [])
-        candidates = cell.refined or list(cell.points)
         scored = []
-        for point in candidates:
+        for point in cell.points:
             score = point_score(cell, point, seeds, results)
             if score is not None and math.isfinite(score[0]):
                 scored.append((score[0], point, score[1]))
