@@ -124,6 +124,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     table = Table(title=f"rankscope methods (settings shown for preset {args.preset})")
     table.add_column("method", style="bold")
     table.add_column("description")
+    table.add_column("lr (kind of default)", no_wrap=True)
     table.add_column("settings (defaults)")
     for name in methods.names():
         cls = methods.get(name)
@@ -131,7 +132,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k}={v}" for k, v in vars(settings).items()) or "-"
         opt = optim_defaults_for(cls, args.preset)
         kinds = default_kinds(cls, args.preset)
-        table.add_row(name, cls.description, f"{shown}; lr={opt.lr} ({kinds['lr']}), wd={opt.weight_decay} "
+        table.add_row(name, cls.description, f"{opt.lr:g} ({kinds['lr']})", f"{shown}; wd={opt.weight_decay} "
                       f"({opt.weight_decay_scope}), eps={opt.eps}, clip={opt.grad_clip or 'off'}")
     Console().print(table)
     print("Optimizer defaults: 'literature' = the method's official harness (60M+ models, 10k+ steps); "

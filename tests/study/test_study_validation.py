@@ -54,15 +54,33 @@ def test_nothing_is_trained_when_the_study_is_invalid(tmp_path):
     assert not (tmp_path / "study" / "runs").exists() or not any((tmp_path / "study" / "runs").iterdir())
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo-quick.yaml", "beyond-perplexity.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-quick.yaml", "beyond-perplexity.yaml", "tune-tiny.yaml",
+                                  "tune-20m.yaml"])
 def test_shipped_study_files_are_valid(name):
     from rankscope.demo import STUDIES_DIR
     from rankscope.study import analysis_settings
+    from rankscope.study.tune import plan_tuning
 
     spec = load_study(STUDIES_DIR / name)
     runs = plan_runs(spec)
     assert len(runs) == len(spec.grid.methods) * len(spec.grid.presets) * len(spec.grid.seeds)
     analysis_settings(spec)
+    cells = plan_tuning(spec)
+    assert len(cells) == (len(spec.grid.methods) if name.startswith("tune-") else 0)
+
+
+def test_the_demo_trains_in_the_regime_its_lrs_were_tuned_in():
+    """demo.yaml runs every method, >= 3 seeds, at the tiny defaults that tune-tiny.yaml chose in
+    the same model, data, schedule and periodic work."""
+    from rankscope import methods
+    from rankscope.demo import STUDIES_DIR
+
+    demo, tuning = load_study(STUDIES_DIR / "demo.yaml"), load_study(STUDIES_DIR / "tune-tiny.yaml")
+    assert demo.base == tuning.base and demo.method_overrides == tuning.method_overrides
+    assert set(demo.grid.methods) == set(methods.names()) == set(tuning.grid.methods)
+    assert demo.grid.presets == tuning.grid.presets == ["tiny"] and len(demo.grid.seeds) >= 3
+    assert tuning.tune.steps is None  # the tuning runs are as long as the demo's
+    assert {run.lr_source for run in plan_runs(demo)} == {"tuned here"}
 
 
 @pytest.mark.slow

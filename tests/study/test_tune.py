@@ -12,7 +12,7 @@ import yaml
 from study_helpers import last_logged_step, read_outcome, small_study_dict, start_driver, wait_for, write_study
 
 from rankscope.errors import ConfigError
-from rankscope.study import LaunchOptions, run_study, study_from_dict
+from rankscope.study import LaunchOptions, plan_runs, run_study, study_from_dict
 from rankscope.study.tune import choose, extend, plan_tuning
 
 
@@ -136,6 +136,19 @@ def test_other_hyper_parameters_and_method_knobs_tune_the_same_way():
     results = {galore.run_name(p, 0): {"score": 1.0 if p == (0.25, 0.002) else 2.0} for p in galore.points}
     assert extend(galore, results, spec)
     assert (0.25, 0.004) in galore.points and len(galore.points) == 9
+
+
+def test_a_runs_own_setting_wins_over_the_choice_and_the_lr_source_says_where_it_came_from():
+    spec = study_from_dict(small_study_dict(methods=("full", "lowrank"), seeds=(0,),
+                                            method_overrides={"lowrank": {"optim": {"lr": 0.0005}}}))
+    chosen = {("full", "tiny"): {"optim.lr": 0.004, "optim.warmup_ratio": 0.2},
+              ("lowrank", "tiny"): {"optim.lr": 0.01, "optim.warmup_ratio": 0.3}}
+    runs = {run.method: run for run in plan_runs(spec, chosen)}
+    assert runs["full"].config.optim.lr == 0.004 and runs["full"].lr_source == "tuned in this study"
+    assert runs["lowrank"].config.optim.lr == 0.0005 and runs["lowrank"].lr_source == "run"
+    assert runs["lowrank"].config.optim.warmup_ratio == 0.3  # what it does not set itself, it takes
+    assert runs["lowrank"].tuned == {"optim.warmup_ratio": 0.3}
+    assert {run.lr_source for run in plan_runs(spec)} == {"literature", "run"}
 
 
 @pytest.mark.parametrize("tune, message", [

@@ -424,7 +424,7 @@ def choose(cells: list[Cell], results: dict[str, dict], spec: StudySpec, out: Pa
                     row["at_edge"][axis.key] = {"side": side, "reason": cell.blocked.get((index, side), "not extended")}
         rows.append(row)
     return {
-        "fingerprint": tune_fingerprint(cells, spec), "metric": spec.tune.metric,
+        "study": spec.name, "fingerprint": tune_fingerprint(cells, spec), "metric": spec.tune.metric,
         "seeds": list(spec.tune.seeds), "refine_seeds": list(spec.tune.refine.seeds),
         "max_extensions": spec.tune.max_extensions,
         "steps": {f"{c.method}/{c.preset}": get_path(c.tree, "train.steps") for c in cells},
