@@ -125,6 +125,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     table.add_column("method", style="bold")
     table.add_column("description")
     table.add_column("lr (kind of default)", no_wrap=True)
+    table.add_column("emb/head/norm", no_wrap=True)
     table.add_column("settings (defaults)")
     for name in methods.names():
         cls = methods.get(name)
@@ -132,12 +133,29 @@ def cmd_methods(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k}={v}" for k, v in vars(settings).items()) or "-"
         opt = optim_defaults_for(cls, args.preset)
         kinds = default_kinds(cls, args.preset)
-        table.add_row(name, cls.description, f"{opt.lr:g} ({kinds['lr']})", f"{shown}; wd={opt.weight_decay} "
-                      f"({opt.weight_decay_scope}), eps={opt.eps}, clip={opt.grad_clip or 'off'}")
+        label = f"{name} (control)" if cls.is_control else name
+        table.add_row(label, cls.description, f"{opt.lr:g} ({kinds['lr']})", _role_cell(opt, kinds),
+                      f"{shown}; wd={opt.weight_decay} ({opt.weight_decay_scope}), eps={opt.eps}, "
+                      f"clip={opt.grad_clip or 'off'}")
     Console().print(table)
     print("Optimizer defaults: 'literature' = the method's official harness (60M+ models, 10k+ steps); "
-          "'tuned here' = chosen by rankscope's tuning study for this preset (docs/tuning.md).")
+          "'tuned here' = chosen by rankscope's tuning study for this preset (docs/tuning.md). '= lr': the "
+          "role follows the method's own lr (and wd), as in every official harness; optim.embed_lr, head_lr, "
+          "norm_lr and *_weight_decay set them for any method.")
     return 0
+
+
+def _role_cell(opt, kinds: dict[str, str]) -> str:
+    """The embeddings', head's and norms' lr and weight decay in `rankscope methods`: '= lr, wd'
+    when they follow the method's own, else the values (e/h/n) and whether they were tuned here."""
+    def show(kind: str, follows: str) -> str:
+        values = [getattr(opt, f"{role}_{kind}") for role in ("embed", "head", "norm")]
+        return "/".join(follows if v is None else f"{v:g}" for v in values)
+
+    if all(getattr(opt, f"{role}_{kind}") is None for role in ("embed", "head", "norm") for kind in ("lr", "weight_decay")):
+        return "= lr, wd"
+    tuned = " (tuned here)" if kinds.get("embed_lr") == "tuned here" else ""
+    return f"lr {show('lr', 'lr')}, wd {show('weight_decay', 'wd')}{tuned}"
 
 
 # ---------------------------------------------------------------------------------------------

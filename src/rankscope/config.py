@@ -66,6 +66,16 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float | None = None
     grad_clip: float | None = None
+    # Per-role settings for the parameters that are not the method's (rankscope.optim.roles):
+    # the token embeddings, the LM head and the norm gains. None = what the method's optimizer
+    # gives them (its main lr and weight decay, as every official harness does); a value moves them
+    # into a group of their own at that absolute value, for every method alike.
+    embed_lr: float | None = None
+    head_lr: float | None = None
+    norm_lr: float | None = None
+    embed_weight_decay: float | None = None
+    head_weight_decay: float | None = None
+    norm_weight_decay: float | None = None
     warmup_ratio: float = 0.1
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.1

@@ -173,7 +173,7 @@ def build_method_run(
 ) -> MethodRun:
     """Build the method's parameterized model and optimizer as the trainer does."""
     from rankscope.models import get_preset
-    from rankscope.train.setup import build_method, build_run_model, resolve_model_config, resolve_optim
+    from rankscope.train.setup import build_method, build_run_model, build_run_optimizer, resolve_model_config, resolve_optim
 
     cfg = build_config(preset, method_name, batch_size, seq_len, model_overrides)
     vocab = int(model_overrides.get("vocab_size", get_preset(preset).vocab_size))
@@ -196,7 +196,7 @@ def build_method_run(
         model.to(torch.bfloat16)
     model.to(device)
     optim = resolve_optim(cfg, type(method))
-    optimizer = method.build_optimizer(model, optim)
+    optimizer = build_run_optimizer(method, model, optim)
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
     forward_model = torch.compile(model) if compile_model else model

@@ -35,6 +35,13 @@ class OptimDefaults:
     # ReLoRA's default is 1.0. 0 turns clipping off.
     grad_clip: float = 0.0
     weight_decay_scope: str = "all"
+    # Per-role values (rankscope.optim.roles); None: the role follows the method's lr / decay.
+    embed_lr: float | None = None
+    head_lr: float | None = None
+    norm_lr: float | None = None
+    embed_weight_decay: float | None = None
+    head_weight_decay: float | None = None
+    norm_weight_decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,9 @@ class ResolvedOptim:
     warmup_steps: int
     min_lr_ratio: float
     weight_decay_scope: str = "all"
+    # {role: {"lr": x, "weight_decay": y}} for the roles with a setting of their own (only the keys
+    # that were set); empty: every parameter stays where the method's optimizer puts it.
+    roles: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +71,9 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Settings: ClassVar[type] = NoSettings
+    # A control is a reference row, not a method: studies train it next to the methods (see
+    # StudySpec.controls) and the report neither ranks it nor tests it against full rank.
+    is_control: ClassVar[bool] = False
 
     def __init__(self, settings: Any, model_config: Any, preset: str = "tiny"):
         self.settings = settings

@@ -19,12 +19,14 @@ import yaml
 
 from rankscope.errors import ConfigError
 from rankscope.methods.base import Method, OptimDefaults
+from rankscope.optim.roles import ROLE_FIELDS
 
 TUNED_FILE = Path(__file__).resolve().with_name("tuned_defaults.yaml")
 LITERATURE = "literature"
 TUNED_HERE = "tuned here"
-# The OptimDefaults fields a tuning study may set (the others are properties of the method).
-TUNABLE_FIELDS = ("lr", "weight_decay", "eps", "grad_clip")
+# The OptimDefaults fields a tuning study may set (the others are properties of the method); the
+# per-role fields carry the dense lrs a shared-dense tuning fixed for every method.
+TUNABLE_FIELDS = ("lr", "weight_decay", "eps", "grad_clip", *ROLE_FIELDS)
 
 
 @functools.lru_cache(maxsize=1)

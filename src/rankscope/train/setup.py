@@ -8,6 +8,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -16,8 +17,9 @@ from torch import nn
 from rankscope import methods
 from rankscope.config import RunConfig, check_device_name, config_from_dict, load_yaml
 from rankscope.errors import CheckpointError, ConfigError
-from rankscope.methods.base import Method, ResolvedOptim
+from rankscope.methods.base import Method, ResolvedOptim, check_param_groups
 from rankscope.methods.tuned import optim_defaults_for
+from rankscope.optim.roles import ROLE_FIELDS, apply_role_settings, role_settings
 from rankscope.models import LlamaConfig, build_model, get_preset, token_losses
 from rankscope.train import checkpoint as ckpt
 
@@ -64,6 +66,8 @@ def resolve_optim(cfg: RunConfig, method_cls: type[Method]) -> ResolvedOptim:
 
     steps = cfg.train.steps
     warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_ratio * steps))
+    roles = role_settings(SimpleNamespace(**{name: pick(getattr(o, name), getattr(defaults, name))
+                                             for name in ROLE_FIELDS}))
     return ResolvedOptim(
         lr=pick(o.lr, defaults.lr),
         weight_decay=pick(o.weight_decay, defaults.weight_decay),
@@ -74,7 +78,17 @@ def resolve_optim(cfg: RunConfig, method_cls: type[Method]) -> ResolvedOptim:
         total_steps=steps,
         warmup_steps=min(warmup, steps),
         min_lr_ratio=o.min_lr_ratio,
+        roles=roles,
     )
+
+
+def build_run_optimizer(method: Method, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
+    """The method's optimizer with the per-role settings applied (the one place they are) and
+    every trainable parameter checked to sit in exactly one group."""
+    optimizer = method.build_optimizer(model, optim)
+    apply_role_settings(model, optimizer, optim.roles, method=method.name)
+    check_param_groups(model, optimizer)
+    return optimizer
 
 
 def build_method(cfg: RunConfig, model_cfg: LlamaConfig) -> Method:

@@ -20,9 +20,9 @@ from rankscope.config import RunConfig
 from rankscope.data import TrainStream, check_vocab, prepare_data
 from rankscope.data.prepare import resolve_cache_dir
 from rankscope.errors import ConfigError, RankscopeError
-from rankscope.methods.base import check_param_groups
 from rankscope.methods.memory import account_memory
 from rankscope.models import token_losses
+from rankscope.optim.roles import group_record
 from rankscope.train import checkpoint as ckpt
 from rankscope.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from rankscope.train.dynamics import DynamicsMonitor
@@ -41,6 +41,7 @@ from rankscope.train.sidefiles import (
 from rankscope.train.setup import (
     autocast_context,
     build_run_model,
+    build_run_optimizer,
     check_method_settings,
     evaluate_loss,
     resolve_device,
@@ -120,10 +121,12 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         model.to(torch.bfloat16)
     model.to(device)
     optim_settings = resolve_optim(cfg, type(method))
-    optimizer = method.build_optimizer(model, optim_settings)
-    check_param_groups(model, optimizer)
+    optimizer = build_run_optimizer(method, model, optim_settings)
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
+    # Each group's effective lr and weight decay and the roles it holds (embeddings, head, norms,
+    # the method's blocks): recorded in metrics.jsonl, every checkpoint and summary.json.
+    param_groups = group_record(model, optimizer)
     stream = TrainStream(data.train, seed=t.seed, batch_size=t.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
 
     barrier(dist_info)
@@ -181,6 +184,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
             "tokens": step * t.batch_size * cfg.data.seq_len, "model_config": vars(model_cfg).copy(),
             "data_fingerprint": data.fingerprint, "val_loss": None if val is None else val["loss"],
             "config": normalized_config(cfg),  # a resume must run under the same config
+            "param_groups": param_groups,
         }
 
     def save(step: int, val: dict | None, after_step_pending: bool, preemption: bool = False) -> None:
@@ -201,7 +205,8 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         initial_val = evaluate()
         if dist_info.is_main:
             log.info("step 0: val loss %.4f, ppl %.2f", initial_val["loss"], initial_val["ppl"])
-            append_metrics(metrics_path, {"step": 0, "tokens": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"]})
+            append_metrics(metrics_path, {"step": 0, "tokens": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"],
+                                          "param_groups": param_groups})
             write_json(initial_path, initial_val)
         initial = initial_val
 
@@ -299,6 +304,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         "tokens_per_sec": (t.steps - start_step) * tokens_per_step / train_time if train_time > 0 else None,
         "skipped_steps": skipped, "resumed_from": start_step, "world_size": dist_info.world_size,
         "device": str(device), "memory": account_memory(model, optimizer, cfg.model.preset),
+        "param_groups": param_groups,
     }
     if initial is not None:
         summary.update(initial_val_loss=initial["loss"], initial_val_ppl=initial["ppl"])
