@@ -25,7 +25,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TUNED_FILE = ROOT / "src" / "rankscope" / "methods" / "tuned_defaults.yaml"
 SMALL_PRESETS = ("tiny", "20m")
-FIELDS = {"optim.lr": "lr", "optim.weight_decay": "weight_decay", "optim.eps": "eps", "optim.grad_clip": "grad_clip"}
+FIELDS = {f"optim.{name}": name for name in ("lr", "weight_decay", "eps", "grad_clip", "embed_lr", "head_lr", "norm_lr",
+                                             "embed_weight_decay", "head_weight_decay", "norm_weight_decay")}
 HEADER = """# Optimizer defaults that rankscope's own tuning study chose for the presets no paper trained
 # (read by rankscope/methods/tuned.py; the regime, the grid, the results and the commit of the
 # measurement are in docs/tuning.md). From 60m up every method keeps its literature values.
@@ -82,7 +83,14 @@ def main() -> int:
         for preset in {str(cell["preset"]) for cell in chosen["cells"]}:
             presets[preset] = {}  # a preset is shipped whole from one study
             sources[preset] = {"study": f"studies/{chosen.get('study', folder.name)}.yaml", "commit": args.commit,
-                               "document": "docs/tuning.md", "regime": _tuning_regime(frame, folder, preset)}
+                               "document": "docs/tuning.md", "protocol": chosen.get("protocol", "independent"),
+                               "regime": _tuning_regime(frame, folder, preset)}
+            shared = (chosen.get("shared_dense") or {}).get(preset)
+            if shared:
+                # Stage 1's dense lrs are every method's and control's default, tuned in stage 2 or not.
+                sources[preset]["shared_dense"] = shared
+                for member in chosen.get("members") or []:
+                    presets[preset][member] = {FIELDS[k]: float(v) for k, v in shared.items()}
         for cell in chosen["cells"]:
             preset = str(cell["preset"])
             if preset not in SMALL_PRESETS:
@@ -94,7 +102,7 @@ def main() -> int:
                 sys.exit(f"{folder}: {cell['method']}/{preset} also tuned {others}; only {sorted(FIELDS)} can be "
                          "shipped, and an lr tuned jointly with another key would ship without it")
             shipped = {FIELDS[k]: float(v) for k, v in cell["values"].items()}
-            presets.setdefault(preset, {})[cell["method"]] = shipped
+            presets.setdefault(preset, {}).setdefault(cell["method"], {}).update(shipped)
         studies.append((folder, chosen, frame))
     TUNED_FILE.write_text(HEADER + yaml.safe_dump({"source": sources, "presets": presets}, sort_keys=False))
     print(f"wrote {TUNED_FILE}")

@@ -20,9 +20,10 @@ ANALYSIS = {"probe_size": 4, "directions": 2, "grid_points": 3, "singular_k_max"
 
 
 def small_study_dict(methods=("full", "lowrank"), seeds=(0, 1), steps=6, checkpoint_steps=(3, 6), slower=False,
-                     **extra) -> dict:
+                     controls=(), **extra) -> dict:
     """`slower`: the conftest TINY_RUN shapes (2 layers, 64 tokens, 8 sequences), for tests that must
-    catch a run while it trains."""
+    catch a run while it trains. No control unless asked (a study's default is [frozen]): the tests
+    of other mechanisms train fewer runs."""
     layers, seq_len, batch = (2, 64, 8) if slower else (1, 32, 4)
     spec = {
         "name": "small",
@@ -33,6 +34,7 @@ def small_study_dict(methods=("full", "lowrank"), seeds=(0, 1), steps=6, checkpo
                            "checkpoint_steps": list(checkpoint_steps)}},
         "analysis": dict(ANALYSIS),
         "eval": {"tasks": ["rs_word"], "limit": 4},
+        "controls": list(controls),
     }
     spec.update(extra)
     return spec

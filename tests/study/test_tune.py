@@ -17,6 +17,9 @@ from rankscope.study.tune import choose, extend, plan_tuning, read_results, tune
 
 
 def _spec(tune, methods=("full", "lowrank"), **extra):
+    """The one-stage mechanics (grids, edges, choice) under the independent protocol; the
+    shared-dense protocol's two stages have tests of their own (test_tune_protocol.py)."""
+    tune = {"protocol": "independent", **tune}
     return study_from_dict(small_study_dict(methods=methods, seeds=(0,), tune=tune, **extra))
 
 
@@ -199,7 +202,7 @@ def spec_dir_placeholder():
 
 @pytest.mark.slow
 def test_the_chosen_lr_reaches_the_train_stage_and_a_runs_own_lr_wins(tmp_path):
-    tune = {"params": {"optim.lr": {"values": [0.0001, 0.0002]}}, "steps": 4, "max_extensions": 1,
+    tune = {"protocol": "independent", "params": {"optim.lr": {"values": [0.0001, 0.0002]}}, "steps": 4, "max_extensions": 1,
             "method_params": {"cola": {"optim.lr": {"values": [0.0001, 0.0002, 10000.0]}}}}
     spec_dict = small_study_dict(methods=("full", "lowrank", "cola"), seeds=(0,), tune=tune,
                                  method_overrides={"lowrank": {"optim": {"lr": 0.0005}}})
@@ -239,7 +242,8 @@ def test_the_chosen_lr_reaches_the_train_stage_and_a_runs_own_lr_wins(tmp_path):
 
 @pytest.mark.slow
 def test_an_interrupted_tuning_resumes_without_redoing_finished_runs(tmp_path):
-    tune = {"params": {"optim.lr": {"values": [0.0005, 0.001]}}, "max_extensions": 0, "keep_checkpoints": True}
+    tune = {"protocol": "independent", "params": {"optim.lr": {"values": [0.0005, 0.001]}}, "max_extensions": 0,
+            "keep_checkpoints": True}
     spec_dict = small_study_dict(methods=("full",), seeds=(0,), steps=40, checkpoint_steps=(), slower=True, tune=tune)
     out = tmp_path / "study"
     driver = start_driver([str(write_study(tmp_path / "s.yaml", spec_dict)), "--out", str(out), "--stage", "tune",

@@ -19,6 +19,7 @@ REGISTRY.register("sltrain", "rankscope.methods.sltrain:SLTrain")
 REGISTRY.register("cola", "rankscope.methods.cola:CoLA")
 REGISTRY.register("loro", "rankscope.methods.loro:LORO")
 REGISTRY.register("spectron", "rankscope.methods.spectron:Spectron")
+REGISTRY.register("frozen", "rankscope.methods.frozen:FrozenBlocks")
 
 
 def names() -> list[str]:
@@ -27,3 +28,17 @@ def names() -> list[str]:
 
 def get(name: str) -> type[Method]:
     return REGISTRY.get(name)
+
+
+def is_control(name: str) -> bool:
+    """Whether `name` is a control (a reference row such as `frozen`), not a method to rank."""
+    return bool(getattr(REGISTRY.get(name), "is_control", False))
+
+
+def method_names() -> list[str]:
+    """The registered methods that are not controls."""
+    return [name for name in names() if not is_control(name)]
+
+
+def control_names() -> list[str]:
+    return [name for name in names() if is_control(name)]

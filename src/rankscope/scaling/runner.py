@@ -50,6 +50,10 @@ class ScalingSpec:
     params: str = "non_embedding"  # N in the law: non_embedding (Kaplan et al.) or total parameters
     fit: FitSettings = field(default_factory=FitSettings)
     budgets: list[float] = field(default_factory=list)  # compute budgets [FLOPs] of the frontier table; [] = auto
+    # A study `tune:` block (rankscope.study.tune; protocol shared-dense by default) that every
+    # token budget's study runs before training: each budget's lrs are tuned at that budget.
+    # Empty: every run keeps its method's default lr.
+    tune: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,9 @@ def plan_levels(spec: ScalingSpec) -> list[BudgetLevel]:
             "preset_overrides": {size: _merge(spec.size_overrides.get(size, {}), {"train": {"steps": steps[size]}})
                                  for size in spec.sizes},
             "eval": {"tasks": []},  # scaling needs the validation loss only
+            "tune": copy.deepcopy(spec.tune),
+            # A law is fitted per method; the frozen-blocks control has no frontier to fit.
+            "controls": [],
         })
         plan_runs(study)
         levels.append(BudgetLevel(label, steps, study))
@@ -159,8 +166,9 @@ def run_scaling(spec_file: str | Path | None, out_dir: str | Path, spec: Scaling
     levels = plan_levels(spec)
     launch = launch or LaunchOptions()
     out = Path(out_dir)
+    stages = ("tune", "train") if spec.tune else ("train",)
     if launch.dry_run:
-        plans = [run_study(None, out / "budgets" / level.label, ("train",), spec=level.study, launch=launch)["plan"]
+        plans = [run_study(None, out / "budgets" / level.label, stages, spec=level.study, launch=launch)["plan"]
                  for level in levels]
         return {"plan": "\n".join(f"budget {level.label}:\n{plan}" for level, plan in zip(levels, plans))}
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +176,7 @@ def run_scaling(spec_file: str | Path | None, out_dir: str | Path, spec: Scaling
     failed = []
     for index, level in enumerate(levels, 1):
         log.info("scaling [%d/%d] budget %s: steps %s", index, len(levels), level.label, level.steps)
-        result = run_study(None, out / "budgets" / level.label, ("train",), spec=level.study, launch=launch)
+        result = run_study(None, out / "budgets" / level.label, stages, spec=level.study, launch=launch)
         failed += [f"{level.label}/{run}" for run in result["failed"]]
     table = collect_table(spec, levels, out)
     table.to_csv(out / "scaling.csv", index=False)
@@ -180,9 +188,16 @@ def _notes(spec: ScalingSpec, table: pd.DataFrame, failed: list[str]) -> list[st
     counted = ("non-embedding parameters (Kaplan et al. 2020; LoRA's frozen W0 included)" if spec.params == "non_embedding"
                else "all parameters, embedding and head included")
     lrs = table.groupby("method")["lr"].agg(lambda v: ", ".join(f"{x:g}" for x in sorted(set(v))))
+    if spec.tune:
+        protocol = spec.tune.get("protocol", "shared-dense")
+        how = (f"tuned at every budget and size by that budget's tune stage (protocol {protocol}"
+               + ("; the embeddings, head and norms at full rank's jointly tuned lr for every method" if protocol == "shared-dense"
+                  else "") + "; each budget's tune/chosen.json)")
+    else:
+        how = "each method's default unless the spec sets one; not tuned on this budget"
     notes = [f"Study `{spec.name}`: {len(table)} runs over sizes {', '.join(spec.sizes)}; N counts {counted}; "
              "loss is each run's final exact validation loss.",
-             "Learning rates (each method's default unless the spec sets one; not tuned on this budget): "
+             f"Learning rates ({how}): "
              + "; ".join(f"{method} {lr}" for method, lr in lrs.items())
              + ". The frontiers below inherit them: a method run nearer its best lr for these budgets looks better."]
     if failed:
@@ -214,11 +229,13 @@ def model_counts(cfg, model_cfg) -> dict[str, float]:
             "flops_per_token": flops.training_per_token, "inference_flops_per_token": flops.forward_per_token}
 
 
-def _lr(cfg) -> float:
+def _lrs(cfg) -> tuple[float, float]:
+    """(the method's lr, the embeddings' lr) a run's config resolves to."""
     from rankscope import methods
     from rankscope.train.setup import resolve_optim
 
-    return resolve_optim(cfg, methods.get(cfg.method.name)).lr
+    resolved = resolve_optim(cfg, methods.get(cfg.method.name))
+    return resolved.lr, resolved.roles.get("embed", {}).get("lr", resolved.lr)
 
 
 def _run_model_config(run_dir: Path):
@@ -247,9 +264,11 @@ def collect_table(spec: ScalingSpec, levels: list[BudgetLevel], out: Path) -> pd
                 continue
             summary = json.loads(summary_path.read_text())
             key = (run.method, run.preset)
+            # The run's own config: with a tune stage its lrs are the budget's choice, not the plan's.
+            cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
             if key not in counts:
-                cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
                 counts[key] = model_counts(cfg, _run_model_config(run_dir))
+            lr, embed_lr = _lrs(cfg)
             count = counts[key]
             rows.append({
                 "method": run.method, "size": run.preset, "seed": run.seed,
@@ -257,7 +276,7 @@ def collect_table(spec: ScalingSpec, levels: list[BudgetLevel], out: Path) -> pd
                 "tokens": summary["tokens"], "loss": summary["val_loss"],
                 "flops_per_token": count["flops_per_token"], "inference_flops_per_token": count["inference_flops_per_token"],
                 "params_total": count["params_total"], "params_non_embedding": count["params_non_embedding"],
-                "steps": summary["steps"], "lr": _lr(run.config), "budget": level.label, "run": f"{level.label}/{run.name}",
+                "steps": summary["steps"], "lr": lr, "embed_lr": embed_lr, "budget": level.label, "run": f"{level.label}/{run.name}",
                 "train_seconds": summary.get("train_time"),
             })
     if not rows:

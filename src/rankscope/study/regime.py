@@ -11,7 +11,8 @@ from typing import Any
 
 from rankscope import methods
 from rankscope.config import config_to_dict
-from rankscope.study.spec import PlannedRun, StudySpec, get_path
+from rankscope.optim.roles import ROLES, effective_roles
+from rankscope.study.spec import PlannedRun, StudySpec, get_path, study_members
 from rankscope.study.status import read_json, write_json_atomic
 
 REGIME_FILE = "regime.json"
@@ -51,6 +52,28 @@ def shipped_budget(preset: str, tree: dict) -> str | None:
     return f"{source.get('study')} at commit {source.get('commit')} ({source.get('document')})"
 
 
+def role_sources(run: PlannedRun, shipped: bool) -> dict[str, str]:
+    """Where each role's lr comes from: "run" (the study sets it), "tuned in this study" (the tune
+    stage's choice), "tuned here" (a shipped tuned default, for this regime when `shipped`), or
+    "method lr" (unset: the role follows the method's own lr, as in the official harnesses)."""
+    from rankscope.methods.tuned import tuned_values
+
+    own = config_to_dict(run.config)
+    shipped_values = tuned_values(run.method, run.preset)
+    out = {}
+    for role in ROLES:
+        key = f"optim.{role}_lr"
+        if key in run.tuned:
+            out[role] = "tuned in this study"
+        elif get_path(own, key) is not None:
+            out[role] = "run"
+        elif f"{role}_lr" in shipped_values:
+            out[role] = "tuned here" if shipped else OTHER_REGIME
+        else:
+            out[role] = "method lr"
+    return out
+
+
 def write_regime(out: Path, planned: list[PlannedRun], spec: StudySpec) -> Path:
     from rankscope.study.tune import plan_tuning
     from rankscope.train.setup import resolve_optim
@@ -70,6 +93,9 @@ def write_regime(out: Path, planned: list[PlannedRun], spec: StudySpec) -> Path:
             budget = None
         lr_source = OTHER_REGIME if run.lr_source == "tuned here" and budget is None else run.lr_source
         runs[run.name] = {
+            "control": methods.is_control(run.method),
+            "roles": effective_roles(optim, scope_exempts_norms=optim.weight_decay_scope == "matrices"),
+            "role_sources": role_sources(run, shipped=budget is not None or run.lr_source != "tuned here"),
             "method": run.method, "preset": run.preset, "seed": run.seed,
             "lr": optim.lr, "lr_source": lr_source, "lr_budget": budget, "tuned": dict(run.tuned),
             "weight_decay": optim.weight_decay, "warmup_steps": optim.warmup_steps,
@@ -78,7 +104,11 @@ def write_regime(out: Path, planned: list[PlannedRun], spec: StudySpec) -> Path:
         }
     regime = {
         "study": spec.name, "seeds": list(spec.grid.seeds), "presets": list(spec.grid.presets),
-        "methods": list(spec.grid.methods), "tune": "tune/chosen.json" if chosen else None, "runs": runs,
+        "methods": list(spec.grid.methods), "controls": [c for c in study_members(spec) if methods.is_control(c)],
+        "tune": "tune/chosen.json" if chosen else None,
+        "tune_protocol": chosen.get("protocol", "independent") if chosen else None,
+        "shared_dense": chosen.get("shared_dense") or {} if chosen else {},
+        "informative_margin": spec.report.informative_margin, "runs": runs,
     }
     path = out / REGIME_FILE
     write_json_atomic(path, regime)

@@ -18,6 +18,10 @@ from rankscope.train.setup import check_method_settings
 
 STAGES = ("tune", "train", "analyze", "eval", "predict", "report")
 REFERENCE_METHOD = "full"
+TUNE_PROTOCOLS = ("shared-dense", "independent")
+# The keys stage 1 of the shared-dense protocol tunes as one value with full rank's block lr, and
+# stage 2 then fixes for every method and control: the lrs of what no method changes.
+DENSE_KEYS = ("optim.embed_lr", "optim.head_lr", "optim.norm_lr")
 
 
 @dataclass
@@ -82,6 +86,23 @@ class TuneSpec:
     refine: RefineSpec = field(default_factory=RefineSpec)
     run: dict[str, Any] = field(default_factory=dict)  # run config mapping for tuning runs only
     keep_checkpoints: bool = False  # tuning runs are not analysed: their checkpoints go once scored
+    # "shared-dense" (default): stage 1 tunes full rank's own keys jointly with one lr for the
+    # embeddings, head and norms (`dense`, written to every key of `dense_keys`); stage 2 fixes
+    # that dense lr for every method and control and tunes only each method's own keys, so the
+    # methods differ only in what they do to the block matrices. "independent": every method
+    # tunes its own keys with the dense parameters at its own lr, as the official harnesses run.
+    protocol: str = "shared-dense"
+    dense: dict[str, Any] = field(default_factory=lambda: {"values": [0.002, 0.006, 0.02]})
+    dense_keys: list[str] = field(default_factory=lambda: list(DENSE_KEYS))
+
+
+@dataclass
+class ReportSpec:
+    """Settings of the report stage."""
+
+    # The frozen-blocks control within this many nats of the best method's val loss: the regime
+    # cannot tell apart methods that differ only in the block matrices, and the report says so.
+    informative_margin: float = 0.2
 
 
 @dataclass
@@ -97,6 +118,15 @@ class StudySpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     predictor: PredictorSpec = field(default_factory=PredictorSpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
+    # Reference rows trained next to the methods (each a registered control, e.g. `frozen`); the
+    # report shows them and never ranks them. [] trains none.
+    controls: list[str] = field(default_factory=lambda: ["frozen"])
+    report: ReportSpec = field(default_factory=ReportSpec)
+
+
+def study_members(spec: StudySpec) -> list[str]:
+    """Every method and control a study trains: grid.methods, then the controls."""
+    return list(spec.grid.methods) + [c for c in spec.controls if c not in spec.grid.methods]
 
 
 # Where a run's lr comes from (regime.json, the report's regime statement).
@@ -178,8 +208,9 @@ def check_grid(spec: StudySpec) -> None:
         if name not in known:
             raise ConfigError(f"study grid names unknown method {name!r}{did_you_mean(name, known)}")
     for name in spec.method_overrides:
-        if name not in grid.methods:
-            raise ConfigError(f"method_overrides names {name!r}, which is not in grid.methods {grid.methods}")
+        if name not in study_members(spec):
+            raise ConfigError(f"method_overrides names {name!r}, which is not in grid.methods {grid.methods} "
+                              f"or controls {spec.controls}")
     for name, per_preset in spec.method_preset_overrides.items():
         # Entries for methods outside the grid are allowed: a study file may be run narrowed.
         if name not in known or not isinstance(per_preset, dict):
@@ -192,6 +223,16 @@ def check_grid(spec: StudySpec) -> None:
         )
     if len(set(grid.seeds)) != len(grid.seeds) or len(set(grid.methods)) != len(grid.methods):
         raise ConfigError("study grid lists a method or seed twice")
+    for name in spec.controls:
+        if name not in known:
+            raise ConfigError(f"controls names unknown control {name!r}{did_you_mean(name, methods.control_names())}")
+        if not methods.is_control(name):
+            raise ConfigError(f"controls names {name!r}, which is a method, not a control; list it under grid.methods "
+                              f"(controls: {', '.join(methods.control_names())})")
+    if len(set(spec.controls)) != len(spec.controls):
+        raise ConfigError(f"controls lists a control twice: {spec.controls}")
+    if spec.report.informative_margin < 0:
+        raise ConfigError(f"report.informative_margin = {spec.report.informative_margin} must be >= 0 (nats)")
     _check_run_trees(spec)
 
 
@@ -207,7 +248,7 @@ def plan_runs(spec: StudySpec, chosen: dict[tuple[str, str], dict[str, Any]] | N
     planned = []
     for preset in spec.grid.presets:
         for seed in spec.grid.seeds:
-            for method in spec.grid.methods:
+            for method in study_members(spec):
                 own = run_tree(spec, method, preset, seed)
                 tree, tuned = own, {}
                 for key, value in (chosen or {}).get((method, preset), {}).items():

@@ -23,6 +23,7 @@ tune/results/<run>.json, tune/status.json, tune/results.csv, tune/chosen.json.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -35,8 +36,20 @@ from typing import Any
 from rankscope import methods
 from rankscope.config import build_config, config_to_dict, dataclass_from_dict
 from rankscope.errors import ConfigError, RankscopeError, did_you_mean
+from rankscope.optim.roles import ROLE_FIELDS
 from rankscope.study.jobs import TUNE_METRICS, TuneJob
-from rankscope.study.spec import ParamGrid, StudySpec, _merge, get_path, run_tree, with_path
+from rankscope.study.spec import (
+    DENSE_KEYS,
+    REFERENCE_METHOD,
+    TUNE_PROTOCOLS,
+    ParamGrid,
+    StudySpec,
+    _merge,
+    get_path,
+    run_tree,
+    study_members,
+    with_path,
+)
 from rankscope.study.status import JobFiles, StudyStatus, read_json, write_json_atomic
 
 log = logging.getLogger("rankscope.study")
@@ -57,10 +70,16 @@ class Axis:
     scale: str = "log"
     min: float | None = None
     max: float | None = None
+    tied: tuple[str, ...] = ()  # more keys that always take this axis's value (the dense lrs)
+    name: str | None = None  # the label in run names; default: the key's last part
 
     @property
     def label(self) -> str:
-        return self.key.rsplit(".", 1)[-1]
+        return self.name or self.key.rsplit(".", 1)[-1]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key, *self.tied)
 
     def step(self, edge: float, inner: float) -> float:
         """The next value past `edge`, away from `inner` (its neighbour on the grid)."""
@@ -89,6 +108,10 @@ class Cell:
     preset: str
     tree: dict  # the tuning runs' config mapping, without the axes' values and the seed
     axes: list[Axis]
+    # 0: the independent protocol; 1, 2: the stages of the shared-dense protocol.
+    stage: int = 0
+    # Values stage 1 chose that a stage-2 cell runs with (in `tree` once set by `with_fixed`).
+    fixed: dict[str, float] = field(default_factory=dict)
     points: dict[Point, str] = field(default_factory=dict)  # point -> how it got in: grid | extension
     refined: list[Point] = field(default_factory=list)
     extensions: dict[tuple[int, str], int] = field(default_factory=dict)  # (axis, low|high) -> count
@@ -101,17 +124,29 @@ class Cell:
     def label(self, point: Point) -> str:
         return "_".join(f"{axis.label}{value:.4g}" for axis, value in zip(self.axes, point))
 
+    def fixed_label(self) -> str:
+        values = sorted(set(self.fixed.values()))
+        return f"-dense{'_'.join(f'{v:.4g}' for v in values)}" if values else ""
+
     def run_name(self, point: Point, seed: int) -> str:
-        return f"{self.method}-{self.preset}-{self.label(point)}-s{seed}"
+        # Stage 2's runs carry stage 1's choice in their name: another choice is another run.
+        return f"{self.method}-{self.preset}-{self.label(point)}{self.fixed_label()}-s{seed}"
 
     def config_tree(self, point: Point, seed: int) -> dict:
         tree = self.tree
-        for axis, value in zip(self.axes, point):
-            tree = with_path(tree, axis.key, value)
+        for key, value in self.values(point).items():
+            tree = with_path(tree, key, value)
         return with_path(tree, "train.seed", seed)
 
     def values(self, point: Point) -> dict[str, float]:
-        return {axis.key: value for axis, value in zip(self.axes, point)}
+        return {key: value for axis, value in zip(self.axes, point) for key in axis.keys}
+
+    def with_fixed(self, fixed: dict[str, float]) -> "Cell":
+        """This stage-2 cell with stage 1's values set in every run's config."""
+        tree = self.tree
+        for key, value in fixed.items():
+            tree = with_path(tree, key, value)
+        return Cell(self.method, self.preset, tree, self.axes, stage=self.stage, fixed=dict(fixed))
 
 
 def round_value(value: float) -> float:
@@ -146,11 +181,24 @@ def plan_tuning(spec: StudySpec) -> list[Cell]:
         raise ConfigError(f"tune.max_extensions must be >= 0, got {tune.max_extensions}")
     if tune.steps is not None and tune.steps < 1:
         raise ConfigError(f"tune.steps must be positive, got {tune.steps}")
-    method_names = tune.methods or spec.grid.methods
+    if tune.protocol not in TUNE_PROTOCOLS:
+        raise ConfigError(f"tune.protocol {tune.protocol!r} is unknown{did_you_mean(tune.protocol, TUNE_PROTOCOLS)}; "
+                          f"use one of {', '.join(TUNE_PROTOCOLS)}")
+    shared = tune.protocol == "shared-dense"
+    members = study_members(spec)
+    method_names = tune.methods or members
+    if shared:  # a control has nothing of its own to tune once the dense lrs are shared
+        method_names = [name for name in method_names if not methods.is_control(name)]
+        if REFERENCE_METHOD not in method_names:
+            raise ConfigError(f"tune.protocol shared-dense tunes the dense lrs with {REFERENCE_METHOD!r}, which "
+                              f"tune.methods leaves out; add it, or set tune.protocol: independent")
+        if not tune.dense_keys or any(key not in DENSE_KEYS for key in tune.dense_keys):
+            raise ConfigError(f"tune.dense_keys {tune.dense_keys} must list some of {', '.join(DENSE_KEYS)}")
     presets = tune.presets or spec.grid.presets
     for name in method_names:
-        if name not in spec.grid.methods:
-            raise ConfigError(f"tune.methods names {name!r}, which is not in grid.methods {spec.grid.methods}")
+        if name not in members:
+            raise ConfigError(f"tune.methods names {name!r}, which is not in grid.methods {spec.grid.methods} "
+                              f"or controls {spec.controls}")
     for name in presets:
         if name not in spec.grid.presets:
             raise ConfigError(f"tune.presets names {name!r}, which is not in grid.presets {spec.grid.presets}")
@@ -171,13 +219,28 @@ def plan_tuning(spec: StudySpec) -> list[Cell]:
                 # The study sets it for these runs: the train stage would not use a choice.
                 log.info("tune: %s/%s sets %s itself; not tuned", method, preset, key)
                 del grids[key]
-            if not grids:
+            if shared:
+                for key in tune.dense_keys:
+                    if key in grids or get_path(own, key) is not None:
+                        raise ConfigError(f"{method}/{preset}: {key} is set by the study or its tune grid, but with "
+                                          "tune.protocol shared-dense stage 1 chooses it for every method; remove it "
+                                          "or set tune.protocol: independent")
+            stage = 0 if not shared else (1 if method == REFERENCE_METHOD else 2)
+            if not grids and stage != 1:
                 continue
             tree = _tuning_tree(spec, method, preset)
             axes = [_axis(key, grid, tree, method, preset) for key, grid in sorted(grids.items())]
-            cell = Cell(method, preset, tree, axes)
-            for point in cell.points:  # every grid point must make a valid run config
-                _checked_config(cell, point, tune.seeds[0])
+            if stage == 1:
+                dense = _axis(tune.dense_keys[0], tune.dense, tree, method, preset, where="tune.dense")
+                axes.insert(0, dataclasses.replace(dense, tied=tuple(tune.dense_keys[1:]), name="dense_lr"))
+            cell = Cell(method, preset, tree, axes, stage=stage)
+            # Every grid point must make a valid run config (stage 2 with any of stage 1's values).
+            probes = [cell] if stage != 2 else [cell.with_fixed({k: v for k in tune.dense_keys}) for v in
+                                                _axis(tune.dense_keys[0], tune.dense, tree, method, preset,
+                                                      where="tune.dense").values]
+            for probe in probes:
+                for point in probe.points:
+                    _checked_config(probe, point, tune.seeds[0])
             cells.append(cell)
     return cells
 
@@ -191,8 +254,8 @@ def _tuning_tree(spec: StudySpec, method: str, preset: str) -> dict:
     return _merge(tree, spec.tune.run)
 
 
-def _axis(key: str, mapping: Any, tree: dict, method: str, preset: str) -> Axis:
-    where = f"tune grid {key!r} of {method}/{preset}"
+def _axis(key: str, mapping: Any, tree: dict, method: str, preset: str, where: str | None = None) -> Axis:
+    where = f"{where or 'tune grid ' + repr(key)} of {method}/{preset}"
     if isinstance(mapping, ParamGrid):
         grid = mapping
     elif isinstance(mapping, dict):
@@ -236,7 +299,12 @@ def default_value(tree: dict, key: str) -> float | None:
     if section == "optim":
         value = getattr(cfg.optim, name, None)
         if value is None:
-            value = getattr(resolve_optim(cfg, methods.get(cfg.method.name)), name, None)
+            resolved = resolve_optim(cfg, methods.get(cfg.method.name))
+            role, _, kind = name.partition("_")
+            if name in ROLE_FIELDS:  # an unset role follows the method's own value
+                value = resolved.roles.get(role, {}).get(kind, getattr(resolved, kind))
+            else:
+                value = getattr(resolved, name, None)
     elif section == "method":
         value = getattr(cfg.method.settings, name, None)
     else:
@@ -250,7 +318,10 @@ def literature_value(tree: dict, key: str) -> float | None:
     if section != "optim":
         return default_value(tree, key)
     cfg = build_config(tree)
-    value = getattr(methods.get(cfg.method.name).optim_defaults(cfg.model.preset), name, None)
+    literature = methods.get(cfg.method.name).optim_defaults(cfg.model.preset)
+    value = getattr(literature, name, None)
+    if value is None and name in ROLE_FIELDS:  # an unset role follows the method's own value
+        value = getattr(literature, name.partition("_")[2], None)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -285,11 +356,33 @@ def tune_jobs(cells: list[Cell], tune_dir: Path, spec: StudySpec) -> list[TuneJo
 
 
 def run_tune(spec: StudySpec, cells: list[Cell], out: Path, launcher, board) -> dict[str, Any]:
-    """Run the stage to its end (rounds of edge extension, then refinement); returns chosen.json."""
+    """Run the stage to its end and write tune/chosen.json (returned). Independent protocol: every
+    cell's search at once. Shared-dense: stage 1 (full rank with the dense lr) first, then every
+    stage-2 cell with the dense lr stage 1 chose for its preset."""
+    tune_dir = out / "tune"
+    status = StudyStatus(tune_dir / "status.json")
+    searched = [c for c in cells if c.stage != 2]
+    results = _search(searched, spec, out, launcher, status, board)
+    shared = shared_dense_values(searched, results, spec)
+    stage2 = [cell.with_fixed(shared[cell.preset]) for cell in cells if cell.stage == 2 and cell.preset in shared]
+    if stage2:
+        results.update(_search(stage2, spec, out, launcher, status, board))
+    unfixed = [cell for cell in cells if cell.stage == 2 and cell.preset not in shared]
+    chosen = choose(searched + stage2 + unfixed, results, spec, out)
+    # The plan's fingerprint (stage 2 as planned, before stage 1's values were set in it).
+    chosen["fingerprint"] = tune_fingerprint(cells, spec)
+    chosen["shared_dense"] = shared
+    write_results_table(searched + stage2, results, spec, tune_dir, out)
+    write_json_atomic(tune_dir / CHOSEN_FILE, chosen)
+    return chosen
+
+
+def _search(cells: list[Cell], spec: StudySpec, out: Path, launcher, status, board) -> dict[str, dict]:
+    """Rounds of edge extension, then refinement, for `cells`; their runs' results."""
     from rankscope.study.engine import run_jobs
 
     tune_dir = out / "tune"
-    status = StudyStatus(tune_dir / "status.json")
+    results: dict[str, dict] = {}
     while True:
         jobs = tune_jobs(cells, tune_dir, spec)
         run_jobs(jobs, launcher, out, status, board)
@@ -303,10 +396,21 @@ def run_tune(spec: StudySpec, cells: list[Cell], out: Path, launcher, board) -> 
         jobs = tune_jobs(cells, tune_dir, spec)
         run_jobs(jobs, launcher, out, status, board)
         results = read_results(jobs)
-    chosen = choose(cells, results, spec, out)
-    write_results_table(cells, results, spec, tune_dir, out)
-    write_json_atomic(tune_dir / CHOSEN_FILE, chosen)
-    return chosen
+    return results
+
+
+def shared_dense_values(cells: list[Cell], results: dict[str, dict], spec: StudySpec) -> dict[str, dict[str, float]]:
+    """{preset: {dense key: value}} from stage 1's choice per preset (none for a preset whose stage
+    1 chose nothing: its stage 2 does not run, and chosen.json says why)."""
+    shared = {}
+    for cell in cells:
+        if cell.stage != 1:
+            continue
+        point = _chosen_point(cell, results, spec)
+        if point is not None:
+            values = cell.values(point)
+            shared[cell.preset] = {key: values[key] for key in spec.tune.dense_keys}
+    return shared
 
 
 def read_results(jobs: list[TuneJob]) -> dict[str, dict]:
@@ -388,21 +492,20 @@ def choose(cells: list[Cell], results: dict[str, dict], spec: StudySpec, out: Pa
     """chosen.json: per cell the values of the best point, its score and where it sits on the grid."""
     rows = []
     for cell in cells:
-        # With refinement, only the refined points have every seed (point_score skips the others).
-        seeds = list(spec.tune.seeds) + (list(spec.tune.refine.seeds) if cell.refined else [])
-        scored = []
-        for point in cell.points:
-            score = point_score(cell, point, seeds, results)
-            if score is not None and math.isfinite(score[0]):
-                scored.append((score[0], point, score[1]))
+        seeds = _cell_seeds(cell, spec)
+        scored = _scored_points(cell, results, seeds)
         statuses = [_run_state(cell, point, seed, results, out) for point in cell.points
                     for seed in spec.tune.seeds]
         row: dict[str, Any] = {
-            "method": cell.method, "preset": cell.preset, "values": None, "score": None, "score_std": None,
+            "method": cell.method, "preset": cell.preset, "stage": cell.stage, "fixed": dict(cell.fixed), "values": None, "score": None, "score_std": None,
             "seed_scores": None, "seeds": seeds, "defaults": {a.key: a.default for a in cell.axes},
             "points": len(cell.points), "diverged_runs": statuses.count("diverged"),
             "failed_runs": statuses.count("failed"), "at_edge": {}, "note": "",
         }
+        if cell.stage == 2 and not cell.fixed:
+            row["note"] = "stage 1 chose no dense lr for this preset, so stage 2 did not run: defaults kept"
+            rows.append(row)
+            continue
         if not scored:
             row["note"] = ("every tuning run diverged or failed: the train stage keeps the defaults"
                            if statuses else "no tuning run finished")
@@ -421,11 +524,32 @@ def choose(cells: list[Cell], results: dict[str, dict], spec: StudySpec, out: Pa
         rows.append(row)
     return {
         "study": spec.name, "fingerprint": tune_fingerprint(cells, spec), "metric": spec.tune.metric,
+        "protocol": spec.tune.protocol, "members": study_members(spec), "dense_keys": list(spec.tune.dense_keys) if spec.tune.protocol == "shared-dense" else [],
         "seeds": list(spec.tune.seeds), "refine_seeds": list(spec.tune.refine.seeds),
         "max_extensions": spec.tune.max_extensions,
         "steps": {f"{c.method}/{c.preset}": get_path(c.tree, "train.steps") for c in cells},
         "cells": rows,
     }
+
+
+def _cell_seeds(cell: Cell, spec: StudySpec) -> list[int]:
+    # With refinement, only the refined points have every seed (point_score skips the others).
+    return list(spec.tune.seeds) + (list(spec.tune.refine.seeds) if cell.refined else [])
+
+
+def _scored_points(cell: Cell, results: dict[str, dict], seeds: list[int]) -> list[tuple[float, Point, list[float]]]:
+    scored = []
+    for point in cell.points:
+        score = point_score(cell, point, seeds, results)
+        if score is not None and math.isfinite(score[0]):
+            scored.append((score[0], point, score[1]))
+    return scored
+
+
+def _chosen_point(cell: Cell, results: dict[str, dict], spec: StudySpec) -> Point | None:
+    """The point with the lowest mean over all its seeds (ties: the smaller values); None if none scored."""
+    scored = _scored_points(cell, results, _cell_seeds(cell, spec))
+    return min(scored, key=lambda item: (item[0], item[1]))[1] if scored else None
 
 
 def _run_state(cell: Cell, point: Point, seed: int, results: dict[str, dict], out: Path) -> str:
@@ -441,7 +565,7 @@ def write_results_table(cells: list[Cell], results: dict[str, dict], spec: Study
     """tune/results.csv: one row per tuning run."""
     import pandas as pd
 
-    keys = sorted({axis.key for cell in cells for axis in cell.axes})
+    keys = sorted({key for cell in cells for axis in cell.axes for key in axis.keys})
     rows = []
     for cell in cells:
         for point, origin in cell.points.items():
@@ -452,8 +576,8 @@ def write_results_table(cells: list[Cell], results: dict[str, dict], spec: Study
                 outcome = JobFiles(out, "tune", name).read_outcome() or {}
                 state = _run_state(cell, point, seed, results, out)
                 rows.append({
-                    "method": cell.method, "preset": cell.preset, "point": cell.label(point),
-                    **{key: cell.values(point).get(key) for key in keys},
+                    "method": cell.method, "preset": cell.preset, "stage": cell.stage, "point": cell.label(point),
+                    **{key: cell.values(point).get(key, cell.fixed.get(key)) for key in keys},
                     "seed": seed, "phase": "refine" if seed in spec.tune.refine.seeds else origin,
                     "state": state, "metric": spec.tune.metric, "score": result.get("score"),
                     "val_loss": result.get("val_loss"), "initial_val_loss": result.get("initial_val_loss"),
@@ -492,10 +616,16 @@ def load_chosen(spec: StudySpec, cells: list[Cell], out: Path) -> dict[tuple[str
     if data.get("fingerprint") != tune_fingerprint(cells, spec):
         raise ConfigError(f"{path} holds the results of another tune: block or run config; run the tune stage "
                           "again (rankscope study STUDY.yaml --stage tune)")
-    chosen = {}
+    chosen: dict[tuple[str, str], dict[str, float]] = {}
+    # Shared-dense: stage 1's dense lrs go to every method and control of the study at that preset,
+    # tuned in stage 2 or not (a method's own choice is added below).
+    for preset, values in (data.get("shared_dense") or {}).items():
+        for member in study_members(spec):
+            chosen[(member, preset)] = dict(values)
     for row in data.get("cells", []):
         if row.get("values"):
-            chosen[(row["method"], row["preset"])] = dict(row["values"])
+            key = (row["method"], row["preset"])
+            chosen[key] = {**chosen.get(key, {}), **dict(row["values"])}
         else:
             log.warning("tune %s/%s chose nothing (%s); its runs keep the defaults", row.get("method"),
                         row.get("preset"), row.get("note"))
