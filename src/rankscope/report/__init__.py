@@ -5,6 +5,8 @@ STUDY_DIR/report/{report.md, report.html, figures/*.png, tables/*.csv}.
 
 - :mod:`.collect`  study folder -> pandas tables (runs, analysis tables, downstream, training logs)
 - :mod:`.stats`    mean ± std over seeds, Welch t-test and bootstrap CI against full-rank
+- :mod:`.informativeness`  whether the regime can tell methods apart at all: the frozen-blocks
+                   control's val loss against the best method's, stated before any ranking
 - :mod:`.figures`  matplotlib figures with one fixed colour per method
 - :mod:`.build`    the report itself (Markdown and self-contained HTML)
 """

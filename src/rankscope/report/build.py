@@ -17,6 +17,7 @@ from rankscope.report.collect import REFERENCE_METHOD, Study, load_study
 from rankscope.report.features import run_features
 from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.dynamics import dynamics_section
+from rankscope.report.informativeness import study_verdicts, verdict_table
 from rankscope.report.figures import FigureResult, render_all
 from rankscope.report.regime import baseline_row, regime_display, regime_lines, study_regime
 from rankscope.report.significance import (
@@ -149,6 +150,7 @@ def build_report(study_dir: str | Path) -> Path:
     features = run_features(study, baselines)
     comparison = study_comparison(study, METRIC_LABELS, features)
     regime = study_regime(study)
+    verdicts = study_verdicts(study)
     figures = render_all(study, figures_dir, baselines)
 
     extra = [c for c in features.columns if c not in study.runs.columns]
@@ -156,6 +158,7 @@ def build_report(study_dir: str | Path) -> Path:
     comparison.to_csv(tables_dir / "significance.csv", index=False)
     regime.table.drop(columns="lr_choices").to_csv(tables_dir / "regime.csv", index=False)
     regime.chance.to_csv(tables_dir / "chance.csv", index=False)
+    verdict_table(verdicts).to_csv(tables_dir / "informativeness.csv", index=False)
     failed = study.runs[study.runs["status"] == "failed"][["run", "method", "preset", "seed", "failure_reason"]]
     failed.to_csv(tables_dir / "failed_runs.csv", index=False)
     if study.predictor is not None:
@@ -175,6 +178,8 @@ def build_report(study_dir: str | Path) -> Path:
         document.heading(f"Scale {preset}", 3)
         document.table(regime_display(regime, preset))
         document.bullets(regime_lines(regime, preset, study))
+        # Before any result: whether this regime can tell the methods apart at all.
+        document.paragraph(verdicts[preset].sentence())
     definitions = _definitions(study)
     if definitions:
         document.heading("Definitions used")
@@ -189,7 +194,8 @@ def build_report(study_dir: str | Path) -> Path:
         document.heading(f"Scale {preset}")
         document.heading("Results", 3)
         shown = pd.concat([shown, pd.DataFrame([baseline_row(regime, preset)])], ignore_index=True).fillna("")
-        document.table(shown, "Final checkpoint; methods in alphabetical order (full rank first), not in rank order. "
+        document.table(shown, "Final checkpoint; methods in alphabetical order (full rank first), not in rank order; "
+                              "controls (marked) after them, reference rows that are never tested or ranked. "
                               "Last row: the validation split's unigram perplexity and the chance level of the mean "
                               "downstream accuracy. Optimizer state: bytes of the optimizer's state tensors; "
                               "est. memory: weights + optimizer state at 2 bytes/element (literature convention).")
@@ -225,6 +231,7 @@ def build_report(study_dir: str | Path) -> Path:
             document.table(display, "Difference = mean(method) − mean(full) over seeds. val ppl is exp(val loss) run by "
                                     "run, so it is tested as val loss. Welch's CI of each difference: tables/significance.csv.")
         document.heading("Ranking", 3)
+        document.paragraph(verdicts[preset].ranking_caveat())
         document.bullets(ranking_words(comparison, preset, regime, METRIC_LABELS))
         document.heading("Figures", 3)
         _figure_blocks(document, figures.get(preset, []), skipped_lines)

@@ -9,6 +9,7 @@ study at all raises `ReportError`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ log = logging.getLogger("rankscope.report")
 KEY_COLUMNS = ["run", "method", "preset", "seed", "step"]
 ANALYSIS_FAMILIES = ("landscape", "interpolation", "spectral", "similarity", "landscape2d", "hessian")
 REFERENCE_METHOD = "full"
+CONTROL_SUFFIX = " (control)"
 
 # Run folders are named <method>-<preset>-s<seed>; used when config.yaml is missing (a run that
 # failed before the trainer wrote anything).
@@ -105,10 +107,31 @@ def sorted_presets(presets) -> list[str]:
     return sorted((str(p) for p in presets), key=lambda p: (preset_size(p), p))
 
 
+@functools.lru_cache(maxsize=None)
+def is_control(method: str) -> bool:
+    """Whether `method` names a control (`frozen`: a reference row, never ranked or tested) rather
+    than a method. A name this installation does not know is a method: the report of an old or
+    foreign study must still build."""
+    from rankscope import methods
+
+    try:
+        return methods.is_control(str(method))
+    except RankscopeError:
+        return False
+
+
+def method_label(method: str) -> str:
+    """A method's name as tables show it: controls marked, so no reader takes them for a method."""
+    return f"{method}{CONTROL_SUFFIX}" if is_control(method) else str(method)
+
+
 def sorted_methods(methods) -> list[str]:
-    """The reference method (full) first, the others alphabetically: the order of every table."""
+    """The reference method (full) first, the others alphabetically, controls last (reference
+    rows, after the methods they are a yardstick for): the order of every table."""
     unique = sorted({str(m) for m in methods})
-    return ([REFERENCE_METHOD] if REFERENCE_METHOD in unique else []) + [m for m in unique if m != REFERENCE_METHOD]
+    others = [m for m in unique if m != REFERENCE_METHOD]
+    return (([REFERENCE_METHOD] if REFERENCE_METHOD in unique else []) + [m for m in others if not is_control(m)]
+            + [m for m in others if is_control(m)])
 
 
 def finite(series: pd.Series) -> pd.Series:
@@ -406,8 +429,8 @@ def load_study(study_dir: str | Path) -> Study:
 
 
 __all__ = [
-    "ANALYSIS_FAMILIES", "KEY_COLUMNS", "REFERENCE_METHOD", "ReportError", "Study", "applicable_mask", "as_bool", "finite",
-    "load_analysis_meta", "load_profiles", "load_surfaces",
-    "load_study", "preset_size", "read_analysis_tables", "read_runs", "read_training_logs",
+    "ANALYSIS_FAMILIES", "CONTROL_SUFFIX", "KEY_COLUMNS", "REFERENCE_METHOD", "ReportError", "Study", "applicable_mask",
+    "as_bool", "finite", "is_control", "load_analysis_meta", "load_profiles", "load_surfaces",
+    "load_study", "method_label", "preset_size", "read_analysis_tables", "read_runs", "read_training_logs",
     "sorted_methods", "sorted_presets", "spectral_means",
 ]

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rankscope.report.collect import Study, finite, sorted_methods
+from rankscope.report.collect import Study, finite, method_label, sorted_methods
 from rankscope.report.figures import STYLE, FigureResult, method_color
-from rankscope.report.figures.base import _new_figure, _save
+from rankscope.report.figures.base import _new_figure, _save, line_style
 
 # Spectron scales its factor steps so that ‖ΔW‖₂ stays about the learning rate.
 BOUNDED_METHODS = {"spectron"}
@@ -72,7 +72,7 @@ def spike_table(runs: pd.DataFrame, spikes: pd.DataFrame, preset: str) -> pd.Dat
         mine = spikes[(spikes["method"] == method) & (spikes["preset"].astype(str) == str(preset))]
         kinds = Counter(_matrix_kind(m) for jumped in mine["jumped"] for m in jumped)
         rows.append({
-            "method": method, "runs": n_runs, "spikes": len(mine),
+            "method": method_label(method), "runs": n_runs, "spikes": len(mine),
             "spikes per run": len(mine) / n_runs if n_runs else np.nan,
             "largest loss / median": float(mine["ratio"].max()) if len(mine) else np.nan,
             "first spike steps": ", ".join(str(int(s)) for s in sorted(mine["step"])[:5]) or "–",
@@ -102,9 +102,11 @@ def fig_update_norms(updates: pd.DataFrame, preset: str, out_dir: Path) -> Figur
         if norms.empty:
             no_dense.append(method)
             continue
-        norm_ax.plot(norms.index, norms.values, color=color, label=method, linewidth=1.6)
+        norm_ax.plot(norms.index, norms.values, color=color, label=method_label(method), linewidth=1.6,
+                     linestyle=line_style(method))
         ratios = _mean_over_seeds(mine, "max_update_ratio")
-        ratio_ax.plot(ratios.index, ratios.values, color=color, label=method, linewidth=1.6)
+        ratio_ax.plot(ratios.index, ratios.values, color=color, label=method_label(method), linewidth=1.6,
+                      linestyle=line_style(method))
         if method in BOUNDED_METHODS:
             bound = _mean_over_seeds(mine, "max_update_lr")
             norm_ax.plot(bound.index, bound.values, color=color, linestyle="--", linewidth=1.2,
@@ -137,9 +139,9 @@ def fig_spikes(study: Study, spikes: pd.DataFrame, preset: str, out_dir: Path) -
     for method in sorted_methods(log_rows["method"].unique()):
         color = method_color(method)
         for _, run in log_rows[log_rows["method"] == method].groupby("run"):
-            ax.plot(run["step"], run["loss"], color=color, linewidth=1.0, alpha=0.7)
+            ax.plot(run["step"], run["loss"], color=color, linewidth=1.0, alpha=0.7, linestyle=line_style(method))
         marked = mine[mine["method"] == method]
-        ax.plot([], [], color=color, label=f"{method} ({len(marked)} spikes)")
+        ax.plot([], [], color=color, linestyle=line_style(method), label=f"{method_label(method)} ({len(marked)} spikes)")
         if len(marked):
             ax.scatter(marked["step"], marked["loss"], color=color, marker="x", s=45, zorder=3)
     ax.set_xlabel("training step")

@@ -4,11 +4,16 @@ was tuned, on what budget); the validation split's unigram perplexity next to th
 perplexities; each downstream task's chance level.
 
 Where each number comes from:
-- steps, tokens, params: each run's summary.json; the lr and its provenance: the study's
+- steps, tokens, params: each run's summary.json; the (block) lr and its provenance: the study's
   regime.json (`rankscope.study.regime`: set by the run, chosen by the study's tune stage, a
   shipped tuned default, or the literature's) and, for runs without one, the run's config.yaml
   `optim.lr` when it set it, else its method's default for the preset
   (`rankscope.methods.tuned.optim_defaults_for`).
+- the embeddings / LM head / norms lrs (`optim.embed_lr`, `head_lr`, `norm_lr`) and their
+  provenance: regime.json's `roles` and `role_sources` per run; for a run without them (an older
+  study, or run folders reported without one) its config.yaml, else the method's own lr, which
+  is what an unset role follows. The tuning protocol (`tune_protocol`, `shared_dense`) decides
+  whether the methods shared those lrs, and the report says which.
 - unigram perplexity: `rankscope.data.unigram` on the run's own data config (the cached token
   shards the run trained on).
 - chance level: 1 / number of choices, averaged over the task's examples — read from the data
@@ -27,11 +32,13 @@ import pandas as pd
 import yaml
 
 from rankscope.errors import RankscopeError
-from rankscope.report.collect import REFERENCE_METHOD, Study, finite, sorted_methods
+from rankscope.optim.roles import ROLES
+from rankscope.report.collect import REFERENCE_METHOD, Study, finite, is_control, method_label, sorted_methods
 from rankscope.report.stats import format_number
 
 
 LITERATURE, SET_BY_RUN, UNKNOWN = "literature default", "set by the run", "unknown"
+TUNED_IN_STUDY = "tuned in this study"
 # Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses about 20 tokens per parameter.
 COMPUTE_OPTIMAL_TOKENS_PER_PARAM = 20
 # regime.json's lr_source (rankscope.study.regime) in the report's words.
@@ -41,6 +48,14 @@ RECORDED_SOURCES = {"literature": LITERATURE, "run": SET_BY_RUN}
 # piqa sol1/sol2; copa choice1/choice2; mrpc, rte, sst2 two labels; mnli three labels; blimp
 # a good/bad sentence pair).
 BUILTIN_CHOICES: dict[str, int] = {"piqa": 2, "copa": 2, "mrpc": 2, "rte": 2, "sst2": 2, "mnli": 3, "blimp": 2}
+
+# The per-role lrs the regime table shows next to the block lr: role -> its column.
+ROLE_COLUMNS = {"embed": "embed_lr", "head": "head_lr", "norm": "norm_lr"}
+ROLE_HEADERS = {"embed": "embeddings lr", "head": "head lr", "norm": "norms lr"}
+# regime.json's role_sources in the report's words; "method lr": the role is unset and follows
+# the method's own lr (as every official harness trains it).
+FOLLOWS_METHOD_LR = "= method lr"
+SHARED_DENSE = "shared-dense"
 
 
 @dataclass
@@ -65,6 +80,8 @@ class Regime:
     chance: pd.DataFrame = field(default_factory=pd.DataFrame)  # task, chance, examples, how
     notes: list[str] = field(default_factory=list)        # what could not be determined, and why
     choices: dict[str, LrChoice] = field(default_factory=dict)   # run -> its lr and provenance
+    protocol: str | None = None                           # regime.json tune_protocol (None: no tune stage)
+    shared_dense: dict[str, dict[str, float]] = field(default_factory=dict)  # preset -> stage 1's dense lrs
 
     def methods(self, preset: str) -> list[str]:
         """The methods with at least one trained run at this scale (full rank first)."""
@@ -191,21 +208,46 @@ def chance_levels(tasks: list[str]) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows, columns=["task", "chance", "how"]), notes
 
 
-def _recorded_runs(study: Study) -> dict[str, dict]:
-    """regime.json's per-run entries ({} for run folders reported without a study)."""
+def _regime_file(study: Study) -> dict:
+    """The study's regime.json ({} for run folders reported without a study, or unreadable)."""
     from rankscope.study.regime import REGIME_FILE
 
     path = study.study_dir / REGIME_FILE
     try:
-        return dict(json.loads(path.read_text()).get("runs") or {}) if path.is_file() else {}
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def role_lr_text(role: str, config: dict, recorded: dict | None, shared: dict[str, float] | None) -> str:
+    """One run's lr for a role (embed, head, norm) and where it came from, as a table cell: from
+    regime.json's `roles` / `role_sources` when the study recorded them, else from the run's
+    config.yaml; a role nobody set follows the method's lr. `shared`: the dense lrs stage 1 of the
+    shared-dense protocol chose at the run's preset (None when the protocol did not share any)."""
+    recorded = recorded or {}
+    source = (recorded.get("role_sources") or {}).get(role)
+    lr = ((recorded.get("roles") or {}).get(role) or {}).get("lr")
+    if source is None or lr is None:  # not recorded: what the run's own config says
+        own = (config.get("optim") or {}).get(f"{role}_lr")
+        return FOLLOWS_METHOD_LR if own is None else f"{float(own):g} ({SET_BY_RUN})"
+    if source == "method lr":
+        return FOLLOWS_METHOD_LR
+    words = RECORDED_SOURCES.get(source, source)
+    # Stage 1's choice, given to every method alike (a value the study set itself is the run's).
+    picked = (shared or {}).get(f"optim.{role}_lr")
+    if source == TUNED_IN_STUDY and picked is not None and math.isclose(float(picked), float(lr)):
+        words = f"shared, {words}"
+    return f"{float(lr):g} ({words})"
 
 
 def study_regime(study: Study) -> Regime:
     notes: list[str] = []
     configs = {str(run): _run_config(study, str(run)) for run in study.runs["run"]}
-    recorded = _recorded_runs(study)
+    regime_file = _regime_file(study)
+    recorded = dict(regime_file.get("runs") or {}) if isinstance(regime_file.get("runs"), dict) else {}
+    protocol = regime_file.get("tune_protocol")
+    shared_dense = regime_file.get("shared_dense") if isinstance(regime_file.get("shared_dense"), dict) else {}
     choices = {run: lr_choice(configs[run], str(method), str(preset), recorded.get(run))
                for run, method, preset in zip(study.runs["run"], study.runs["method"], study.runs["preset"])}
     rows = []
@@ -218,19 +260,30 @@ def study_regime(study: Study) -> Regime:
             lr_text, source_text = _format_lr(run_choices)
             tokens = trained["tokens"].astype(float) if "tokens" in trained else pd.Series(dtype=float)
             params = trained["params"].astype(float)
+            shared = shared_dense.get(preset) if protocol == SHARED_DENSE else None
+            roles = {ROLE_COLUMNS[role]: _joined(role_lr_text(role, configs[str(r)], recorded.get(str(r)), shared)
+                                                 for r in group["run"])
+                     for role in ROLES}
             rows.append({
-                "preset": preset, "method": method, "seeds": len(trained),
+                "preset": preset, "method": method, "control": is_control(method), "seeds": len(trained),
                 "steps": _single(trained["steps"]), "tokens": _single(tokens), "params": _single(params),
                 "tokens_per_param": _single(tokens / params),
-                "lr": lr_text, "lr_source": source_text, "lr_choices": run_choices,
+                "lr": lr_text, "lr_source": source_text, **roles, "lr_choices": run_choices,
                 "val_ppl_mean": float(trained["val_ppl"].astype(float).mean()) if len(trained) else math.nan,
             })
-    table = pd.DataFrame(rows, columns=["preset", "method", "seeds", "steps", "tokens", "params", "tokens_per_param",
-                                        "lr", "lr_source", "lr_choices", "val_ppl_mean"])
+    table = pd.DataFrame(rows, columns=["preset", "method", "control", "seeds", "steps", "tokens", "params",
+                                        "tokens_per_param", "lr", "lr_source", *ROLE_COLUMNS.values(), "lr_choices",
+                                        "val_ppl_mean"])
     tasks = sorted(set(study.downstream["task"].astype(str))) if len(study.downstream) else []
     chance, chance_notes = chance_levels(tasks)
     unigram = _unigram_ppl(study, configs, notes) if len(study.runs) else {}
-    return Regime(table, unigram, chance, notes + chance_notes, choices)
+    return Regime(table, unigram, chance, notes + chance_notes, choices, protocol=protocol,
+                  shared_dense={str(k): v for k, v in shared_dense.items() if isinstance(v, dict)})
+
+
+def _joined(texts) -> str:
+    """The distinct cells of a method's seeds, in first-seen order ('; '-joined when they differ)."""
+    return "; ".join(dict.fromkeys(texts)) or "–"
 
 
 def _single(values: pd.Series) -> float:
@@ -247,16 +300,20 @@ def _single(values: pd.Series) -> float:
 def regime_display(regime: Regime, preset: str) -> pd.DataFrame:
     """The regime table of one scale, formatted."""
     rows = regime.table[regime.table["preset"] == str(preset)]
-    return pd.DataFrame({
-        "method": rows["method"].to_numpy(),
+    shown = pd.DataFrame({
+        "method": [method_label(m) for m in rows["method"]],
         "seeds": rows["seeds"].to_numpy(),
         "steps": [_integer(v) for v in rows["steps"]],
         "tokens": [_integer(v) for v in rows["tokens"]],
         "params [M]": [format_number(v / 1e6) for v in rows["params"]],
         "tokens / param": [format_number(v, 3) for v in rows["tokens_per_param"]],
-        "lr": rows["lr"].to_numpy(),
-        "lr from": rows["lr_source"].to_numpy(),
+        "block lr": rows["lr"].to_numpy(),
+        "block lr from": rows["lr_source"].to_numpy(),
     })
+    for role, column in ROLE_COLUMNS.items():
+        if column in rows.columns:
+            shown[ROLE_HEADERS[role]] = rows[column].to_numpy()
+    return shown
 
 
 def _integer(value: float) -> str:
@@ -279,12 +336,14 @@ def regime_lines(regime: Regime, preset: str, study: Study) -> list[str]:
         text = (f"Unigram perplexity of the validation split: **{format_number(unigram)}** (a model that knows only the "
                 "training split's token frequencies, add-one smoothed, scored on the validation tokens the runs' "
                 "perplexity is scored on).")
-        if len(rows):
+        methods_only = rows[~rows["method"].map(is_control)]
+        if len(methods_only):
             # The range only, without naming methods: which one is lowest is a ranking, and ranking
-            # is left to the corrected tests.
-            text += (f" The methods' mean val ppl lie between {format_number(rows['val_ppl_mean'].min())} and "
-                     f"{format_number(rows['val_ppl_mean'].max())}.")
-            above = rows[rows["val_ppl_mean"] >= unigram]["method"].tolist()
+            # is left to the corrected tests. Controls are no method: their place is the verdict below.
+            text += (f" The methods' mean val ppl lie between {format_number(methods_only['val_ppl_mean'].min())} and "
+                     f"{format_number(methods_only['val_ppl_mean'].max())}.")
+        if len(rows):
+            above = [method_label(m) for m in rows[rows["val_ppl_mean"] >= unigram]["method"]]
             if above:
                 text += (f" Not below the unigram perplexity: {', '.join(above)} — these runs predict the validation "
                          "tokens no better than token frequencies alone.")
@@ -307,6 +366,9 @@ def regime_lines(regime: Regime, preset: str, study: Study) -> list[str]:
     sources = {c.source for m in rows["method"] for c in regime.lr_choices(preset, m)} if len(rows) else set()
     if sources and not any(c.tuned for m in rows["method"] for c in regime.lr_choices(preset, m)):
         lines.append(f"Learning rates: {', '.join(sorted(sources))} — none was tuned for this regime.")
+    dense = dense_lr_line(regime, preset)
+    if dense:
+        lines.append(dense)
     per_param = (pd.to_numeric(rows["tokens_per_param"], errors="coerce").dropna()
                  if len(rows) and "tokens_per_param" in rows else pd.Series(dtype=float))
     if len(per_param) and per_param.max() < COMPUTE_OPTIMAL_TOKENS_PER_PARAM:
@@ -315,6 +377,50 @@ def regime_lines(regime: Regime, preset: str, study: Study) -> list[str]:
                      "are far from converged: an ordering of methods here need not hold for longer training or larger "
                      "models.")
     return lines
+
+
+def _dense_values_text(values: dict[str, float]) -> str:
+    """Stage 1's dense lrs: one number when the keys are tied to one value (they are by design)."""
+    numbers = {float(v) for v in values.values()}
+    if len(numbers) == 1:
+        return f"{numbers.pop():g}"
+    return ", ".join(f"{key.rsplit('.', 1)[-1]} {float(value):g}" for key, value in sorted(values.items()))
+
+
+def dense_lr_line(regime: Regime, preset: str) -> str | None:
+    """How the embeddings, head and norms were trained across methods, and hence what a difference
+    between methods can mean: the tuning protocol's sentence, or (without one) what the runs' role
+    lrs show. None where the table has no role columns (a regime built by hand)."""
+    rows = regime.table[(regime.table["preset"] == str(preset)) & (regime.table["seeds"] > 0)]
+    if any(column not in rows.columns for column in ROLE_COLUMNS.values()) or rows.empty:
+        return None
+    if regime.protocol == SHARED_DENSE:
+        values = regime.shared_dense.get(str(preset))
+        if values:
+            controls = " and the control" if rows["method"].map(is_control).any() else ""
+            return (f"Tuning protocol {SHARED_DENSE}: stage 1 tuned full rank's block lr jointly with one lr for the "
+                    f"embeddings, head and norms (chosen: {_dense_values_text(values)}); stage 2 kept that lr for every "
+                    f"method{controls} and tuned only each method's own lr, so the methods differ only in what they do "
+                    "to the block matrices.")
+        return (f"Tuning protocol {SHARED_DENSE}, but stage 1 chose no dense lr at this scale (see the tuning "
+                "section): " + _role_lrs_reading(rows))
+    head = f"Tuning protocol {regime.protocol}: each method's lr was tuned on its own; " if regime.protocol else ""
+    reading = _role_lrs_reading(rows)
+    return head + reading if head else reading[0].upper() + reading[1:]
+
+
+def _role_lrs_reading(rows: pd.DataFrame) -> str:
+    cells = rows[list(ROLE_COLUMNS.values())].astype(str)
+    if (cells == FOLLOWS_METHOD_LR).all(axis=None):
+        return ("each method's single lr also drives its embeddings, head and norms (as in the official harnesses), "
+                "so a difference between methods mixes what the method does to the block matrices with the lr its "
+                "embeddings, head and norms got.")
+    if len(cells.drop_duplicates()) == 1 and not (cells == FOLLOWS_METHOD_LR).any(axis=None):
+        shared = ", ".join(f"{ROLE_HEADERS[role]} {cells.iloc[0][column]}" for role, column in ROLE_COLUMNS.items())
+        return (f"every run trains its embeddings, head and norms at the same lrs ({shared}), so the methods differ "
+                "only in what they do to the block matrices.")
+    return ("the embeddings, head and norms lrs differ between methods (table), so a difference between methods "
+            "mixes what the method does to the block matrices with those lrs.")
 
 
 def regime_summary(regime: Regime, preset: str) -> str:
@@ -342,5 +448,6 @@ def baseline_row(regime: Regime, preset: str) -> dict[str, str]:
             "val ppl": format_number(unigram), "downstream acc [%]": format_number(100 * chance_of_mean(regime), 3)}
 
 
-__all__ = ["BUILTIN_CHOICES", "LITERATURE", "SET_BY_RUN", "UNKNOWN", "LrChoice", "Regime", "baseline_row", "chance_levels",
-           "chance_of_mean", "lr_choice", "regime_display", "regime_lines", "regime_summary", "study_regime"]
+__all__ = ["BUILTIN_CHOICES", "FOLLOWS_METHOD_LR", "LITERATURE", "ROLE_COLUMNS", "SET_BY_RUN", "UNKNOWN", "LrChoice",
+           "Regime", "baseline_row", "chance_levels", "chance_of_mean", "dense_lr_line", "lr_choice", "regime_display",
+           "regime_lines", "regime_summary", "role_lr_text", "study_regime"]

@@ -11,7 +11,9 @@ The rules:
   tuned on the same budget; otherwise the difference is stated as higher / lower, with the line
   "full rank not tuned on the same budget: differences are not evidence that a method beats full
   rank";
-- methods are put in an order only for the pairs a test separates.
+- methods are put in an order only for the pairs a test separates;
+- controls (`frozen`: only embeddings, head and norms train) are reference rows: never tested,
+  compared or ranked; what they say about the regime is :mod:`rankscope.report.informativeness`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rankscope.report.collect import REFERENCE_METHOD, Study, finite
+from rankscope.report.collect import REFERENCE_METHOD, Study, finite, is_control
 from rankscope.report.regime import Regime
 from rankscope.report.stats import (
     ALPHA,
@@ -52,7 +54,19 @@ def study_comparison(study: Study, labels: dict[str, str], features: pd.DataFram
     # full rank are read against the seed baseline instead: full rank's distance to itself is no
     # sample to test against.
     metrics = [m for m in labels if m in features.columns and m != "val_ppl" and m not in FINAL_MEASURES]
-    return compare_methods(features[finite(features["val_loss"])], metrics, RANKING_METRICS)
+    # A control is a yardstick for the regime, not a contender: a test against it would spend the
+    # family's error budget on a question nobody asks, and rank it among the methods.
+    methods_only = features[finite(features["val_loss"]) & ~features["method"].astype(str).map(is_control)]
+    return compare_methods(methods_only, metrics, RANKING_METRICS)
+
+
+def without_controls(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The comparison rows between two methods (a table built without `study_comparison` may hold
+    rows with a control, which nothing here may word or rank)."""
+    if comparison.empty:
+        return comparison
+    involved = comparison["method"].astype(str).map(is_control) | comparison["other"].astype(str).map(is_control)
+    return comparison[~involved]
 
 
 def seeds_text(counts) -> str:
@@ -103,7 +117,7 @@ def family_statement(comparison: pd.DataFrame) -> str:
 
 def tuning_statement(regime: Regime, preset: str) -> str:
     """Whether 'better than full rank' may be said at this scale, and why."""
-    others = [m for m in regime.methods(preset) if m != REFERENCE_METHOD]
+    others = [m for m in regime.methods(preset) if m != REFERENCE_METHOD and not is_control(m)]
     if not others or not regime.lr_choices(preset, REFERENCE_METHOD):
         return "No pair of full rank and another method trained at this scale: nothing is worded as better or worse."
     untuned = [m for m in others if not regime.same_budget(preset, m)]
@@ -118,6 +132,7 @@ def tuning_statement(regime: Regime, preset: str) -> str:
 
 def comparison_words(comparison: pd.DataFrame, preset: str, regime: Regime, labels: dict[str, str]) -> list[str]:
     """One sentence per method: how it compares with full rank at this scale."""
+    comparison = without_controls(comparison)
     rows = comparison[(comparison["preset"].astype(str) == str(preset)) & (comparison["kind"] == "reference")]
     if rows.empty:
         return ["No method other than full rank has results at this scale: nothing to compare."]
@@ -159,6 +174,7 @@ def comparison_words(comparison: pd.DataFrame, preset: str, regime: Regime, labe
 
 def ranking_words(comparison: pd.DataFrame, preset: str, regime: Regime, labels: dict[str, str]) -> list[str]:
     """Per ranking metric: the pairs of methods a corrected test separates, and nothing else."""
+    comparison = without_controls(comparison)
     in_preset = comparison[comparison["preset"].astype(str) == str(preset)]
     methods = sorted(set(in_preset["method"]) | set(in_preset["other"]))
     all_tuned = all(regime.same_budget(preset, m) for m in methods if m != REFERENCE_METHOD)
@@ -209,6 +225,7 @@ def _verdict(row) -> str:
 def comparison_display(comparison: pd.DataFrame, preset: str, labels: dict[str, str]) -> pd.DataFrame:
     """The vs-full-rank rows of one scale as the report shows them; empty when none was tested
     (a table of "not testable" rows would only repeat the results tables' differences)."""
+    comparison = without_controls(comparison)
     rows = comparison[(comparison["preset"].astype(str) == str(preset)) & (comparison["kind"] == "reference")]
     if not (rows["status"] == TESTED).any():
         rows = rows.iloc[:0]
@@ -224,4 +241,5 @@ def comparison_display(comparison: pd.DataFrame, preset: str, labels: dict[str, 
 
 
 __all__ = ["BETTER_DIRECTION", "NOT_SAME_BUDGET", "RANKING_METRICS", "comparison_display", "comparison_words",
-           "family_statement", "ranking_words", "seeds_text", "study_comparison", "tuning_statement"]
+           "family_statement", "ranking_words", "seeds_text", "study_comparison", "tuning_statement",
+           "without_controls"]

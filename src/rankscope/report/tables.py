@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rankscope.report.collect import REFERENCE_METHOD, finite, load_study, sorted_methods
+from rankscope.report.collect import REFERENCE_METHOD, finite, is_control, load_study, method_label, sorted_methods
 from rankscope.report.document import _cell
 from rankscope.report.stats import format_mean_std, format_number, mean_std
 
@@ -69,15 +69,16 @@ GEOMETRY_COLUMNS = [c for _, columns, _ in GEOMETRY_TABLES for c in columns]
 
 
 def results_table(runs: pd.DataFrame, preset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(numeric table for CSV, formatted table for the report) of one preset: one row per method."""
+    """(numeric table for CSV, formatted table for the report) of one preset: one row per method,
+    controls last and marked (reference rows: they are shown, never ranked)."""
     rows, shown = [], []
     in_preset = runs[runs["preset"].astype(str) == str(preset)]
     for method in sorted_methods(in_preset["method"].dropna().unique()):
         group = in_preset[in_preset["method"] == method]
         trained = group[finite(group["val_loss"])]
         failed = group[group["status"] == "failed"]
-        row: dict[str, Any] = {"preset": preset, "method": method, "n_seeds": len(trained), "n_runs": len(group),
-                               "n_failed": len(failed)}
+        row: dict[str, Any] = {"preset": preset, "method": method, "control": is_control(method),
+                               "n_seeds": len(trained), "n_runs": len(group), "n_failed": len(failed)}
         for column in ("val_loss", "val_ppl", "downstream_acc", "tokens_per_sec"):
             row[f"{column}_mean"], row[f"{column}_std"], row[f"{column}_n"] = mean_std(trained[column].astype(float))
         for column in ("params", "trainable_params", "optimizer_state_bytes", "estimated_memory_bytes"):
@@ -87,7 +88,7 @@ def results_table(runs: pd.DataFrame, preset: str) -> tuple[pd.DataFrame, pd.Dat
         rows.append(row)
         accuracy = mean_std(trained["downstream_acc"].astype(float) * 100)
         shown.append({
-            "method": method,
+            "method": method_label(method),
             "seeds": f"{len(trained)}" + (f" ({len(failed)} failed)" if len(failed) else ""),
             "val loss": format_mean_std(row["val_loss_mean"], row["val_loss_std"], row["val_loss_n"]),
             "val ppl": format_mean_std(row["val_ppl_mean"], row["val_ppl_std"], row["val_ppl_n"]),
@@ -126,7 +127,7 @@ def geometry_table(features: pd.DataFrame, preset: str, columns: list[str] | Non
     for method in sorted_methods(in_preset["method"].dropna().unique()):
         group = in_preset[in_preset["method"] == method]
         reasons = _reasons(group)
-        row = {"method": method}
+        row = {"method": method_label(method)}
         for column in shown:
             values = group[column].astype(float)
             if method == REFERENCE_METHOD and column in reference_cells:
@@ -169,7 +170,7 @@ def baseline_display(final_table: pd.DataFrame, measure: str, reference_cell: st
                 for p in ("same-seed", "cross-seed")}
         differences = [format_number(r["difference_to_baseline"], 3) if r is not None and r["n"] else "–"
                        for r in pick.values()]
-        shown.append({"method": method, "same seed": _comparison_cell(pick["same-seed"]),
+        shown.append({"method": method_label(method), "same seed": _comparison_cell(pick["same-seed"]),
                       "other seed": _comparison_cell(pick["cross-seed"]),
                       "Δ to baseline: same / other seed": " / ".join(differences),
                       "reading: same seed": _reading_cell(pick["same-seed"]),
@@ -202,19 +203,22 @@ def _predictor_display(predictor: pd.DataFrame) -> pd.DataFrame:
 def print_results_table(study_dir: str | Path) -> None:
     """Print the results table of every scale to the terminal (what `rankscope study` and
     `rankscope demo` show when they finish) with the unigram / chance baselines as its last row,
-    the regime in one line, what the corrected tests allow to say about the order of the methods,
+    the regime in one line, whether the regime can separate the methods at all (the control's
+    verdict), what the corrected tests allow to say about the order of the methods,
     and the failed runs with their reasons."""
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
+    from rankscope.report.informativeness import study_verdicts
     from rankscope.report.regime import baseline_row, regime_summary, study_regime
     from rankscope.report.significance import ranking_words, study_comparison
 
     study = load_study(study_dir)
     regime = study_regime(study)
     comparison = study_comparison(study, METRIC_LABELS)
+    verdicts = study_verdicts(study)
     # Piped output (logs, CI) gets a wide console so rows are not wrapped into unreadable cells.
     console = Console(width=None if sys.stdout.isatty() else 200)
     shown_columns = ["method", "seeds", "val loss", "val ppl", "downstream acc [%]", "params [M]",
@@ -229,7 +233,9 @@ def print_results_table(study_dir: str | Path) -> None:
         baseline = baseline_row(regime, preset)
         table.add_row(*(baseline.get(column, "") for column in shown_columns), style="dim")
         console.print(table)
-        for line in [regime_summary(regime, preset), *ranking_words(comparison, preset, regime, METRIC_LABELS)]:
+        lines = [regime_summary(regime, preset), verdicts[preset].ranking_caveat(),
+                 *ranking_words(comparison, preset, regime, METRIC_LABELS)]
+        for line in lines:
             console.print(line.replace("**", ""), markup=False, highlight=False)
     failed = study.runs[study.runs["status"] == "failed"]
     for row in failed.itertuples(index=False):

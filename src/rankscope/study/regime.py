@@ -22,11 +22,18 @@ def tuning_budget(spec: StudySpec, cell, steps: int) -> str:
     """The budget of this study's tune stage for one (method, preset), in words: equal strings mean
     equal budgets. It names the grid's size per key, so a method searched over one point is not
     "tuned on the same budget" as one searched over five."""
+    from rankscope.study.tune import DENSE_AXIS
+
     tune = spec.tune
-    grid = " x ".join(f"{len(axis.values)} {axis.label}" for axis in cell.axes) if cell else "no grid"
+    # Under shared-dense the dense lr is one value shared by every method (stage 1 searched it with
+    # full rank), so a budget counts each method's own axes only: full rank's block lr over five
+    # values and GaLore's lr over five are the same budget.
+    own = [axis for axis in cell.axes if axis.label != DENSE_AXIS] if cell else []
+    grid = " x ".join(f"{len(axis.values)} {axis.label}" for axis in own) if own else "no grid"
     refine = f", top {tune.refine.top} refined on seeds {list(tune.refine.seeds)}" if tune.refine.seeds else ""
-    return (f"tune stage of study {spec.name}: grid {grid} (up to {tune.max_extensions} extensions), {steps} steps "
-            f"per run, seeds {list(tune.seeds)}{refine}, metric {tune.metric}")
+    shared = ", dense lr shared from stage 1" if tune.protocol == "shared-dense" else ""
+    return (f"tune stage of study {spec.name} ({tune.protocol}{shared}): grid {grid} (up to {tune.max_extensions} "
+            f"extensions), {steps} steps per run, seeds {list(tune.seeds)}{refine}, metric {tune.metric}")
 
 
 # What a shipped tuned default was tuned in, as a run config's values at these keys; a run in

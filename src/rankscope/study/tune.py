@@ -57,6 +57,7 @@ log = logging.getLogger("rankscope.study")
 SCALES = ("log", "linear")
 ANCHORS = ("default", "literature")
 CHOSEN_FILE = "chosen.json"
+DENSE_AXIS = "dense_lr"  # stage 1's axis of the one lr shared by the embeddings, head and norms
 RESULTS_FILE = "results.csv"
 
 
@@ -232,7 +233,7 @@ def plan_tuning(spec: StudySpec) -> list[Cell]:
             axes = [_axis(key, grid, tree, method, preset) for key, grid in sorted(grids.items())]
             if stage == 1:
                 dense = _axis(tune.dense_keys[0], tune.dense, tree, method, preset, where="tune.dense")
-                axes.insert(0, dataclasses.replace(dense, tied=tuple(tune.dense_keys[1:]), name="dense_lr"))
+                axes.insert(0, dataclasses.replace(dense, tied=tuple(tune.dense_keys[1:]), name=DENSE_AXIS))
             cell = Cell(method, preset, tree, axes, stage=stage)
             # Every grid point must make a valid run config (stage 2 with any of stage 1's values).
             probes = [cell] if stage != 2 else [cell.with_fixed({k: v for k in tune.dense_keys}) for v in

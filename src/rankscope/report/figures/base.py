@@ -5,6 +5,8 @@ a figure function returns, and the small drawing helpers (mean line ± seed band
 Conventions kept by every figure:
 - one fixed colour per method, from `method_color` (full-rank always near-black), in every
   figure and legend, so a reader learns the colours once;
+- a control (`frozen`) is a grey dashed line (`line_style`) labelled "(control)": a yardstick
+  for the regime, never read as one more method;
 - lines are the mean over seeds; the band (fill_between) or error bar is ± one sample standard
   deviation over seeds, drawn only where at least two seeds exist;
 - axes carry names and units; a figure without data is not drawn: its function returns a
@@ -28,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from rankscope.report.collect import REFERENCE_METHOD, Study, finite
+from rankscope.report.collect import REFERENCE_METHOD, Study, finite, is_control, method_label
 
 # --- colours ----------------------------------------------------------------------------------
 
@@ -44,6 +46,7 @@ METHOD_COLORS: dict[str, str] = {
     "loro": "#7B3FA0",
     "lowrank": "#8C564B",
     "spectron": "#A6A614",
+    "frozen": "#8A8A8A",  # the control: grey, and dashed (line_style)
 }
 # Methods not listed above (new registry entries) get one of these, chosen by a hash of the
 # name, so the colour is the same in every figure and every report without any shared state.
@@ -64,6 +67,11 @@ def palette(methods: Sequence[str]) -> dict[str, str]:
 
 def _line_width(method: str) -> float:
     return 2.2 if method == REFERENCE_METHOD else 1.6
+
+
+def line_style(method: str) -> str:
+    """Dashed for a control, so its line reads as a yardstick next to the methods' solid ones."""
+    return "--" if is_control(method) else "-"
 
 
 STYLE = {
@@ -119,7 +127,8 @@ def _step_axis(ax) -> None:
 
 
 def _method_legend(figure: Figure, methods: Sequence[str], extra: Sequence = ()) -> None:
-    handles = [Line2D([], [], color=method_color(m), linewidth=_line_width(m), label=m) for m in methods]
+    handles = [Line2D([], [], color=method_color(m), linewidth=_line_width(m), linestyle=line_style(m),
+                      label=method_label(m)) for m in methods]
     figure.legend(handles=handles + list(extra), loc="outside right upper", title="method", frameon=False)
 
 
@@ -133,8 +142,9 @@ def _mean_band(ax, frame: pd.DataFrame, x: str, y: str, methods: Sequence[str], 
             continue
         stats = rows.groupby(x)[y].agg(["mean", "std", "count"]).reset_index().sort_values(x)
         color = method_color(method)
-        ax.plot(stats[x], stats["mean"], color=color, linewidth=_line_width(method), marker=marker,
-                markersize=3.5, label=method, zorder=3 if method == REFERENCE_METHOD else 2)
+        ax.plot(stats[x], stats["mean"], color=color, linewidth=_line_width(method), linestyle=line_style(method),
+                marker=marker, markersize=3.5, label=method_label(method),
+                zorder=3 if method == REFERENCE_METHOD else 2)
         band = stats["count"] >= 2
         if band.any():
             ax.fill_between(stats.loc[band, x], (stats["mean"] - stats["std"])[band],

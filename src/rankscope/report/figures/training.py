@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rankscope.report.collect import Study, finite, sorted_methods
+from rankscope.report.collect import Study, finite, is_control, method_label, sorted_methods
 from rankscope.report.figures.base import (
     FigureResult,
     _mean_band,
@@ -43,8 +43,16 @@ def fig_training_curves(study: Study, preset: str, out_dir: Path, **_) -> Figure
     val_ax.set_title("validation loss (exact, token-weighted)")
     _method_legend(figure, drawn)
     figure.suptitle(title)
-    caption = "Loss curves from each run's metrics.jsonl." + _seed_note(log_rows)
+    caption = "Loss curves from each run's metrics.jsonl." + _control_note(methods) + _seed_note(log_rows)
     return FigureResult(name, title, caption, _save(figure, out_dir, name))
+
+
+def _control_note(methods) -> str:
+    controls = [m for m in methods if is_control(m)]
+    if not controls:
+        return ""
+    return (f" Dashed grey: the control ({', '.join(controls)}: block matrices at init, only embeddings, head and "
+            "norms train), a yardstick for the regime, not a method.")
 
 
 def fig_val_ppl(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
@@ -63,7 +71,7 @@ def fig_val_ppl(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
         error = np.std(values, ddof=1) if len(values) >= 2 else None
         ax.errorbar(index + 0.3, values.mean(), yerr=error, fmt="D", color=method_color(method),
                     markersize=6, capsize=4, linewidth=1.5, zorder=4)
-    ax.set_xticks(range(len(methods)), methods)
+    ax.set_xticks(range(len(methods)), [method_label(m) for m in methods])
     for label, method in zip(ax.get_xticklabels(), methods):
         label.set_color(method_color(method))
     ax.set_xlim(-0.6, len(methods) - 0.3)

@@ -1,5 +1,9 @@
 """The tune stage's figure: the tuning metric against the learning rate, one line per method, the
-chosen point marked (per preset). Reads STUDY_DIR/tune/results.csv and tune/chosen.json."""
+chosen point marked (per preset). Reads STUDY_DIR/tune/results.csv and tune/chosen.json.
+
+Under the shared-dense protocol stage 1 searches full rank's lr jointly with one lr for the
+embeddings, head and norms: a 2-D grid, drawn as one lr curve per dense lr value (the chosen
+dense lr solid and marked, the others fainter). Stage 2's curves run at the dense lr stage 1 chose."""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 
-from rankscope.report.collect import sorted_methods, sorted_presets
-from rankscope.report.figures.base import FigureResult, _method_legend, _new_figure, _save, method_color
+from rankscope.report.collect import method_label, sorted_methods, sorted_presets
+from rankscope.report.figures.base import FigureResult, _method_legend, _new_figure, _save, line_style, method_color
 
 LR_KEY = "optim.lr"
 
@@ -53,6 +58,30 @@ def tuning_curve(frame: pd.DataFrame, row: dict, seeds: list[int]) -> pd.DataFra
     return grouped
 
 
+def dense_key(row: dict, dense_keys: list[str]) -> str | None:
+    """The dense-lr axis of a stage-1 cell (its first tied key); None for every other cell."""
+    if row.get("stage") != 1:
+        return None
+    return next((key for key in dense_keys if key in (row.get("defaults") or {})), None)
+
+
+def tuning_curves(frame: pd.DataFrame, row: dict, seeds: list[int],
+                  dense_keys: list[str] = ()) -> list[tuple[float | None, pd.DataFrame]]:
+    """A cell's lr curves: one (None, curve) for a 1-D search; for a stage-1 cell one (dense lr,
+    curve) per dense lr tried, each with the other keys at their chosen values."""
+    key = dense_key(row, list(dense_keys))
+    if key is None or key not in frame.columns:
+        return [(None, tuning_curve(frame, row, seeds))]
+    mine = frame[(frame["method"] == row["method"]) & (frame["preset"].astype(str) == str(row["preset"]))]
+    curves = []
+    for value in sorted(set(pd.to_numeric(mine[key], errors="coerce").dropna())):
+        # The dense keys are tied to one value: every one of them takes this curve's.
+        tied = {k: float(value) for k in dense_keys}
+        at_value = {**row, "values": {**(row.get("values") or {}), **tied}}
+        curves.append((float(value), tuning_curve(frame, at_value, seeds)))
+    return curves
+
+
 def fig_tuning(study_dir: Path, out_dir: Path) -> list[FigureResult]:
     import matplotlib as mpl
 
@@ -62,12 +91,16 @@ def fig_tuning(study_dir: Path, out_dir: Path) -> list[FigureResult]:
         return _fig_tuning(study_dir, out_dir)
 
 
+DENSE_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def _fig_tuning(study_dir: Path, out_dir: Path) -> list[FigureResult]:
     data = read_tuning(study_dir)
     if data is None:
         return []
     frame, chosen = data
     cells = chosen.get("cells", [])
+    dense_keys = list(chosen.get("dense_keys") or [])
     results = []
     for preset in sorted_presets({str(c["preset"]) for c in cells}):
         name, title = f"tuning_{preset}", f"Tuning: {chosen.get('metric', 'val_loss')} vs learning rate ({preset})"
@@ -77,38 +110,63 @@ def _fig_tuning(study_dir: Path, out_dir: Path) -> list[FigureResult]:
             continue
         figure = _new_figure(8, 4.5)
         ax = figure.subplots()
-        drawn, top = [], -math.inf
-        curves = {m: tuning_curve(frame, here[m], chosen.get("seeds", [0])) for m in sorted_methods(here)}
-        for curve in curves.values():
-            finite = curve.loc[~curve["diverged"], "score"]
-            top = max(top, finite.max() if len(finite) else -math.inf)
-        for method, curve in curves.items():
-            if curve.empty:
-                continue
-            color = method_color(method)
-            ok = curve[~curve["diverged"]]
-            ax.plot(ok["x"], ok["score"], color=color, marker="o", markersize=3.5, linewidth=1.5)
-            bad = curve[curve["diverged"]]
-            if len(bad) and math.isfinite(top):
-                ax.scatter(bad["x"], [top] * len(bad), color=color, marker="x", s=40, zorder=4)
+        curves = {m: tuning_curves(frame, here[m], chosen.get("seeds", [0]), dense_keys) for m in sorted_methods(here)}
+        finite_scores = [c.loc[~c["diverged"], "score"] for per_method in curves.values() for _, c in per_method]
+        top = max((s.max() for s in finite_scores if len(s)), default=-math.inf)
+        drawn, dense_handles = [], []
+        for method, per_method in curves.items():
             values = here[method].get("values") or {}
             key = x_key(here[method])
-            if key in values:
-                at = ok[np.isclose(ok["x"], float(values[key]))]
-                if len(at):
-                    ax.scatter(at["x"], at["score"], color=color, marker="*", s=180, edgecolor="black",
-                               linewidth=0.8, zorder=5)
-            drawn.append(method)
+            chosen_dense = values.get(dense_key(here[method], dense_keys))
+            for index, (dense_value, curve) in enumerate(per_method):
+                if curve.empty:
+                    continue
+                is_chosen = dense_value is None or (chosen_dense is not None and math.isclose(dense_value, chosen_dense))
+                marker = "o" if dense_value is None else DENSE_MARKERS[index % len(DENSE_MARKERS)]
+                _draw_curve(ax, curve, method, marker, alpha=1.0 if is_chosen else 0.45, top=top,
+                            chosen_x=values.get(key) if is_chosen else None)
+                if dense_value is not None:
+                    label = f"{method_label(method)}, dense lr {dense_value:g}" + (" (chosen)" if is_chosen else "")
+                    dense_handles.append(Line2D([], [], color=method_color(method), marker=marker,
+                                                alpha=1.0 if is_chosen else 0.45, label=label))
+            if any(not curve.empty for _, curve in per_method):
+                drawn.append(method)
         ax.set_xscale("log")
         keys = {x_key(c) for c in here.values()}
         ax.set_xlabel("learning rate" if keys == {LR_KEY} else " / ".join(sorted(k for k in keys if k)))
         ax.set_ylabel(f"{chosen.get('metric', 'val_loss')} (mean over seeds {chosen.get('seeds')})")
         ax.set_title(title)
-        _method_legend(figure, drawn)
+        _method_legend(figure, drawn, dense_handles)
         _save(figure, out_dir, name)
-        caption = ("One line per method over the values tried (grid and edge extensions), each point the mean over "
-                   "the grid's seeds; ★ the chosen value (best mean over all its seeds, refinement seeds included, "
-                   "see the table); × a run that diverged, drawn at the top of the axis. Other tuned "
-                   "hyper-parameters are held at their chosen values.")
-        results.append(FigureResult(name, title, caption, out_dir / f"{name}.png"))
+        results.append(FigureResult(name, title, _caption(dense_handles, here), out_dir / f"{name}.png"))
     return results
+
+
+def _draw_curve(ax, curve: pd.DataFrame, method: str, marker: str, alpha: float, top: float,
+                chosen_x: float | None) -> None:
+    """One lr curve: its finished points, its diverged ones (×, at the top of the axis), and ★ at
+    `chosen_x` when the choice lies on it."""
+    color = method_color(method)
+    ok = curve[~curve["diverged"]]
+    ax.plot(ok["x"], ok["score"], color=color, marker=marker, markersize=3.5, linewidth=1.5,
+            linestyle=line_style(method), alpha=alpha)
+    bad = curve[curve["diverged"]]
+    if len(bad) and math.isfinite(top):
+        ax.scatter(bad["x"], [top] * len(bad), color=color, marker="x", s=40, zorder=4, alpha=alpha)
+    if chosen_x is not None:
+        at = ok[np.isclose(ok["x"], float(chosen_x))]
+        if len(at):
+            ax.scatter(at["x"], at["score"], color=color, marker="*", s=180, edgecolor="black", linewidth=0.8, zorder=5)
+
+
+def _caption(dense_handles: list, cells: dict[str, dict]) -> str:
+    caption = ("One line per method over the values tried (grid and edge extensions), each point the mean over "
+               "the grid's seeds; ★ the chosen value (best mean over all its seeds, refinement seeds included, "
+               "see the table); × a run that diverged, drawn at the top of the axis. Other tuned "
+               "hyper-parameters are held at their chosen values.")
+    if dense_handles:
+        caption += (" Stage 1 (shared-dense protocol) searched full rank's lr jointly with one lr for the embeddings, "
+                    "head and norms: one line per dense lr (markers in the legend), the chosen one solid.")
+    if any(c.get("stage") == 2 for c in cells.values()):
+        caption += " Stage 2's methods ran with the dense lr stage 1 chose."
+    return caption
