@@ -35,22 +35,33 @@ HEADER = """# Optimizer defaults that rankscope's own tuning study chose for the
 
 
 def _table(frame: pd.DataFrame, chosen: dict, preset: str) -> str:
+    from rankscope import methods
+
     cells = [c for c in chosen["cells"] if str(c["preset"]) == preset]
     seeds = chosen["seeds"]
-    lines = [f"| method | literature lr | {chosen['metric']} at each lr tried (seed {', '.join(map(str, seeds))}) "
-             "| chosen lr | mean over seeds (n) | on an edge |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| method | literature lr | {chosen['metric']} at each point tried (seed {', '.join(map(str, seeds))}) "
+             "| chosen | mean over seeds (n) | on an edge |", "| --- | --- | --- | --- | --- | --- |"]
     for cell in cells:
+        # Stage 1 of shared-dense searches full rank's lr jointly with the dense lr: "dense/lr".
+        joint = cell.get("stage") == 1
         rows = frame[(frame["method"] == cell["method"]) & (frame["preset"].astype(str) == preset)
-                     & frame["seed"].isin(seeds)].sort_values("optim.lr")
-        tried = ", ".join(f"{r['optim.lr']:.3g}: " + ("diverged" if r["state"] == "diverged" else
-                                                     f"{r['score']:.3f}" if r["state"] == "done" else r["state"])
+                     & frame["seed"].isin(seeds)].sort_values(["optim.embed_lr", "optim.lr"] if joint else "optim.lr")
+
+        def point(row) -> str:
+            return f"{row['optim.embed_lr']:.3g}/{row['optim.lr']:.3g}" if joint else f"{row['optim.lr']:.3g}"
+
+        tried = ", ".join(f"{point(r)}: " + ("diverged" if r["state"] == "diverged" else
+                                             f"{r['score']:.3f}" if r["state"] == "done" else r["state"])
                           for _, r in rows.iterrows())
         values = cell.get("values") or {}
         score = cell.get("score")
         mean = "–" if score is None else f"{score:.3f}" + (f" ± {cell['score_std']:.3f}" if cell.get("score_std") else "")
         edge = "; ".join(f"{k.rsplit('.', 1)[-1]} {v['side']} ({v['reason']})" for k, v in (cell.get("at_edge") or {}).items())
-        lines.append(f"| {cell['method']} | {cell['defaults'].get('optim.lr', float('nan')):.3g} | {tried} | "
-                     f"{values.get('optim.lr', float('nan')):.3g} | {mean} ({len(cell['seeds'])}) | {edge or 'no'} |")
+        literature = methods.get(cell["method"]).optim_defaults(preset).lr
+        choice = (f"dense {values.get('optim.embed_lr', float('nan')):.3g}, lr {values.get('optim.lr', float('nan')):.3g}"
+                  if joint else f"{values.get('optim.lr', float('nan')):.3g}")
+        lines.append(f"| {cell['method']} | {literature:.3g} | {tried} | {choice} | {mean} ({len(cell['seeds'])}) | "
+                     f"{edge or 'no'} |")
     return "\n".join(lines)
 
 

@@ -122,10 +122,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     model_cfg = get_preset(args.preset)
     table = Table(title=f"rankscope methods (settings shown for preset {args.preset})")
-    table.add_column("method", style="bold")
+    table.add_column("method", style="bold", no_wrap=True)
     table.add_column("description")
     table.add_column("lr (kind of default)", no_wrap=True)
-    table.add_column("emb/head/norm", no_wrap=True)
+    table.add_column("emb/head/norm lr", no_wrap=True)
     table.add_column("settings (defaults)")
     for name in methods.names():
         cls = methods.get(name)
@@ -139,23 +139,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
                       f"clip={opt.grad_clip or 'off'}")
     Console().print(table)
     print("Optimizer defaults: 'literature' = the method's official harness (60M+ models, 10k+ steps); "
-          "'tuned here' = chosen by rankscope's tuning study for this preset (docs/tuning.md). '= lr': the "
-          "role follows the method's own lr (and wd), as in every official harness; optim.embed_lr, head_lr, "
-          "norm_lr and *_weight_decay set them for any method.")
+          "'tuned here' = chosen by rankscope's tuning study for this preset (docs/tuning.md). emb/head/norm lr: "
+          "the embeddings', LM head's and norm gains' lr; '= lr' means they follow the method's own lr and weight "
+          "decay, as in every official harness; optim.embed_lr, head_lr, norm_lr and *_weight_decay set them.")
     return 0
 
 
 def _role_cell(opt, kinds: dict[str, str]) -> str:
-    """The embeddings', head's and norms' lr and weight decay in `rankscope methods`: '= lr, wd'
-    when they follow the method's own, else the values (e/h/n) and whether they were tuned here."""
-    def show(kind: str, follows: str) -> str:
-        values = [getattr(opt, f"{role}_{kind}") for role in ("embed", "head", "norm")]
-        return "/".join(follows if v is None else f"{v:g}" for v in values)
-
-    if all(getattr(opt, f"{role}_{kind}") is None for role in ("embed", "head", "norm") for kind in ("lr", "weight_decay")):
-        return "= lr, wd"
-    tuned = " (tuned here)" if kinds.get("embed_lr") == "tuned here" else ""
-    return f"lr {show('lr', 'lr')}, wd {show('weight_decay', 'wd')}{tuned}"
+    """The embeddings', head's and norms' lr (and weight decay where set) in `rankscope methods`:
+    '= lr' when they follow the method's own, else the values (e/h/n) and whether they were tuned here."""
+    roles = ("embed", "head", "norm")
+    lrs = [getattr(opt, f"{role}_lr") for role in roles]
+    wds = [getattr(opt, f"{role}_weight_decay") for role in roles]
+    text = "= lr" if all(v is None for v in lrs) else "/".join("lr" if v is None else f"{v:g}" for v in lrs)
+    if any(v is not None for v in wds):
+        text += ", wd " + "/".join("wd" if v is None else f"{v:g}" for v in wds)
+    return text + (" (tuned here)" if kinds.get("embed_lr") == "tuned here" else "")
 
 
 # ---------------------------------------------------------------------------------------------

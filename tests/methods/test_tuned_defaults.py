@@ -12,8 +12,8 @@ from rankscope.train.setup import resolve_optim
 @pytest.mark.parametrize("preset", ["tiny", "20m"])
 def test_every_method_has_a_tuned_lr_at_the_small_presets(preset):
     table = tuned_table()
-    assert set(table[preset]) == set(methods.names())
-    for name in methods.names():
+    assert set(methods.method_names()) <= set(table[preset]) <= set(methods.names())
+    for name in methods.method_names():
         cls = methods.get(name)
         lr = table[preset][name]["lr"]
         assert optim_defaults_for(cls, preset).lr == lr and 1e-5 < lr < 1.0
@@ -36,6 +36,26 @@ def test_the_literature_values_stay_the_defaults_from_60m_up(preset):
         assert set(default_kinds(cls, preset).values()) == {LITERATURE}
 
 
+def test_tiny_ships_one_dense_lr_for_every_method_and_the_control():
+    """tiny was tuned with the shared-dense protocol: every method and control gets stage 1's
+    embeddings / head / norms lr, each method its own lr from stage 2."""
+    source = tuned_source()["tiny"]
+    assert source["protocol"] == "shared-dense"
+    dense = source["shared_dense"]
+    assert set(dense) == {"optim.embed_lr", "optim.head_lr", "optim.norm_lr"} and len(set(dense.values())) == 1
+    for name in methods.names():
+        cls = methods.get(name)
+        defaults = optim_defaults_for(cls, "tiny")
+        assert (defaults.embed_lr, defaults.head_lr, defaults.norm_lr) == tuple(dense[k] for k in sorted(dense))
+        kinds = default_kinds(cls, "tiny")
+        assert kinds["embed_lr"] == kinds["head_lr"] == kinds["norm_lr"] == TUNED_HERE
+        resolved = resolve_optim(build_config({}, [f"method.name={name}"]), cls)
+        assert resolved.roles == {role: {"lr": dense[f"optim.{role}_lr"]} for role in ("embed", "head", "norm")}
+    # 20m was tuned before the protocol existed: its dense parameters follow each method's lr.
+    assert tuned_source()["20m"].get("protocol", "independent") == "independent"
+    assert all(optim_defaults_for(methods.get(m), "20m").embed_lr is None for m in methods.method_names())
+
+
 def test_methods_shows_which_kind_each_default_is(capsys):
     from rankscope.cli import main
 
@@ -43,5 +63,9 @@ def test_methods_shows_which_kind_each_default_is(capsys):
     tiny = capsys.readouterr().out
     assert main(["methods", "--preset", "60m"]) == 0
     large = capsys.readouterr().out
-    assert tiny.count("(tuned here)") == len(methods.names()) and "(literature)" not in tiny
+    # At tiny: every method's lr and every dense lr cell is tuned here (the control's own lr, which
+    # drives no parameter once the dense lrs are set, stays the literature's); from 60m up all is literature.
+    assert tiny.count("(tuned here)") == 2 * len(methods.names()) - 1 and tiny.count("(literature)") == 1
+    assert "frozen (control)" in tiny and tiny.count("0.03/0.03/0.03 (tuned here)") == len(methods.names())
     assert large.count("(literature)") == len(methods.names()) and "(tuned here)" not in large
+    assert large.count("= lr ") == len(methods.names())

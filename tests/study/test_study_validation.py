@@ -13,10 +13,34 @@ def _spec(**grid):
     return base
 
 
-def test_the_grid_expands_to_one_run_per_cell():
+def test_the_grid_expands_to_one_run_per_cell_and_the_control_trains_by_default():
     runs = plan_runs(study_from_dict(_spec(seeds=[0, 1])))
-    assert [r.name for r in runs] == ["full-tiny-s0", "lowrank-tiny-s0", "full-tiny-s1", "lowrank-tiny-s1"]
-    assert runs[1].config.method.name == "lowrank" and runs[3].config.train.seed == 1
+    assert [r.name for r in runs] == ["full-tiny-s0", "lowrank-tiny-s0", "frozen-tiny-s0",
+                                      "full-tiny-s1", "lowrank-tiny-s1", "frozen-tiny-s1"]
+    assert runs[1].config.method.name == "lowrank" and runs[4].config.train.seed == 1
+    assert runs[2].config.method.name == "frozen"
+    spec = _spec(seeds=[0])
+    spec["controls"] = []
+    assert [r.name for r in plan_runs(study_from_dict(spec))] == ["full-tiny-s0", "lowrank-tiny-s0"]
+
+
+@pytest.mark.parametrize("controls, message", [
+    (["frozn"], "controls names unknown control 'frozn'.*did you mean 'frozen'"),
+    (["galore"], "controls names 'galore', which is a method, not a control; list it under grid.methods"),
+    (["frozen", "frozen"], "controls lists a control twice"),
+])
+def test_a_bad_controls_list_is_one_clear_error(controls, message):
+    spec = _spec()
+    spec["controls"] = controls
+    with pytest.raises(ConfigError, match=message):
+        plan_runs(study_from_dict(spec))
+
+
+def test_a_negative_informative_margin_is_refused():
+    spec = _spec()
+    spec["report"] = {"informative_margin": -0.1}
+    with pytest.raises(ConfigError, match="report.informative_margin = -0.1 must be >= 0"):
+        plan_runs(study_from_dict(spec))
 
 
 def test_unknown_method_is_named():
@@ -63,26 +87,35 @@ def test_shipped_study_files_are_valid(name):
 
     spec = load_study(STUDIES_DIR / name)
     runs = plan_runs(spec)
-    assert len(runs) == len(spec.grid.methods) * len(spec.grid.presets) * len(spec.grid.seeds)
+    assert len(runs) == (len(spec.grid.methods) + len(spec.controls)) * len(spec.grid.presets) * len(spec.grid.seeds)
     analysis_settings(spec)
     cells = plan_tuning(spec)
     assert len(cells) == (len(spec.grid.methods) if name.startswith("tune-") else 0)
 
 
 def test_the_demo_trains_in_the_regime_its_lrs_were_tuned_in():
-    """demo.yaml runs every method, >= 3 seeds, at the tiny defaults that tune-tiny.yaml chose in
-    the same model, data, schedule and periodic work."""
+    """demo.yaml runs every method and the frozen control, >= 3 seeds, at the tiny defaults that
+    tune-tiny.yaml chose (shared-dense protocol) in the same model, data, schedule and periodic work."""
     from rankscope import methods
     from rankscope.demo import STUDIES_DIR
 
     demo, tuning = load_study(STUDIES_DIR / "demo.yaml"), load_study(STUDIES_DIR / "tune-tiny.yaml")
     assert demo.base == tuning.base and demo.method_overrides == tuning.method_overrides
-    assert set(demo.grid.methods) == set(methods.names()) == set(tuning.grid.methods)
+    assert set(demo.grid.methods) == set(methods.method_names()) == set(tuning.grid.methods)
+    assert demo.controls == tuning.controls == methods.control_names() == ["frozen"]
+    assert tuning.tune.protocol == "shared-dense"
     assert demo.grid.presets == tuning.grid.presets == ["tiny"] and len(demo.grid.seeds) >= 3
     # The lrs were chosen on the tuning seeds' validation loss: the demo's runs are other seeds.
     assert not set(demo.grid.seeds) & (set(tuning.tune.seeds) | set(tuning.tune.refine.seeds))
     assert tuning.tune.steps is None  # the tuning runs are as long as the demo's
-    assert {run.lr_source for run in plan_runs(demo)} == {"tuned here"}
+    # The control's own lr drives no parameter once the dense lrs are shared; it has none tuned.
+    assert {run.lr_source for run in plan_runs(demo) if run.method != "frozen"} == {"tuned here"}
+    # Every method and the control train their embeddings, head and norms at one shared dense lr.
+    from rankscope.train.setup import resolve_optim
+
+    shared = {tuple(resolve_optim(run.config, methods.get(run.method)).roles[r]["lr"] for r in ("embed", "head", "norm"))
+              for run in plan_runs(demo)}
+    assert len(shared) == 1 and len(set(next(iter(shared)))) == 1, shared
     # The shipped lrs are claimed as tuned for the demo's runs (same regime), not for demo-quick's.
     from rankscope.config import config_to_dict
     from rankscope.study.regime import shipped_budget
