@@ -14,6 +14,7 @@ import torch
 from rankscope import methods
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
+from rankscope.methods import tuned
 from rankscope.models import get_preset, token_losses
 from rankscope.optim import GaLoreAdamW
 from rankscope.optim.roles import apply_role_settings, parameter_roles
@@ -29,6 +30,13 @@ PERIODS = {"relora": ["method.reset_every=3", "method.restart_warmup=1"], "galor
            "fira": ["method.update_proj_gap=3"], "loro": ["method.exact_every=3", "method.rewarm_steps=1"]}
 # Distinct values per role, none equal to any method's default.
 ROLE_VALUES = {"embed": (0.0123, 0.031), "head": (0.0071, 0.052), "norm": (0.0049, 0.017)}
+
+
+@pytest.fixture(autouse=True)
+def _literature_defaults(monkeypatch):
+    """The methods' official defaults, which set no per-role value: the shipped tuned table sets
+    the dense lrs, and "unset" has to mean the method's own lr for these tests to say anything."""
+    monkeypatch.setattr(tuned, "tuned_table", lambda: {})
 
 
 def _build(name: str, *extra: str):

@@ -206,6 +206,8 @@ def test_the_chosen_lr_reaches_the_train_stage_and_a_runs_own_lr_wins(tmp_path):
             "method_params": {"cola": {"optim.lr": {"values": [0.0001, 0.0002, 10000.0]}}}}
     spec_dict = small_study_dict(methods=("full", "lowrank", "cola"), seeds=(0,), tune=tune,
                                  method_overrides={"lowrank": {"optim": {"lr": 0.0005}}})
+    # Dense lrs on the grid's scale (tiny's shipped 0.03 would dominate 4 steps): the block lr decides.
+    spec_dict["base"]["optim"] = {f"{role}_lr": 0.0002 for role in ("embed", "head", "norm")}
     out = tmp_path / "study"
     run_study(None, out, spec=study_from_dict(spec_dict), stages=("tune", "train"), launch=LaunchOptions(workers=2))
 
