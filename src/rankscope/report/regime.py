@@ -307,8 +307,10 @@ def regime_display(regime: Regime, preset: str) -> pd.DataFrame:
         "tokens": [_integer(v) for v in rows["tokens"]],
         "params [M]": [format_number(v / 1e6) for v in rows["params"]],
         "tokens / param": [format_number(v, 3) for v in rows["tokens_per_param"]],
-        "block lr": rows["lr"].to_numpy(),
-        "block lr from": rows["lr_source"].to_numpy(),
+        # A control keeps its block matrices at init: its own lr drives none of them.
+        "block lr": ["– (frozen)" if is_control(m) else lr for m, lr in zip(rows["method"], rows["lr"])],
+        "block lr from": ["no block matrix trains" if is_control(m) else source
+                          for m, source in zip(rows["method"], rows["lr_source"])],
     })
     for role, column in ROLE_COLUMNS.items():
         if column in rows.columns:
