@@ -96,6 +96,9 @@ def main() -> int:
             sources[preset] = {"study": f"studies/{chosen.get('study', folder.name)}.yaml", "commit": args.commit,
                                "document": "docs/tuning.md", "protocol": chosen.get("protocol", "independent"),
                                "regime": _tuning_regime(frame, folder, preset)}
+            verdict = (chosen.get("informativeness") or {}).get(preset)
+            if verdict:  # whether the tuning regime itself could separate the methods (its control)
+                sources[preset]["informativeness"] = verdict
             shared = (chosen.get("shared_dense") or {}).get(preset)
             if shared:
                 # Stage 1's dense lrs are every method's and control's default, tuned in stage 2 or not.
@@ -121,6 +124,15 @@ def main() -> int:
         for preset in sorted({str(c["preset"]) for c in chosen["cells"]}):
             print(f"\n### {preset} ({folder.name})\n")
             print(_table(frame, chosen, preset))
+            for control in (c for c in chosen.get("controls") or [] if str(c["preset"]) == preset):
+                std = f" ± {control['score_std']:.3f}" if control.get("score_std") else ""
+                print(f"\ncontrol {control['method']} at the shared dense lr: "
+                      + (f"{control['score']:.3f}{std} ({len(control['seeds'])})" if control.get("score") is not None
+                         else control.get("note") or "no score"))
+            verdict = (chosen.get("informativeness") or {}).get(preset)
+            if verdict:
+                print(f"tuning regime: {verdict['verdict']} (control {verdict['gap']:.3f} nats behind the best, "
+                      f"{verdict['best_method']}; margin {verdict['margin']:g})")
     return 0
 
 

@@ -153,3 +153,26 @@ def test_the_tuning_section_states_the_shared_dense_protocol_and_each_stage(tmp_
     assert "Tuning protocol **shared-dense**: stage 1 tuned full rank's block lr jointly" in text
     assert "chosen per scale: tiny 0.006" in text and "for every other method and the control (frozen) and" in text
     assert (tmp_path / "figures" / "tuning_tiny.png").is_file() and "one line per dense lr" in text
+
+
+@pytest.mark.parametrize("control_score, separates", [(4.1, False), (4.35, True)])
+def test_the_tuning_section_says_whether_the_tuning_regime_separates_the_methods(tmp_path, control_score, separates):
+    from rankscope.study.tune import tuning_informativeness
+
+    chosen = _shared_dense_folder(tmp_path)
+    chosen["controls"] = [{"method": "frozen", "preset": "tiny", "stage": 2, "fixed": chosen["shared_dense"]["tiny"],
+                           "values": {}, "score": control_score}]
+    chosen["informativeness"] = tuning_informativeness(chosen, 0.2)
+    verdict = chosen["informativeness"]["tiny"]
+    assert verdict["best_method"] == "full" and verdict["gap"] == pytest.approx(control_score - 4.0)
+    assert verdict["verdict"] == ("can separate" if separates else "cannot separate")
+    (tmp_path / "tune" / "chosen.json").write_text(json.dumps(chosen))
+    for name in ("figures", "tables"):
+        (tmp_path / name).mkdir()
+    document = Document()
+    tuning_section(document, tmp_path, tmp_path / "figures", tmp_path / "tables")
+    text = render_markdown(document, "t")
+    assert f"control (block matrices at init, dense lr shared) scored {control_score:.4f}" in text
+    assert ("the tuning regime can separate the methods." in text) == separates
+    assert ("**the tuning regime cannot separate methods by their block matrices**" in text) == (not separates)
+    assert "frozen" not in set(pd.read_csv(tmp_path / "tables" / "tuning.csv")["method"])

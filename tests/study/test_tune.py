@@ -138,6 +138,20 @@ def test_the_choice_is_the_best_mean_over_all_seeds_of_the_refined_points():
     assert row["score"] == pytest.approx(4.15) and row["score_std"] == pytest.approx(math.sqrt(0.005))
 
 
+def test_a_choice_the_refinement_seeds_moved_onto_an_edge_is_flagged_with_why_it_was_not_grown():
+    spec = _spec({"params": {"optim.lr": {"values": [0.001, 0.002, 0.004]}}, "refine": {"seeds": [1], "top": 2}})
+    cell = _cell(spec)
+    results = _results(cell, {0.001: 4.1, 0.002: 4.0, 0.004: 4.5})  # seed 0: interior best, nothing grows
+    assert not extend(cell, results, spec)
+    cell.refined = [(0.002,), (0.001,)]
+    results.update(_results(cell, {0.001: 4.0, 0.002: 4.3}, seed=1))  # both seeds: the low edge wins
+    row = choose([cell], results, spec, out=spec_dir_placeholder())["cells"][0]
+    assert row["values"] == {"optim.lr": 0.001}
+    assert row["at_edge"] == {"optim.lr": {"side": "low", "reason": (
+        "not extended: the grid seeds' best point (lr0.002) is not on this edge; the refinement seeds moved the "
+        "choice here")}}
+
+
 def test_other_hyper_parameters_and_method_knobs_tune_the_same_way():
     spec = _spec({"params": {"optim.lr": {"values": [0.001, 0.002]}, "optim.warmup_ratio": {"values": [0.0, 0.2],
                                                                                               "scale": "linear"}},

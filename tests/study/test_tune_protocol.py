@@ -4,6 +4,7 @@ each method's own lr. End to end on a tiny study, and its planning and bad input
 
 import json
 
+import pandas as pd
 import pytest
 import yaml
 from study_helpers import small_study_dict
@@ -77,6 +78,22 @@ def test_stage_two_and_the_train_stage_use_stage_ones_dense_lr_for_every_method_
     for run in stage2:
         optim = yaml.safe_load((run / "config.yaml").read_text())["optim"]
         assert {key: optim[key.split(".")[1]] for key in DENSE_KEYS} == shared
+
+    # The control trained at stage 1's dense lr with the tuning seeds; chosen.json judges the regime.
+    control = sorted(p.name for p in (out / "tune" / "runs").iterdir() if p.name.startswith("frozen-"))
+    assert control == [f"frozen-tiny-dense{dense:.4g}-s0"]
+    optim = yaml.safe_load((out / "tune" / "runs" / control[0] / "config.yaml").read_text())["optim"]
+    assert {key: optim[key.split(".")[1]] for key in DENSE_KEYS} == shared
+    [row] = chosen["controls"]
+    assert row["method"] == "frozen" and row["fixed"] == shared and row["values"] == {}
+    best = min(rows.values(), key=lambda r: r["score"])
+    verdict = chosen["informativeness"]["tiny"]
+    assert verdict["control"] == "frozen" and verdict["best_method"] == best["method"] and verdict["margin"] == 0.2
+    assert verdict["gap"] == pytest.approx(row["score"] - best["score"])
+    assert verdict["verdict"] == ("can separate" if verdict["gap"] > 0.2 else "cannot separate")
+    assert "frozen" not in {r["method"] for r in chosen["cells"]}  # a reference, never a tuned member
+    table = pd.read_csv(out / "tune" / "results.csv")
+    assert table.loc[table["method"] == "frozen", "run"].tolist() == control
 
     # The train stage: the dense lrs for every method and the control, each method's own choice.
     configs = {m: yaml.safe_load((out / "runs" / f"{m}-tiny-s0" / "config.yaml").read_text())["optim"]

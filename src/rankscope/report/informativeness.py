@@ -23,8 +23,8 @@ import pandas as pd
 
 from rankscope.report.collect import REFERENCE_METHOD, Study, finite, is_control
 from rankscope.report.stats import format_number, mean_std
+from rankscope.study.spec import CAN_SEPARATE, CANNOT_SEPARATE, NOT_CHECKED
 
-CAN_SEPARATE, CANNOT_SEPARATE, NOT_CHECKED = "can separate", "cannot separate", "not checked"
 HOW_TO_ADD = "`controls: [frozen]` in the study file adds the frozen-blocks control"
 
 

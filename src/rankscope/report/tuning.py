@@ -16,6 +16,7 @@ import pandas as pd
 
 from rankscope.report.collect import is_control, method_label, sorted_methods, sorted_presets
 from rankscope.report.figures.tuning import fig_tuning, read_tuning
+from rankscope.study.spec import CAN_SEPARATE
 from rankscope.study.status import read_json
 
 
@@ -75,6 +76,23 @@ def protocol_text(chosen: dict) -> str:
             "mixes what the method does to the block matrices with the lr its dense parameters got.")
 
 
+def regime_lines(chosen: dict) -> list[str]:
+    """Per scale, whether the tuning runs' own regime could separate the methods: the control at
+    the shared dense lr against the best tuned score (chosen.json `informativeness`)."""
+    lines = []
+    for preset, verdict in sorted((chosen.get("informativeness") or {}).items()):
+        where = (f"At {preset} the tuning runs' {verdict['control']} control (block matrices at init, dense lr shared) "
+                 f"scored {verdict['control_score']:.4f}, {verdict['gap']:.3f} nats behind the best tuned point "
+                 f"({verdict['best_method']}, {verdict['best_score']:.4f}; margin {verdict['margin']:.3g}): ")
+        if verdict["verdict"] == CAN_SEPARATE:
+            lines.append(where + "the tuning regime can separate the methods.")
+        else:
+            lines.append(where + "**the tuning regime cannot separate methods by their block matrices**, so its "
+                         "choices of each method's own lr rest on differences the control also reaches; re-tune in "
+                         "a longer regime before reading them as the methods' best lrs.")
+    return lines
+
+
 def tuning_table(frame: pd.DataFrame, chosen: dict) -> pd.DataFrame:
     """One row per (preset, method): the default, the values tried, the choice and its score."""
     rows = []
@@ -127,6 +145,8 @@ def tuning_section(document, study_dir: Path, figures_dir: Path, tables_dir: Pat
         f"{chosen.get('max_extensions')} times; a diverged run scored worst. The training runs use the chosen values "
         "unless the study sets them itself (tune/results.csv has every tuning run, tune/chosen.json the choices).")
     document.paragraph(protocol_text(chosen))
+    for line in regime_lines(chosen):
+        document.paragraph(line)
     document.table(table, "default: what a run would use without tuning; tried: the range and number of values; "
                           "the score is the mean ± std over the chosen point's seeds.")
     tuning_seeds = set(chosen.get("seeds") or []) | set(refine)

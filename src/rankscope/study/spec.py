@@ -96,6 +96,10 @@ class TuneSpec:
     dense_keys: list[str] = field(default_factory=lambda: list(DENSE_KEYS))
 
 
+# The verdicts on a regime (report/informativeness.py; the tune stage's own, tune/chosen.json).
+CAN_SEPARATE, CANNOT_SEPARATE, NOT_CHECKED = "can separate", "cannot separate", "not checked"
+
+
 @dataclass
 class ReportSpec:
     """Settings of the report stage."""

@@ -39,6 +39,8 @@ from rankscope.errors import ConfigError, RankscopeError, did_you_mean
 from rankscope.optim.roles import ROLE_FIELDS
 from rankscope.study.jobs import TUNE_METRICS, TuneJob
 from rankscope.study.spec import (
+    CAN_SEPARATE,
+    CANNOT_SEPARATE,
     DENSE_KEYS,
     REFERENCE_METHOD,
     TUNE_PROTOCOLS,
@@ -131,7 +133,9 @@ class Cell:
 
     def run_name(self, point: Point, seed: int) -> str:
         # Stage 2's runs carry stage 1's choice in their name: another choice is another run.
-        return f"{self.method}-{self.preset}-{self.label(point)}{self.fixed_label()}-s{seed}"
+        # A control has no axis of its own: its name is stage 1's choice alone.
+        middle = f"{self.label(point)}{self.fixed_label()}".lstrip("-")
+        return f"{self.method}-{self.preset}-{middle}-s{seed}"
 
     def config_tree(self, point: Point, seed: int) -> dict:
         tree = self.tree
@@ -244,6 +248,17 @@ def plan_tuning(spec: StudySpec) -> list[Cell]:
                     _checked_config(probe, point, tune.seeds[0])
             cells.append(cell)
     return cells
+
+
+def plan_controls(spec: StudySpec) -> list[Cell]:
+    """Under shared-dense, one cell without axes per (control, tuned preset): the control trains at
+    stage 1's dense lr with the tuning seeds, so chosen.json says whether the tuning regime itself
+    can separate the methods (its choices mean little where the control ties the best method)."""
+    if not tuning_enabled(spec) or spec.tune.protocol != "shared-dense":
+        return []
+    presets = spec.tune.presets or spec.grid.presets
+    return [Cell(name, preset, _tuning_tree(spec, name, preset), [], stage=2)
+            for preset in presets for name in study_members(spec) if methods.is_control(name)]
 
 
 def _tuning_tree(spec: StudySpec, method: str, preset: str) -> dict:
@@ -366,16 +381,40 @@ def run_tune(spec: StudySpec, cells: list[Cell], out: Path, launcher, board) -> 
     results = _search(searched, spec, out, launcher, status, board)
     shared = shared_dense_values(searched, results, spec)
     stage2 = [cell.with_fixed(shared[cell.preset]) for cell in cells if cell.stage == 2 and cell.preset in shared]
-    if stage2:
-        results.update(_search(stage2, spec, out, launcher, status, board))
+    controls = [cell.with_fixed(shared[cell.preset]) for cell in plan_controls(spec) if cell.preset in shared]
+    if stage2 or controls:
+        results.update(_search(stage2 + controls, spec, out, launcher, status, board))
     unfixed = [cell for cell in cells if cell.stage == 2 and cell.preset not in shared]
     chosen = choose(searched + stage2 + unfixed, results, spec, out)
     # The plan's fingerprint (stage 2 as planned, before stage 1's values were set in it).
     chosen["fingerprint"] = tune_fingerprint(cells, spec)
     chosen["shared_dense"] = shared
-    write_results_table(searched + stage2, results, spec, tune_dir, out)
+    chosen["controls"] = choose(controls, results, spec, out)["cells"]
+    chosen["informativeness"] = tuning_informativeness(chosen, spec.report.informative_margin)
+    for preset, verdict in chosen["informativeness"].items():
+        log.info("tune %s: the %s control at the shared dense lr ends %.3f nats behind the best tuned method (%s); "
+                 "margin %.3g: the tuning regime %s", preset, verdict["control"], verdict["gap"], verdict["best_method"],
+                 verdict["margin"], verdict["verdict"])
+    write_results_table(searched + stage2 + controls, results, spec, tune_dir, out)
     write_json_atomic(tune_dir / CHOSEN_FILE, chosen)
     return chosen
+
+
+def tuning_informativeness(chosen: dict[str, Any], margin: float) -> dict[str, dict[str, Any]]:
+    """{preset: verdict} of the tuning regime: the control's score at the shared dense lr against
+    the best chosen score of any method (both over the same seeds), as the report judges a study."""
+    verdicts = {}
+    for control in chosen.get("controls") or []:
+        preset = control["preset"]
+        scored = [row for row in chosen["cells"] if row["preset"] == preset and row.get("score") is not None]
+        if control.get("score") is None or not scored:
+            continue
+        best = min(scored, key=lambda row: row["score"])
+        gap = control["score"] - best["score"]
+        verdicts[preset] = {"control": control["method"], "control_score": control["score"],
+                            "best_method": best["method"], "best_score": best["score"], "gap": gap,
+                            "margin": margin, "verdict": CAN_SEPARATE if gap > margin else CANNOT_SEPARATE}
+    return verdicts
 
 
 def _search(cells: list[Cell], spec: StudySpec, out: Path, launcher, status, board) -> dict[str, dict]:
@@ -515,13 +554,18 @@ def choose(cells: list[Cell], results: dict[str, dict], spec: StudySpec, out: Pa
         mean, point, per_seed = min(scored, key=lambda item: (item[0], item[1]))
         std = (sum((s - mean) ** 2 for s in per_seed) / (len(per_seed) - 1)) ** 0.5 if len(per_seed) > 1 else None
         row.update(values=cell.values(point), score=mean, score_std=std, seed_scores=per_seed)
+        grid_best = best_points(cell, results, spec.tune.seeds)[:1]
+        # Edges grow from the grid seeds' best point; the refinement seeds can move the choice to
+        # an edge that point was not on, which then stays unexplored.
+        moved = (f"not extended: the grid seeds' best point ({cell.label(grid_best[0])}) is not on this edge; the "
+                 "refinement seeds moved the choice here" if grid_best and grid_best[0] != point else "not extended")
         for index, axis in enumerate(cell.axes):
             line = _line(cell, point, index)
             if len(line) < 2:
                 continue
             for side, edge in (("low", line[0]), ("high", line[-1])):
                 if point[index] == edge:
-                    row["at_edge"][axis.key] = {"side": side, "reason": cell.blocked.get((index, side), "not extended")}
+                    row["at_edge"][axis.key] = {"side": side, "reason": cell.blocked.get((index, side), moved)}
         rows.append(row)
     return {
         "study": spec.name, "fingerprint": tune_fingerprint(cells, spec), "metric": spec.tune.metric,
