@@ -36,24 +36,27 @@ def test_the_literature_values_stay_the_defaults_from_60m_up(preset):
         assert set(default_kinds(cls, preset).values()) == {LITERATURE}
 
 
-def test_tiny_ships_one_dense_lr_for_every_method_and_the_control():
-    """tiny was tuned with the shared-dense protocol: every method and control gets stage 1's
-    embeddings / head / norms lr, each method its own lr from stage 2."""
-    source = tuned_source()["tiny"]
+@pytest.mark.parametrize("preset", ["tiny", "20m"])
+def test_each_small_preset_ships_one_dense_lr_for_every_method_and_the_control(preset):
+    """Both presets were tuned with the shared-dense protocol: every method and control gets stage
+    1's embeddings / head / norms lr, each method its own lr from stage 2; the source records
+    whether the tuning regime could separate the methods (its control)."""
+    source = tuned_source()[preset]
     assert source["protocol"] == "shared-dense"
     dense = source["shared_dense"]
     assert set(dense) == {"optim.embed_lr", "optim.head_lr", "optim.norm_lr"} and len(set(dense.values())) == 1
     for name in methods.names():
         cls = methods.get(name)
-        defaults = optim_defaults_for(cls, "tiny")
+        defaults = optim_defaults_for(cls, preset)
         assert (defaults.embed_lr, defaults.head_lr, defaults.norm_lr) == tuple(dense[k] for k in sorted(dense))
-        kinds = default_kinds(cls, "tiny")
+        kinds = default_kinds(cls, preset)
         assert kinds["embed_lr"] == kinds["head_lr"] == kinds["norm_lr"] == TUNED_HERE
-        resolved = resolve_optim(build_config({}, [f"method.name={name}"]), cls)
+        resolved = resolve_optim(build_config({}, [f"method.name={name}", f"model.preset={preset}"]), cls)
         assert resolved.roles == {role: {"lr": dense[f"optim.{role}_lr"]} for role in ("embed", "head", "norm")}
-    # 20m was tuned before the protocol existed: its dense parameters follow each method's lr.
-    assert tuned_source()["20m"].get("protocol", "independent") == "independent"
-    assert all(optim_defaults_for(methods.get(m), "20m").embed_lr is None for m in methods.method_names())
+    verdict = source["informativeness"]
+    assert verdict["control"] == "frozen" and verdict["margin"] == 0.2
+    assert verdict["verdict"] == ("can separate" if verdict["gap"] > verdict["margin"] else "cannot separate")
+    assert verdict["gap"] == pytest.approx(verdict["control_score"] - verdict["best_score"])
 
 
 def test_methods_shows_which_kind_each_default_is(capsys):
