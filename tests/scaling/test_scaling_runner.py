@@ -140,3 +140,33 @@ def test_cli_dry_run_plans_every_budget_on_a_cluster_and_writes_nothing(tmp_path
         assert f"budget {label}:" in printed
     assert "gpu" in printed
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_every_budget_tunes_its_own_lrs_and_the_table_reads_the_chosen_ones(tmp_path):
+    # Stage 1 over the dense lr only (full rank's block lr fixed), stage 2 over lowrank's block lr.
+    tune = {"protocol": "shared-dense", "dense": {"values": [0.003, 0.03]}, "params": {"optim.lr": {"values": [0.002]}},
+            "method_params": {"lowrank": {"optim.lr": {"values": [0.001, 0.004]}}}, "max_extensions": 0}
+    sizes = ["w32l2", "w48l2", "w64l2"]
+    spec = _spec(sizes=sizes, tune=tune)
+    result = run_scaling(None, tmp_path / "out", spec=spec_from_dict(spec))
+    assert result["failed"] == []
+    table = pd.read_csv(tmp_path / "out" / "scaling.csv")
+    assert len(table) == 2 * 3 * 3
+    for budget in ("tokens-256", "tokens-512", "tokens-1024"):
+        chosen = json.loads((tmp_path / "out" / "budgets" / budget / "tune" / "chosen.json").read_text())
+        assert chosen["protocol"] == "shared-dense" and chosen["controls"] == []  # no control in a scaling fit
+        assert set(chosen["shared_dense"]) == set(sizes)
+        cells = {(c["method"], c["preset"]): c for c in chosen["cells"]}
+        assert set(cells) == {(m, s) for m in ("full", "lowrank") for s in sizes}
+        for (method, size), cell in cells.items():
+            # Each budget's runs train at that budget's choice: the dense lr of stage 1 for both
+            # methods, each method's own block lr.
+            row = table[(table["budget"] == budget) & (table["method"] == method) & (table["size"] == size)].iloc[0]
+            assert row["lr"] == cell["values"]["optim.lr"]
+            assert row["embed_lr"] == chosen["shared_dense"][size]["optim.embed_lr"]
+            steps = yaml.safe_load((tmp_path / "out" / "budgets" / budget / "runs" / f"{method}-{size}-s0" /
+                                    "config.yaml").read_text())["train"]["steps"]
+            assert chosen["steps"][f"{method}/{size}"] == steps  # tuned at the budget's own steps
+    assert "tuned at every budget and size by that budget's tune stage (protocol shared-dense" in (
+        tmp_path / "out" / "report.md").read_text()

@@ -21,6 +21,10 @@ def test_quick_demo_produces_the_report(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and "val ppl" in printed
+    # The terminal's regime line: block lrs per method, the control's none, the shared dense lrs.
+    flat = " ".join(printed.split())  # the terminal wraps long lines
+    assert "block lr (" in flat and "frozen – (frozen)" in flat
+    assert "for every run embeddings lr 0.03" in flat
     report = out / "report"
     assert (report / "report.md").is_file() and (report / "report.html").is_file()
     html = (report / "report.html").read_text()

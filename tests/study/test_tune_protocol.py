@@ -112,3 +112,20 @@ def test_stage_two_and_the_train_stage_use_stage_ones_dense_lr_for_every_method_
         assert entry["roles"]["embed"]["lr"] == dense
     summary = json.loads((out / "runs" / "lowrank-tiny-s0" / "summary.json").read_text())
     assert {g["name"]: g["lr"] for g in summary["param_groups"]}["other_embed"] == dense
+
+
+@pytest.mark.parametrize("in_shipped_regime", [True, False])
+def test_the_shipped_dense_lrs_count_as_tuned_only_in_their_regime_for_methods_and_control_alike(tmp_path,
+                                                                                                in_shipped_regime):
+    from rankscope.demo import demo_study_file
+    from rankscope.study import load_study, plan_runs
+    from rankscope.study.regime import OTHER_REGIME, write_regime
+
+    # The demo is the regime tiny was tuned in; the small test study (6 steps) is another one.
+    spec = load_study(demo_study_file(quick=False)) if in_shipped_regime else _spec({})
+    planned = plan_runs(spec)
+    runs = json.loads(write_regime(tmp_path, planned, spec).read_text())["runs"]
+    expected = "tuned here" if in_shipped_regime else OTHER_REGIME
+    assert {m["method"] for m in runs.values()} >= {"full", "lowrank", "frozen"}
+    for name, entry in runs.items():
+        assert entry["role_sources"] == {"embed": expected, "head": expected, "norm": expected}, name

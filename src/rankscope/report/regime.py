@@ -431,11 +431,16 @@ def regime_summary(regime: Regime, preset: str) -> str:
     if rows.empty:
         return f"regime ({preset}): no trained run"
     reference = rows.iloc[0]  # full rank when present (the table's first row)
-    lrs = "; ".join(f"{r.method} {r.lr}" for r in rows.itertuples())
-    sources = sorted({s for text in rows["lr_source"] for s in text.split("; ")})
+    lrs = "; ".join(f"{r.method} {'– (frozen)' if r.control else r.lr}" for r in rows.itertuples())
+    methods = rows[~rows["control"].astype(bool)]
+    sources = sorted({s for text in methods["lr_source"] for s in text.split("; ")})
+    dense = rows[list(ROLE_COLUMNS.values())].astype(str).drop_duplicates()
+    roles = ("" if len(dense) != 1 or (dense == FOLLOWS_METHOD_LR).any(axis=None) else
+             "; for every run " + ", ".join(f"{ROLE_HEADERS[role]} {dense.iloc[0][column]}"
+                                            for role, column in ROLE_COLUMNS.items()))
     return (f"regime ({preset}): {_integer(reference['steps'])} steps, {_integer(reference['tokens'])} tokens = "
             f"{format_number(reference['tokens_per_param'], 3)} tokens/param ({reference['method']}); "
-            f"seeds {count_range(rows['seeds'])}; lr ({', '.join(sources)}): {lrs}")
+            f"seeds {count_range(rows['seeds'])}; block lr ({', '.join(sources)}): {lrs}{roles}")
 
 
 def count_range(counts) -> str:

@@ -102,7 +102,9 @@ def write_regime(out: Path, planned: list[PlannedRun], spec: StudySpec) -> Path:
         runs[run.name] = {
             "control": methods.is_control(run.method),
             "roles": effective_roles(optim, scope_exempts_norms=optim.weight_decay_scope == "matrices"),
-            "role_sources": role_sources(run, shipped=budget is not None or run.lr_source != "tuned here"),
+            # The shipped dense lrs carry the claim only in the regime they were tuned in, whatever
+            # the run's own lr is (the control's is not tuned at all).
+            "role_sources": role_sources(run, shipped=shipped_budget(run.preset, config_to_dict(cfg)) is not None),
             "method": run.method, "preset": run.preset, "seed": run.seed,
             "lr": optim.lr, "lr_source": lr_source, "lr_budget": budget, "tuned": dict(run.tuned),
             "weight_decay": optim.weight_decay, "warmup_steps": optim.warmup_steps,
