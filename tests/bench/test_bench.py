@@ -105,7 +105,8 @@ def test_optimizer_bench_against_references(tmp_path):
     run_benchmark("optimizer", {"steps": 1, "warmup": 1, "repeats": 1, "refresh_steps": 1, "model_overrides": ONE_LAYER,
                                 "loro_sizes": [16, 32], "loro_rank": 4}, out_dir=tmp_path, show=False)
     payload, rows, png = read_outputs(tmp_path, "optimizer")
-    methods = ["full", "galore", "galore-stacked", "galore-rsvd", "galore-ref", "fira", "fira-stacked", "fira-ref"]
+    methods = ["full", "galore", "galore-stacked", "galore-rsvd", "galore-ref", "fira", "fira-stacked", "fira-ref",
+               "apollo", "apollo-stacked", "apollo-mini", "apollo-ref"]
     check_one_record_per_method(payload, rows, png, methods, "step_s_ratio")
     by_name = {r["method"]: r for r in payload["records"]}
     assert by_name["galore"]["ours_over_reference_step"] > 0
@@ -115,18 +116,24 @@ def test_optimizer_bench_against_references(tmp_path):
     counters = 4 * 9
     assert by_name["galore"]["state_bytes"] == by_name["galore-ref"]["state_bytes"] + counters
     assert by_name["fira"]["state_bytes"] == by_name["fira-ref"]["state_bytes"] + counters
+    # APOLLO holds GaLore's projected moments and projectors plus, per projected matrix, its int64
+    # seed and the limiter's fp32 norm.
+    assert by_name["apollo"]["state_bytes"] == by_name["galore"]["state_bytes"] + 7 * (8 + 4)
+    assert by_name["apollo-mini"]["state_bytes"] < by_name["apollo"]["state_bytes"]
     assert by_name["galore"]["state_bytes"] < by_name["full"]["state_bytes"]
     # The floor: one row per family, Fira's with one more back-projection, and every projected
     # record divided by its own family's floor.
     floor = {r["family"]: r for r in payload["table_floor"]}
     assert floor["galore"]["back_projections"] == 1 and floor["fira"]["back_projections"] == 2
-    for name in ("galore", "galore-ref", "fira", "fira-ref"):
+    assert floor["apollo"]["back_projections"] == 0
+    for name in ("galore", "galore-ref", "fira", "fira-ref", "apollo", "apollo-ref"):
         family = name.split("-")[0]
         assert by_name[name]["floor_s"] == pytest.approx(floor[family]["adam_s"] + floor[family]["matmul_s"])
         assert by_name[name]["step_over_floor"] == pytest.approx(by_name[name]["step_s"] / by_name[name]["floor_s"])
     assert by_name["full"]["floor_s"] is None
     # Fira's full-size residual passes, timed alone, extend only Fira's floor.
     assert by_name["fira"]["floor_with_residual_s"] == pytest.approx(floor["fira"]["floor_s"] + floor["fira"]["residual_s"])
+    assert by_name["apollo"]["floor_with_residual_s"] == pytest.approx(floor["apollo"]["floor_s"] + floor["apollo"]["residual_s"])
     assert "floor_with_residual_s" not in by_name["galore"]
     # On the CPU the process CPU time is kept next to the wall time, with its own floor ratio.
     assert by_name["galore"]["step_over_floor_cpu"] == pytest.approx(

@@ -182,13 +182,18 @@ class Implementation:
 
 def implementations(rank: int, scale: float, alpha: float, device: torch.device,
                     oversample: int, niter: int) -> tuple[list[Implementation], list[str]]:
-    from rankscope.optim import FiraAdamW, GaLoreAdamW
+    from rankscope.optim import APOLLOAdamW, FiraAdamW, GaLoreAdamW
 
     def groups(projected, plain, gap, extra):
         return [{"params": projected, "rank": rank, "update_proj_gap": gap, "proj_type": "std", **extra},
                 {"params": plain}]
 
+    def mini_groups(projected, plain, gap):
+        return [{"params": projected, "rank": 1, "update_proj_gap": gap, "proj_type": "std", "scale": 128.0,
+                 "proj": "random", "scale_type": "tensor"}, {"params": plain}]
+
     galore_keys, fira_keys = {"scale": scale}, {"alpha": alpha}
+    apollo_keys = {"scale": 1.0, "proj": "random", "scale_type": "channel"}
     randomized = {"svd": "randomized", "svd_oversample": oversample, "svd_niter": niter}
     default_mode = "stacked" if device.type == "cuda" else "per-matrix"
     other_mode = "per-matrix" if device.type == "cuda" else "stacked"
@@ -198,6 +203,7 @@ def implementations(rank: int, scale: float, alpha: float, device: torch.device,
     for family, cls, keys, module, attr, package in (
         ("galore", GaLoreAdamW, galore_keys, "galore_torch", "GaLoreAdamW", "galore-torch"),
         ("fira", FiraAdamW, fira_keys, "fira", "FiraAdamW", "fira"),
+        ("apollo", APOLLOAdamW, apollo_keys, "apollo_torch", "APOLLOAdamW", "apollo-torch"),
     ):
         found.append(Implementation(
             family, f"rankscope {cls.__name__} ({default_mode})", family,
@@ -211,6 +217,10 @@ def implementations(rank: int, scale: float, alpha: float, device: torch.device,
                 "galore-rsvd", f"rankscope GaLoreAdamW, svd_lowrank refresh (q = r + {oversample}, niter {niter})",
                 family, lambda pr, pl, gap: GaLoreAdamW(groups(pr, pl, gap, {**galore_keys, **randomized}),
                                                         lr=LR, eps=EPS)))
+        if family == "apollo":  # APOLLO-Mini: rank 1, one factor per tensor (no floor of its own rank)
+            found.append(Implementation(
+                "apollo-mini", "rankscope APOLLOAdamW, rank 1, tensor scaling (APOLLO-Mini)", None,
+                lambda pr, pl, gap: APOLLOAdamW(mini_groups(pr, pl, gap), lr=LR, eps=EPS, scale_front=True)))
         reference = _reference(module, attr)
         if reference is None:
             missing.append(f"{package} is not installed: pip install {package}")
@@ -362,7 +372,10 @@ def project_and_back(grad: torch.Tensor, weight: torch.Tensor, projector: torch.
             accumulate(projector, low, alpha=-LR)
 
 
-BACK_PROJECTIONS = {"galore": 1, "fira": 2}
+# APOLLO projects but never projects back: its update is the raw gradient, scaled.
+BACK_PROJECTIONS = {"galore": 1, "fira": 2, "apollo": 0}
+# Families with full-size elementwise passes no implementation avoids (scaling G, its norm, the add).
+RESIDUAL_FAMILIES = ("fira", "apollo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +447,8 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
     tensors = bench_tensors(model_config, config.seed, device)
     impls, missing = implementations(rank, galore_defaults.scale, fira_defaults.alpha, device,
                                      config.svd_oversample, config.svd_niter)
-    gaps = {"galore": galore_defaults.update_proj_gap, "fira": fira_defaults.update_proj_gap}
+    gaps = {"galore": galore_defaults.update_proj_gap, "fira": fira_defaults.update_proj_gap,
+            "apollo": methods.get("apollo").Settings().update_proj_gap}
 
     steady = {impl.name: OptimizerRun(impl, tensors, NEVER) for impl in impls}
     refresh = {impl.name: OptimizerRun(impl, tensors, 1) for impl in impls if impl.family and impl.refresh}
@@ -480,7 +494,7 @@ def run_optimizer_bench(config: OptimizerBenchConfig, out_dir=None, show: bool =
                **{f"adam_{k}": v for k, v in adam.items()}, **{f"matmul_{k}": v for k, v in matmul.items()},
                "matmul_per_matrix_s": forms[0]["s"], "matmul_batched_s": forms[1]["s"] if floor.stacks else None,
                **{f"floor_{k}": v for k, v in floors[family].items()}}
-        if family == "fira":
+        if family in RESIDUAL_FAMILIES:
             residual = timings.stats("floor:residual-fira")
             row.update({f"residual_{k}": v for k, v in residual.items()})
             row.update({f"floor_with_residual_{k}": (floors[family][k] + residual[k]) if residual[k] is not None else None

@@ -19,6 +19,8 @@ REGISTRY.register("sltrain", "rankscope.methods.sltrain:SLTrain")
 REGISTRY.register("cola", "rankscope.methods.cola:CoLA")
 REGISTRY.register("loro", "rankscope.methods.loro:LORO")
 REGISTRY.register("spectron", "rankscope.methods.spectron:Spectron")
+REGISTRY.register("apollo", "rankscope.methods.apollo:APOLLO")
+REGISTRY.register("apollo_mini", "rankscope.methods.apollo:APOLLOMini")
 REGISTRY.register("frozen", "rankscope.methods.frozen:FrozenBlocks")
 
 

@@ -1,4 +1,4 @@
-"""Optimizers for low-rank pre-training: GaLore / Fira AdamW, LORO, Spectron, LR schedules.
+"""Optimizers for low-rank pre-training: GaLore / Fira / APOLLO AdamW, LORO, Spectron, LR schedules.
 
 Every optimizer is a `torch.optim.Optimizer` built like `torch.optim.AdamW`; groups without
 method keys behave exactly as torch's AdamW; state is tensors only (checkpoints load with
@@ -6,6 +6,7 @@ method keys behave exactly as torch's AdamW; state is tensors only (checkpoints 
 """
 
 from rankscope.optim._base import HyperparameterError, state_bytes
+from rankscope.optim.apollo import APOLLOAdamW
 from rankscope.optim.fira import FiraAdamW
 from rankscope.optim.galore import GaLoreAdamW
 from rankscope.optim.loro import LoroAdamW, exact_step
@@ -14,6 +15,7 @@ from rankscope.optim.schedules import cosine_with_warmup
 from rankscope.optim.spectron import Spectron, SpectronAdamW
 
 __all__ = [
+    "APOLLOAdamW",
     "FiraAdamW",
     "GaLoreAdamW",
     "HyperparameterError",
