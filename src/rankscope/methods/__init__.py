@@ -21,6 +21,7 @@ REGISTRY.register("loro", "rankscope.methods.loro:LORO")
 REGISTRY.register("spectron", "rankscope.methods.spectron:Spectron")
 REGISTRY.register("apollo", "rankscope.methods.apollo:APOLLO")
 REGISTRY.register("apollo_mini", "rankscope.methods.apollo:APOLLOMini")
+REGISTRY.register("spam", "rankscope.methods.spam:SPAMMethod")
 REGISTRY.register("frozen", "rankscope.methods.frozen:FrozenBlocks")
 
 

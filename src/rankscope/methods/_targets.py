@@ -80,3 +80,17 @@ def targeted_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn
         for name, _, attr, module in iter_target_linears(model)
         if attr in wanted or name in wanted
     ]
+
+
+def plain_first_groups(model: nn.Module, targets: list[str], weight_decay_scope: str, method: str,
+                       keys: dict) -> list[dict]:
+    """Param groups as the APOLLO and SPAM harnesses build them: every other parameter in a plain
+    group first, then the targeted weights in one group with the method's `keys`. The order
+    matters where an optimizer numbers parameters (APOLLO seeds its projections with it)."""
+    from rankscope.methods.base import scope_weight_decay, split_targeted
+
+    modules = [module for _, module in targeted_linears(model, targets)]
+    require(len(modules) > 0, f"{method}: method.targets matched no linear layer of the model; fix method.targets")
+    targeted, rest = split_targeted(model, modules)
+    groups = scope_weight_decay([{"params": rest, "name": "adamw"}], model, weight_decay_scope) if rest else []
+    return groups + [{"params": targeted, "name": method, **keys}]

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankscope.methods._targets import check_rank_fits, check_targets, targeted_linears
-from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, scope_weight_decay, split_targeted
+from rankscope.methods._targets import check_rank_fits, check_targets, plain_first_groups
+from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require
 from rankscope.models import TARGET_LINEARS
 from rankscope.optim.apollo import APOLLO_PROJ_TYPES, APOLLO_PROJECTIONS, SCALE_TYPES, APOLLOAdamW
 
@@ -88,14 +88,11 @@ class APOLLO(Method):
 
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
         s = self.settings
-        modules = [module for _, module in targeted_linears(model, s.targets)]
-        require(len(modules) > 0, f"{self.name}: method.targets matched no linear layer of the model; fix method.targets")
-        projected, rest = split_targeted(model, modules)
         # The plain group first, as main_pretrain.py builds them: a matrix's projection seed is its
         # position among all parameters, so the order decides the random projections.
-        groups = scope_weight_decay([{"params": rest, "name": "adamw"}], model, optim.weight_decay_scope) if rest else []
-        groups.append({"params": projected, "name": self.name, "rank": s.rank, "update_proj_gap": s.update_proj_gap,
-                       "scale": float(s.scale), "proj": s.proj, "proj_type": s.proj_type, "scale_type": s.scale_type})
+        groups = plain_first_groups(model, s.targets, optim.weight_decay_scope, self.name, {
+            "rank": s.rank, "update_proj_gap": s.update_proj_gap, "scale": float(s.scale), "proj": s.proj,
+            "proj_type": s.proj_type, "scale_type": s.scale_type})
         return APOLLOAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
                            scale_front=s.scale_front, disable_nl=s.disable_nl)
 

@@ -1,4 +1,4 @@
-"""Optimizers for low-rank pre-training: GaLore / Fira / APOLLO AdamW, LORO, Spectron, LR schedules.
+"""Optimizers for low-rank pre-training: GaLore / Fira / APOLLO AdamW, SPAM, LORO, Spectron, LR schedules.
 
 Every optimizer is a `torch.optim.Optimizer` built like `torch.optim.AdamW`; groups without
 method keys behave exactly as torch's AdamW; state is tensors only (checkpoints load with
@@ -12,6 +12,7 @@ from rankscope.optim.galore import GaLoreAdamW
 from rankscope.optim.loro import LoroAdamW, exact_step
 from rankscope.optim.prune import prune_adam_state
 from rankscope.optim.schedules import cosine_with_warmup
+from rankscope.optim.spam import SPAM
 from rankscope.optim.spectron import Spectron, SpectronAdamW
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "GaLoreAdamW",
     "HyperparameterError",
     "LoroAdamW",
+    "SPAM",
     "Spectron",
     "SpectronAdamW",
     "cosine_with_warmup",
