@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from spiky import spiky_gradients
 
 from rankscope.optim import SPAM
 from rankscope.optim.spam import warmup_scale
@@ -92,14 +93,7 @@ class ReferenceSPAM:
 
 
 def _gradients(step: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(500 + step)
-    out = []
-    for shape in PLAIN_SHAPES + BLOCK_SHAPES:
-        scale = 10.0 ** (-5.0 + 3.0 * torch.rand((), generator=g).item())
-        grad = scale * torch.randn(*shape, generator=g)
-        spikes = torch.rand(shape, generator=g) < 0.05
-        out.append(torch.where(spikes, grad * 1e3, grad))
-    return out
+    return spiky_gradients(PLAIN_SHAPES + BLOCK_SHAPES, seed=500 + step)
 
 
 def _params() -> list[torch.nn.Parameter]:

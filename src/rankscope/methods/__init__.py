@@ -22,6 +22,7 @@ REGISTRY.register("spectron", "rankscope.methods.spectron:Spectron")
 REGISTRY.register("apollo", "rankscope.methods.apollo:APOLLO")
 REGISTRY.register("apollo_mini", "rankscope.methods.apollo:APOLLOMini")
 REGISTRY.register("spam", "rankscope.methods.spam:SPAMMethod")
+REGISTRY.register("stable_spam", "rankscope.methods.stable_spam:StableSPAMMethod")
 REGISTRY.register("frozen", "rankscope.methods.frozen:FrozenBlocks")
 
 

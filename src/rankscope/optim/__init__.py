@@ -1,4 +1,4 @@
-"""Optimizers for low-rank pre-training: GaLore / Fira / APOLLO AdamW, SPAM, LORO, Spectron, LR schedules.
+"""Optimizers for low-rank pre-training: GaLore / Fira / APOLLO AdamW, SPAM, Stable-SPAM, LORO, Spectron, LR schedules.
 
 Every optimizer is a `torch.optim.Optimizer` built like `torch.optim.AdamW`; groups without
 method keys behave exactly as torch's AdamW; state is tensors only (checkpoints load with
@@ -14,6 +14,7 @@ from rankscope.optim.prune import prune_adam_state
 from rankscope.optim.schedules import cosine_with_warmup
 from rankscope.optim.spam import SPAM
 from rankscope.optim.spectron import Spectron, SpectronAdamW
+from rankscope.optim.stable_spam import StableSPAM
 
 __all__ = [
     "APOLLOAdamW",
@@ -24,6 +25,7 @@ __all__ = [
     "SPAM",
     "Spectron",
     "SpectronAdamW",
+    "StableSPAM",
     "cosine_with_warmup",
     "exact_step",
     "prune_adam_state",
