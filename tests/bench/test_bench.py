@@ -105,7 +105,7 @@ def test_optimizer_bench_against_references(tmp_path):
     run_benchmark("optimizer", {"steps": 1, "warmup": 1, "repeats": 1, "refresh_steps": 1, "model_overrides": ONE_LAYER,
                                 "loro_sizes": [16, 32], "loro_rank": 4}, out_dir=tmp_path, show=False)
     payload, rows, png = read_outputs(tmp_path, "optimizer")
-    methods = ["full", "galore", "galore-stacked", "galore-rsvd", "galore-ref", "fira", "fira-stacked", "fira-ref",
+    methods = ["full", "galore", "galore-stacked", "galore-rsvd", "golore", "galore-ref", "fira", "fira-stacked", "fira-ref",
                "apollo", "apollo-stacked", "apollo-mini", "apollo-ref"]
     check_one_record_per_method(payload, rows, png, methods, "step_s_ratio")
     by_name = {r["method"]: r for r in payload["records"]}
@@ -120,6 +120,9 @@ def test_optimizer_bench_against_references(tmp_path):
     # seed and the limiter's fp32 norm.
     assert by_name["apollo"]["state_bytes"] == by_name["galore"]["state_bytes"] + 7 * (8 + 4)
     assert by_name["apollo-mini"]["state_bytes"] < by_name["apollo"]["state_bytes"]
+    # GoLore's random phase holds exactly GaLore's state: the draw is not stored.
+    assert by_name["golore"]["state_bytes"] == by_name["galore"]["state_bytes"]
+    assert by_name["golore"]["refresh_step_s"] is not None
     assert by_name["galore"]["state_bytes"] < by_name["full"]["state_bytes"]
     # The floor: one row per family, Fira's with one more back-projection, and every projected
     # record divided by its own family's floor.

@@ -137,3 +137,19 @@ def test_loro_cosine_restart_refuses_a_warmup_past_the_run():
 
     with pytest.raises(HyperparameterError, match="warmup"):
         loro_cosine_restart(0, 100, 100, 0.1, restart_every=10, restart_warmup=2, adjust_steps=0)
+
+
+def test_cyclical_cosine_follows_golores_15k_schedule():
+    """script/Go_pt.sh: warmup 1000, cycle_length 10000, min_lr_ratio 0.1, stopped at 15000."""
+    from rankscope.optim.schedules import cyclical_cosine
+
+    def lam(step):
+        return cyclical_cosine(step, 10000, 1000, 0.1)
+
+    assert lam(0) == 0.0 and lam(500) == 0.5 and lam(1000) == 1.0
+    assert lam(9999) == pytest.approx(0.1, abs=1e-6)
+    assert lam(10000) == 1e-7 and lam(10001) == 1e-7  # the restart's first two steps
+    assert lam(10002) == pytest.approx(0.002)  # then the same warmup line as the first cycle
+    # At 15000 the second cycle is 4000 of its 9000 cosine steps in: 0.1 + 0.9 * (1 + cos(4/9 pi)) / 2.
+    assert lam(15000) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 4 / 9)))
+    assert lam(15000) == pytest.approx(0.628, abs=1e-3)

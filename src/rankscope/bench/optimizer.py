@@ -11,6 +11,7 @@ gradients do; it matters for the refresh quality below, not for the cost of a st
 - galore / fira: ours, stacking same-shaped matrices as the optimizer chooses for the device;
   galore-stacked / galore-per-matrix (and fira-...): the other choice, for comparison;
   galore-rsvd: ours with the randomized refresh (`svd="randomized"`);
+  golore: GoLoreAdamW in its random phase (a Haar draw instead of the gradient's SVD at a refresh);
 - galore-ref / fira-ref: `galore_torch.GaLoreAdamW` / `fira.FiraAdamW`.
 Steady steps use a projector gap longer than the run; refresh steps use gap 1 (an SVD every
 step); the refresh's extra cost is amortized at the method's gap T (200 in GaLore / Fira).
@@ -182,7 +183,7 @@ class Implementation:
 
 def implementations(rank: int, scale: float, alpha: float, device: torch.device,
                     oversample: int, niter: int) -> tuple[list[Implementation], list[str]]:
-    from rankscope.optim import APOLLOAdamW, FiraAdamW, GaLoreAdamW
+    from rankscope.optim import APOLLOAdamW, FiraAdamW, GaLoreAdamW, GoLoreAdamW
 
     def groups(projected, plain, gap, extra):
         return [{"params": projected, "rank": rank, "update_proj_gap": gap, "proj_type": "std", **extra},
@@ -217,6 +218,11 @@ def implementations(rank: int, scale: float, alpha: float, device: torch.device,
                 "galore-rsvd", f"rankscope GaLoreAdamW, svd_lowrank refresh (q = r + {oversample}, niter {niter})",
                 family, lambda pr, pl, gap: GaLoreAdamW(groups(pr, pl, gap, {**galore_keys, **randomized}),
                                                         lr=LR, eps=EPS)))
+            # GoLore's random phase: GaLore's step, a Haar draw instead of the gradient's SVD at a refresh.
+            found.append(Implementation(
+                "golore", f"rankscope GoLoreAdamW, random projectors ({default_mode})", family,
+                lambda pr, pl, gap: GoLoreAdamW(groups(pr, pl, gap, {"scale": 1.0, "random_from_step": 0}),
+                                                lr=LR, eps=EPS)))
         if family == "apollo":  # APOLLO-Mini: rank 1, one factor per tensor (no floor of its own rank)
             found.append(Implementation(
                 "apollo-mini", "rankscope APOLLOAdamW, rank 1, tensor scaling (APOLLO-Mini)", None,

@@ -1,4 +1,4 @@
-"""Optimizers for low-rank pre-training: GaLore / Fira / APOLLO AdamW, SPAM, Stable-SPAM, LORO, Spectron, LR schedules.
+"""Optimizers for low-rank pre-training: GaLore / GoLore / Fira / APOLLO AdamW, SPAM, Stable-SPAM, LORO, Spectron, LR schedules.
 
 Every optimizer is a `torch.optim.Optimizer` built like `torch.optim.AdamW`; groups without
 method keys behave exactly as torch's AdamW; state is tensors only (checkpoints load with
@@ -9,6 +9,7 @@ from rankscope.optim._base import HyperparameterError, state_bytes
 from rankscope.optim.apollo import APOLLOAdamW
 from rankscope.optim.fira import FiraAdamW
 from rankscope.optim.galore import GaLoreAdamW
+from rankscope.optim.golore import GoLoreAdamW
 from rankscope.optim.loro import LoroAdamW, exact_step
 from rankscope.optim.prune import prune_adam_state
 from rankscope.optim.schedules import cosine_with_warmup
@@ -20,6 +21,7 @@ __all__ = [
     "APOLLOAdamW",
     "FiraAdamW",
     "GaLoreAdamW",
+    "GoLoreAdamW",
     "HyperparameterError",
     "LoroAdamW",
     "SPAM",

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from rankscope.optim._base import require, validate_float
-from rankscope.optim.galore import MatrixStack, ProjectedAdamW
+from rankscope.optim.galore import MatrixStack, ProjectedAdamW, moment_mode
 from rankscope.optim.projector import projection_side, projector_keys
 
 APOLLO_PROJECTIONS = ("random", "svd")
@@ -113,7 +113,7 @@ class APOLLOAdamW(ProjectedAdamW):
                 f"invalid proj {group['proj']!r} for APOLLO: use one of {', '.join(APOLLO_PROJECTIONS)}")
         require(group["scale_type"] in SCALE_TYPES,
                 f"invalid scale_type {group['scale_type']!r} for APOLLO: use one of {', '.join(SCALE_TYPES)}")
-        require(not group["reproject_moments"], "APOLLO keeps its moments across a projector refresh: "
+        require(moment_mode(group) == "none", "APOLLO keeps its moments across a projector refresh: "
                 "reproject_moments is not an APOLLO setting")
         if group["scale_type"] == "channel":
             for p in group["params"]:

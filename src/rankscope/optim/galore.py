@@ -9,14 +9,16 @@ N = m / (sqrt(v) + eps) is projected back and scaled:
 
 The projector is recomputed from the current gradient's SVD at steps 0, T, 2T, ...
 (T = update_proj_gap). Like the reference, the moments are neither reset nor re-projected when
-the projector changes; `reproject_moments=True` carries them into the new basis instead.
+the projector changes; `reproject_moments` carries them into the new basis instead (see
+MOMENT_MODES: "both" = True, "first" and "first_transient" are GoLore's two official forms).
 Groups without `rank` are stepped as the reference steps them too (galore_torch's AdamW, the
 Hugging Face form: eps added to sqrt(v) before the bias correction, decay after the update;
 see `_base.py`), not as `torch.optim.AdamW`.
 
 Group keys: rank (int >= 1), update_proj_gap (int >= 1, default 200), scale (float > 0,
 default 1.0), proj_type (std | reverse_std | left | right | full, default std),
-reproject_moments (bool, default False), svd (exact | randomized, default exact: the
+reproject_moments (none | first | first_transient | both, or a bool: False = none, True = both;
+default False), svd (exact | randomized, default exact: the
 reference's), svd_oversample (int >= 0, default 8) and svd_niter (int >= 0, default 2) for the
 randomized refresh.
 
@@ -63,6 +65,14 @@ from rankscope.optim.projector import (
 )
 
 BATCH_BYTES = 256 * 2**20  # gradient bytes per stack on CUDA: bounds the stacked copy's memory
+# How the Adam moments cross a projector refresh:
+#   none             kept as they are (GaLore, Fira)
+#   first            exp_avg rotated into the new basis (GoLore's ReLoRA-form, GoLore.py merge_and_reinit)
+#   first_transient  the refresh step's update uses the rotated exp_avg, but the stored exp_avg is
+#                    left as it was before the step (GoLore's optimizer, golore_torch/adamw.py, which
+#                    rebinds the rotated tensor to a local name and never writes it back)
+#   both             exp_avg rotated, exp_avg_sq carried with the squared change of basis
+MOMENT_MODES = ("none", "first", "first_transient", "both")
 PROJECTED_DEFAULTS = {"update_proj_gap": 200, "proj_type": "std", "reproject_moments": False,
                       "svd": "exact", "svd_oversample": 8, "svd_niter": 2}
 
@@ -70,6 +80,14 @@ PROJECTED_DEFAULTS = {"update_proj_gap": 200, "proj_type": "std", "reproject_mom
 def group_setting(group: Mapping[str, Any], key: str) -> Any:
     """A projected group's setting; groups restored from older checkpoints may lack newer keys."""
     return group.get(key, PROJECTED_DEFAULTS[key])
+
+
+def moment_mode(group: Mapping[str, Any]) -> str:
+    """The group's `reproject_moments` as one of MOMENT_MODES (bools: False = none, True = both)."""
+    value = group_setting(group, "reproject_moments")
+    if isinstance(value, bool):
+        return "both" if value else "none"
+    return value
 
 
 def validate_projected_group(group: dict[str, Any], method: str, proj_types: tuple[str, ...]) -> None:
@@ -80,8 +98,9 @@ def validate_projected_group(group: dict[str, Any], method: str, proj_types: tup
     validate_int(group, "update_proj_gap", 1)
     require(group["proj_type"] in proj_types,
             f"invalid proj_type {group['proj_type']!r} for {method}: use one of {', '.join(proj_types)}")
-    require(isinstance(group["reproject_moments"], bool),
-            f"invalid reproject_moments {group['reproject_moments']!r}: use true or false")
+    require(isinstance(group["reproject_moments"], bool) or group["reproject_moments"] in MOMENT_MODES,
+            f"invalid reproject_moments {group['reproject_moments']!r}: use one of {', '.join(MOMENT_MODES)} "
+            "(or true = both, false = none)")
     require(group["svd"] in SVD_KINDS, f"invalid svd {group['svd']!r} for {method}: use one of {', '.join(SVD_KINDS)}")
     validate_int(group, "svd_oversample", 0)
     validate_int(group, "svd_niter", 0)
@@ -151,6 +170,8 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         batched: bool | None = None,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # (stored exp_avg, its value before this step) for the first_transient refreshes of a step
+        self._transient_moments: list[tuple[torch.Tensor, torch.Tensor]] = []
         require(batched is None or isinstance(batched, bool), f"invalid batched {batched!r}: use None, True or False")
         self.batched = batched  # None: stacks of several matrices on CUDA, one matrix on the CPU
 
@@ -208,17 +229,30 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         if not due:
             return
         matrices = grads if stack.single or len(due) == len(stack.states) else grads[due]
-        new = compute_projection(
+        new = self._new_projections(group, stack, matrices, due)
+        for row, index in enumerate(due):
+            state = stack.states[index]
+            projection = {key: (value if matrices.dim() == 2 else value[row].clone()) for key, value in new.items()}
+            self._carry_moments(group, state, projection, stack.side)
+            state.update(projection)
+
+    def _new_projections(self, group: dict[str, Any], stack: MatrixStack, matrices: torch.Tensor,
+                         due: list[int]) -> dict[str, torch.Tensor]:
+        """Projectors for the `due` matrices of the stack (`matrices`: their gradients)."""
+        return compute_projection(
             matrices, group["rank"], stack.side, svd=group_setting(group, "svd"),
             oversample=group_setting(group, "svd_oversample"), niter=group_setting(group, "svd_niter"),
             seed=stack.step,
         )
-        for row, index in enumerate(due):
-            state = stack.states[index]
-            projection = {key: (value if matrices.dim() == 2 else value[row].clone()) for key, value in new.items()}
-            if group_setting(group, "reproject_moments") and first_key in state and "exp_avg" in state:
-                reproject_moments(state, projection, stack.side)
-            state.update(projection)
+
+    def _carry_moments(self, group: dict[str, Any], state: dict[str, Any], projection: Mapping[str, torch.Tensor],
+                       side: str) -> None:
+        mode = moment_mode(group)
+        if mode == "none" or projector_keys(side)[0] not in state or "exp_avg" not in state:
+            return
+        if mode == "first_transient":
+            self._transient_moments.append((state["exp_avg"], state["exp_avg"].clone()))
+        reproject_moments(state, projection, side, second=mode == "both")
 
     def _projected_group_step(self, group: dict[str, Any]) -> None:
         """Project every stack, advance all moments together, then update stack by stack.
@@ -244,6 +278,9 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         directions = iter(adam_directions([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                                           [g for stack, low in zip(stacks, lows) for g in stack.unstack(low)],
                                           beta1, beta2, group["eps"]))
+        for stored, before in self._transient_moments:
+            stored.copy_(before)
+        self._transient_moments.clear()
         for stack, low in zip(stacks, lows):
             stacked_directions = stack.stack([next(directions) for _ in stack.params])
             step_size = bias_corrected_step_size(group["lr"], beta1, beta2, stack.step + 1)

@@ -130,24 +130,43 @@ def add_projected_back(
 
 
 def reproject_moments(
-    state: dict[str, Any], new_projection: Mapping[str, torch.Tensor], side: str
+    state: dict[str, Any], new_projection: Mapping[str, torch.Tensor], side: str, second: bool = True
 ) -> None:
-    """Carry exp_avg / exp_avg_sq from the old subspace into the new one (optional, not GaLore's default).
+    """Carry exp_avg (and, with `second`, exp_avg_sq) from the old subspace into the new one.
 
     The first moment is rotated exactly by the change of basis T (r x r): for the right side
-    M <- M (P_old P_newᵀ), for the left side M <- (P_newᵀ P_old) M. The second moment is not a
-    linear quantity; it is carried with the elementwise square of T, which keeps it
-    non-negative and equals the exact map when T is a signed permutation.
+    M <- M (P_old P_newᵀ), for the left side M <- (P_newᵀ P_old) M (GoLore's rotation). The
+    second moment is not a linear quantity; it is carried with the elementwise square of T,
+    which keeps it non-negative and equals the exact map when T is a signed permutation.
     """
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     if side in ("right", "full"):
         transfer = state["proj_right"] @ new_projection["proj_right"].mT
         exp_avg.copy_(exp_avg @ transfer)
-        exp_avg_sq.copy_(exp_avg_sq @ transfer.square())
+        if second:
+            exp_avg_sq.copy_(exp_avg_sq @ transfer.square())
     if side in ("left", "full"):
         transfer = new_projection["proj_left"].mT @ state["proj_left"]
         exp_avg.copy_(transfer @ exp_avg)
-        exp_avg_sq.copy_(transfer.square() @ exp_avg_sq)
+        if second:
+            exp_avg_sq.copy_(transfer.square() @ exp_avg_sq)
+
+
+def haar_projection(grad: torch.Tensor, rank: int, side: str, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random projector for one gradient: orthonormal rows (right) or columns (left).
+
+    GoLore's random projector (pkumelon/Golore golore_projector.py `get_random_orthogonal_matrix`):
+    Z ~ N(0, 1) in fp32 on the CPU, shaped r x n (right) or m x r (left), orthonormalised. The
+    reference forms Z (ZᵀZ)^(-1/2), which for the r x n case inverts the square root of a rank-r
+    n x n matrix and so leans on rounding noise; the polar factor U Vh of Z's thin SVD is the
+    matrix that formula means (the same Haar-distributed draw, well-conditioned).
+    """
+    shape = (rank, grad.shape[-1]) if side == "right" else (grad.shape[-2], rank)
+    if grad.device.type == "meta":  # shapes only (the memory table)
+        return torch.empty(shape, device=grad.device, dtype=grad.dtype)
+    draw = torch.randn(shape, generator=generator, dtype=torch.float32)
+    u, _, vh = torch.linalg.svd(draw, full_matrices=False)
+    return (u @ vh).to(device=grad.device, dtype=grad.dtype)
 
 
 def projector_keys(side: str) -> tuple[str, ...]:

@@ -115,3 +115,20 @@ def loro_cosine_restart(
         target = _cosine((restart_number * restart_every - warmup_steps) / span, min_lr_ratio)
         return restart_step / max(1, restart_warmup) * (target - eps) + eps
     return _cosine((shifted - warmup_steps) / span, min_lr_ratio)
+
+
+def cyclical_cosine(step: int, cycle_length: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """GoLore's (and ReLoRA's) `cosine` schedule with a cycle length (pkumelon/Golore
+    peft_pretraining/training_utils.py `_get_cyclical_cosine_schedule_with_min_lr_lambda`) at
+    scheduler step `step`.
+
+    Every cycle of `cycle_length` steps warms up linearly over `warmup_steps` and decays with a
+    cosine to `min_lr_ratio` at its end; the first two steps of a later cycle are at 1e-7.
+    """
+    _validate(cycle_length, warmup_steps, min_lr_ratio)
+    cycle_step = step % cycle_length
+    if cycle_step < warmup_steps:
+        if step != cycle_step and cycle_step < 2:
+            return 1e-7
+        return cycle_step / max(1, warmup_steps)
+    return _cosine((cycle_step - warmup_steps) / max(1, cycle_length - warmup_steps), min_lr_ratio)
