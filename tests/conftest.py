@@ -70,3 +70,36 @@ def lock_holder():
         holder.kill()
         holder.wait()
         holder.stdout.close()
+
+
+def train_interrupted(cfg, run_dir, after_step: int) -> None:
+    """Train `cfg` into `run_dir` and stop it (as Ctrl-C would) right after update `after_step`."""
+    from rankscope.train import trainer as trainer_module
+    from rankscope.train.trainer import train
+
+    original = trainer_module.ProgressLog.update
+
+    def interrupt(self, step, record, tps):
+        if step == after_step:
+            raise KeyboardInterrupt
+        return original(self, step, record, tps)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_module.ProgressLog, "update", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, run_dir)
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    """The model weights of a run's newest checkpoint."""
+    from safetensors.torch import load_file
+
+    from rankscope.train import checkpoint as ckpt
+
+    return load_file(str(ckpt.list_checkpoints(run_dir)[-1].path / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], label: str = "") -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{label}: {key}"

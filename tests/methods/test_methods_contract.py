@@ -14,7 +14,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import (  # tests/ is on sys.path (rootdir conftest, no __init__.py)
+    TINY_RUN,
+    assert_same_weights,
+    final_weights,
+    train_interrupted,
+)
 
 from rankscope import methods
 from rankscope.config import build_config
@@ -22,13 +27,10 @@ from rankscope.errors import ConfigError
 from rankscope.methods.base import Method, OptimDefaults, check_param_groups
 from rankscope.models import get_preset
 from rankscope.nn import ParameterizedLinear
-from rankscope.train import checkpoint as ckpt
 from rankscope.train import load_run_model
 from rankscope.train import trainer as trainer_module
 from rankscope.train.setup import build_run_model, resolve_optim
 from rankscope.train.trainer import train
-
-from conftest import TINY_RUN  # tests/ is on sys.path (rootdir conftest, no __init__.py)
 
 ALL_METHODS = methods.names()
 PRESETS = ("tiny", "20m", "60m", "130m", "350m", "1b", "7b")
@@ -154,25 +156,11 @@ def test_save_load_gives_identical_logits(trained):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_METHODS)
-def test_resume_is_bit_identical(name, tmp_path, monkeypatch):
+def test_resume_is_bit_identical(name, tmp_path):
     cfg = _config(name, "train.steps=8", "train.checkpoint_steps=4", *SMALL_BATCH)
     train(cfg, tmp_path / "straight")
 
-    original_update = trainer_module.ProgressLog.update
-
-    def interrupt(self, step, record, tps):
-        if step == 5:
-            raise KeyboardInterrupt
-        return original_update(self, step, record, tps)
-
-    monkeypatch.setattr(trainer_module.ProgressLog, "update", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(trainer_module.ProgressLog, "update", original_update)
+    train_interrupted(cfg, tmp_path / "resumed", after_step=5)
     summary = train(cfg, tmp_path / "resumed")
     assert summary["resumed_from"] == 4
-    final = lambda run: load_file(str(ckpt.list_checkpoints(run)[-1].path / "model.safetensors"))  # noqa: E731
-    a, b = final(tmp_path / "straight"), final(tmp_path / "resumed")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{name}: {key}"
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"), name)

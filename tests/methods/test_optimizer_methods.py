@@ -6,6 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import (  # tests/ is on sys.path
+    assert_same_weights,
+    final_weights,
+    train_interrupted,
+)
 from safetensors.torch import load_file
 
 from rankscope import methods
@@ -13,11 +18,16 @@ from rankscope.config import build_config
 from rankscope.data import prepare_data
 from rankscope.errors import ConfigError
 from rankscope.methods.base import ResolvedOptim, check_param_groups
-from rankscope.models import TARGET_LINEARS, build_model, dense_state_dict, get_preset, iter_target_linears
+from rankscope.models import (
+    TARGET_LINEARS,
+    build_model,
+    dense_state_dict,
+    get_preset,
+    iter_target_linears,
+)
 from rankscope.nn import LowRankLinear
 from rankscope.train import checkpoint as ckpt
 from rankscope.train import load_run_model
-from rankscope.train import trainer as trainer_module
 from rankscope.train.setup import build_run_model, evaluate_loss
 from rankscope.train.trainer import train
 
@@ -225,7 +235,7 @@ def _run_config(name, tiny_overrides, *extra):
 
 
 @pytest.mark.parametrize("name", METHODS + ["golore"])
-def test_trains_saves_loads_and_resumes_bit_identically(name, tmp_path, tiny_overrides, monkeypatch):
+def test_trains_saves_loads_and_resumes_bit_identically(name, tmp_path, tiny_overrides):
     cfg = _run_config(name, tiny_overrides, "train.checkpoint_steps=8")
     summary = train(cfg, tmp_path / "straight")
     # Loss falls within 20 steps.
@@ -258,25 +268,11 @@ def test_trains_saves_loads_and_resumes_bit_identically(name, tmp_path, tiny_ove
         assert all(cfg.method.settings.rank in p.shape for p in projectors)
 
     # Resume: interrupt after step 12 (last checkpoint 8), resume, compare final weights bit for bit.
-    original_update = trainer_module.ProgressLog.update
-
-    def interrupt(self, step, record, tps):
-        if step == 12:
-            raise KeyboardInterrupt
-        return original_update(self, step, record, tps)
-
-    monkeypatch.setattr(trainer_module.ProgressLog, "update", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
+    train_interrupted(cfg, tmp_path / "resumed", after_step=12)
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "resumed")] == [8]
-    monkeypatch.setattr(trainer_module.ProgressLog, "update", original_update)
     resumed = train(cfg, tmp_path / "resumed")
     assert resumed["resumed_from"] == 8
-    a = load_file(str(ckpt.list_checkpoints(tmp_path / "straight")[-1].path / "model.safetensors"))
-    b = load_file(str(ckpt.list_checkpoints(tmp_path / "resumed")[-1].path / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"), name)
 
 
 # --------------------------------------------------------------------------------------------

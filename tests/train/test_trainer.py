@@ -4,7 +4,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import (  # tests/ is on sys.path
+    assert_same_weights,
+    final_weights,
+    train_interrupted,
+)
 
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
@@ -17,8 +21,6 @@ def _cfg(tiny_overrides, *extra):
     return build_config({}, tiny_overrides + list(extra))
 
 
-def _final_weights(run_dir):
-    return load_file(str(ckpt.list_checkpoints(run_dir)[-1].path / "model.safetensors"))
 
 
 def test_training_lowers_validation_loss_and_writes_the_run(tmp_path, tiny_overrides):
@@ -39,28 +41,15 @@ def test_training_lowers_validation_loss_and_writes_the_run(tmp_path, tiny_overr
     assert state["step"] == 20
 
 
-def test_resume_is_bit_identical(tmp_path, tiny_overrides, monkeypatch):
+def test_resume_is_bit_identical(tmp_path, tiny_overrides):
     cfg = _cfg(tiny_overrides, "train.steps=16", "train.checkpoint_steps=6")
     train(cfg, tmp_path / "straight")
 
-    original_update = trainer_module.ProgressLog.update
-
-    def interrupt(self, step, record, tps):
-        if step == 9:
-            raise KeyboardInterrupt
-        return original_update(self, step, record, tps)
-
-    monkeypatch.setattr(trainer_module.ProgressLog, "update", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
+    train_interrupted(cfg, tmp_path / "resumed", after_step=9)
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "resumed")] == [6]
-    monkeypatch.setattr(trainer_module.ProgressLog, "update", original_update)
     summary = train(cfg, tmp_path / "resumed")
     assert summary["resumed_from"] == 6
-    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # the log has each step once after the resume
 
@@ -118,7 +107,7 @@ def test_non_finite_loss_can_skip_the_step(tmp_path, tiny_overrides, monkeypatch
     monkeypatch.setattr(trainer_module, "token_losses", poisoned)
     summary = train(_cfg(tiny_overrides, "train.steps=5", "train.nonfinite=skip"), tmp_path / "r")
     assert summary["skipped_steps"] == 1
-    for tensor in _final_weights(tmp_path / "r").values():
+    for tensor in final_weights(tmp_path / "r").values():
         assert torch.isfinite(tensor).all()
 
 
@@ -128,7 +117,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_overrides):
     same_lr = ["train.steps=3", "optim.lr=0.002", *(f"optim.{role}_lr=0.002" for role in ("embed", "head", "norm"))]
     whole = train(_cfg(tiny_overrides, *same_lr), tmp_path / "whole")
     accumulated = train(_cfg(tiny_overrides, *same_lr, "train.micro_batch_size=2"), tmp_path / "acc")
-    a, b = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "acc")
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "acc")
     for key in a:
         # Adam normalises tiny gradients, so summation-order noise shows up at ~1e-5 on a few entries.
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5)
@@ -149,6 +138,6 @@ def test_resume_falls_back_past_a_checkpoint_with_a_flipped_byte(tmp_path, tiny_
         summary = train(cfg, tmp_path / "damaged")
     assert summary["resumed_from"] == 3
     assert "step_000006 is damaged (optim.pt does not match its content hash" in caplog.text
-    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "damaged")
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "damaged")
     for key in a:
         assert torch.equal(a[key], b[key]), key
