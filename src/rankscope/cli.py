@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_arguments(p, cluster=True)
     p.set_defaults(func=cmd_scaling)
 
-    p = sub.add_parser("analyze", help="landscape, interpolation, spectral, similarity, 2-D landscape and Hessian metrics")
+    p = sub.add_parser("analyze", help="landscape, interpolation, spectral, similarity, intruder-dimension, 2-D landscape and Hessian metrics")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders to analyse (results go to RUN_DIR/analysis/)")
     p.add_argument("--reference", required=True, metavar="FULL_RANK_RUN_DIR",
                    help="the full-rank run of the same scale and seed (similarity and IMBH partner)")
@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full-rank runs of the other seeds (comma-separated or repeated): every run is also compared "
                         "with each (pairing cross-seed), and a full-rank run's comparisons with them are the full-rank "
                         "seed baseline; a seed pair of full-rank runs is analysed once, from the lower seed's run")
-    p.add_argument("--metrics", help="comma-separated: landscape,interpolation,spectral,similarity,landscape2d,hessian "
+    p.add_argument("--metrics", help="comma-separated: landscape,interpolation,spectral,similarity,intruder,landscape2d,hessian "
                                      "(default all; landscape2d and hessian at the last step only)")
     p.add_argument("--steps", help="comma-separated checkpoint steps (default every checkpoint)")
     p.add_argument("--probe-size", type=int, help="probe sequences to use (default the whole probe set)")

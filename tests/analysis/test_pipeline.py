@@ -490,3 +490,19 @@ def test_cli_analyze_prints_one_error_line_for_missing_steps(runs, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "available steps: [2, 4, 6]" in err[0]
+
+
+def test_intruder_rows_against_self_seed_reference_and_init(analysed):
+    full = _read(analysed["full"] / "intruder.csv")
+    totals = full[(full["matrix"] == "total") & (full["metric"] == "intruders")]
+    by_pairing = {p: g for p, g in totals.groupby("pairing")}
+    assert set(by_pairing) == {"self", "init"}
+    assert (by_pairing["self"]["value"] == 0).all()  # a run against itself
+    # 14 block matrices (2 layers x 7 projections), k 10: a count between 0 and 140.
+    assert ((by_pairing["init"]["value"] >= 0) & (by_pairing["init"]["value"] <= 140)).all()
+    per_matrix = full[(full["metric"] == "intruders") & (full["layer"] >= 0) & (full["pairing"] == "init")]
+    assert per_matrix.groupby("step").size().unique().tolist() == [14]
+    lora = _read(analysed["lora"] / "intruder.csv")
+    assert set(lora["pairing"]) == {"same-seed", "init"} and lora["applicable"].all()
+    similarities = lora[lora["metric"].str.startswith("similarity_")]["value"]
+    assert ((similarities >= 0) & (similarities <= 1 + 1e-9)).all()

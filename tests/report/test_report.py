@@ -192,6 +192,31 @@ def write_run(study: Path, method: str, preset: str, seed: int, all_runs: list[t
                                  "reference_method": "full", "reference_seed": reference_seed, "pairing": pairing,
                                  "layer": layer, "metric": metric, "value": value, "applicable": True, "reason": ""})
     pd.DataFrame(rows).to_csv(run_dir / "analysis" / "similarity.csv", index=False)
+
+    # intruder dimensions (k 3) against the same partners and the run's init: per matrix
+    # round(10 * offset) + 1 for another seed, 3 against the init, none against itself
+    rows = []
+    for reference_seed in [*partners, None]:
+        reference = "init" if reference_seed is None else f"full-{preset}-s{reference_seed}"
+        pairing = ("init" if reference_seed is None else "self" if reference == run
+                   else "same-seed" if reference_seed == seed else "cross-seed")
+        count = {"self": 0, "same-seed": round(10 * offset), "cross-seed": round(10 * offset) + 1, "init": 3}[pairing]
+        for step in STEPS:
+            head = {**_keys(run, method, preset, seed, step), "reference_run": reference,
+                    "reference_method": "full" if reference_seed is not None else method,
+                    "reference_seed": seed if reference_seed is None else reference_seed, "pairing": pairing,
+                    "applicable": method != "cola", "reason": "" if method != "cola" else "cola has no dense weight"}
+            if method == "cola":
+                rows += [{**head, "matrix": m, "layer": -1, "metric": "intruders", "value": ""} for m in ("total", "mean")]
+                continue
+            for layer_matrix in MATRICES:
+                layer = int(layer_matrix.split(".")[1])
+                rows.append({**head, "matrix": layer_matrix, "layer": layer, "metric": "intruders", "value": min(count, 3)})
+                rows += [{**head, "matrix": layer_matrix, "layer": layer, "metric": f"similarity_{j}", "value": 0.9}
+                         for j in (1, 2, 3)]
+            rows.append({**head, "matrix": "total", "layer": -1, "metric": "intruders", "value": len(MATRICES) * min(count, 3)})
+            rows.append({**head, "matrix": "mean", "layer": -1, "metric": "intruders", "value": min(count, 3)})
+    pd.DataFrame(rows).to_csv(run_dir / "analysis" / "intruder.csv", index=False)
     return summary
 
 
@@ -237,7 +262,7 @@ def built(tmp_path_factory):
 EXPECTED_FIGURES = [
     "training_loss_tiny", "val_ppl_tiny", "landscape_random_tiny", "landscape_singular_profiles_tiny",
     "landscape_singular_summary_tiny", "landscape2d_tiny", "ccbh_tiny", "imbh_tiny", "imbh_to_full_tiny", "spectral_tiny",
-    "similarity_tiny",
+    "similarity_tiny", "intruder_tiny",
     "downstream_tiny", "predictor",
 ]
 
@@ -588,3 +613,16 @@ def test_checkpoint_choice_spreads_five_and_keeps_the_last():
 
     assert _pick_checkpoints(range(100, 1100, 100)) == [100, 300, 500, 800, 1000]
     assert _pick_checkpoints([30, 10, 20]) == [10, 20, 30]
+
+
+def test_intruder_table_reads_each_method_against_the_seed_baseline(built):
+    study, _, report = built
+    table = pd.read_csv(report / "tables" / "intruders_tiny.csv")
+    assert set(table["pairing"]) == {"self", "same-seed", "cross-seed", "init"}
+    assert (table["step"] == STEPS[-1]).all()  # the last analysed checkpoint
+    html = (report / "report.html").read_text()
+    assert "Intruder dimensions" in html
+    # 4 matrices: galore 3 per matrix against every full-rank run (capped at k), full rank's other
+    # seeds 1 per matrix (its seed baseline: 3 pairs from the lower seed's side), 3 against any init.
+    for text in ("seed baseline 4.0 ± 0.0 (n 3)", "12.0 ± 0.0 (n 3)", "12.0 ± 0.0 (n 6)"):
+        assert text in html, text

@@ -27,7 +27,7 @@ from rankscope.analysis.landscape import (
 from rankscope.analysis.spectral import DEFAULT_RANK_TOL, DEFAULT_THRESHOLD
 from rankscope.errors import did_you_mean
 
-FAMILIES: tuple[str, ...] = ("landscape", "interpolation", "spectral", "similarity", "landscape2d", "hessian")
+FAMILIES: tuple[str, ...] = ("landscape", "interpolation", "spectral", "similarity", "intruder", "landscape2d", "hessian")
 SCOPES: tuple[str, ...] = ("all", "blocks")
 SPACES: tuple[str, ...] = ("native", "dense")
 # Each choice: the study's value first (the default), then ours.
@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "singular_beyond_rank": BEYOND_RANK_RULES,
     "zero_matrix_gap": ("zero", "nan"),
     "last_hidden": ("final_norm", "block_output"),
+    "intruder_side": ("left", "right"),
 }
 
 
@@ -92,6 +93,13 @@ class AnalysisSettings:
     # The last layer's activations: after the final RMSNorm (`final_norm`, HF hidden_states as the
     # study reads them) or the raw output of the last block (`block_output`).
     last_hidden: str = "final_norm"
+
+    # Intruder dimensions (docs/metrics.md): of each matrix's top intruder_k singular vectors, those whose largest
+    # |cosine| with the reference's singular vectors is below intruder_threshold (official k 10,
+    # ε 0.5, left singular vectors; `right` is ours).
+    intruder_k: int = 10
+    intruder_threshold: float = 0.5
+    intruder_side: str = "left"
 
     # 2-D landscape: L(θ + x·d1 + y·d2) on a points × points grid over the 1-D radii, for a
     # pair of random directions and the top-2 singular directions; at the last step unless
@@ -168,6 +176,9 @@ class AnalysisSettings:
             raise AnalysisError("hessian_iterations and hessian_samples must be >= 1 and hessian_tolerance > 0")
         if not self.rank_tol >= 0:
             raise AnalysisError(f"rank_tol must be >= 0, got {self.rank_tol}")
+        if self.intruder_k < 1 or not 0 < self.intruder_threshold <= 1:
+            raise AnalysisError(f"intruder_k must be >= 1 and intruder_threshold in (0, 1], got {self.intruder_k} and "
+                                f"{self.intruder_threshold} (official: 10 and 0.5)")
         if self.interpolation_points < 3:
             raise AnalysisError(f"interpolation needs >= 3 points, got {self.interpolation_points}")
         if self.batch_size < 1:
@@ -203,6 +214,8 @@ class AnalysisSettings:
                     "zero_matrix_gap": self.zero_matrix_gap}
         if head == "similarity":
             return {"mask_padding": self.mask_padding, "last_hidden": self.last_hidden}
+        if head == "intruder":
+            return {"k": self.intruder_k, "threshold": self.intruder_threshold, "side": self.intruder_side}
         if head == "hessian":
             return {"iterations": self.hessian_iterations, "tolerance": self.hessian_tolerance,
                     "samples": self.hessian_samples, "seed": self.direction_seed, **loss}

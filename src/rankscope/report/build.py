@@ -17,6 +17,7 @@ from rankscope.report.collect import REFERENCE_METHOD, Study, load_study
 from rankscope.report.features import run_features
 from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.dynamics import dynamics_section
+from rankscope.report.intruder import intruder_section
 from rankscope.report.informativeness import study_verdicts, verdict_table
 from rankscope.report.figures import FigureResult, render_all
 from rankscope.report.regime import baseline_row, regime_display, regime_lines, study_regime
@@ -220,6 +221,7 @@ def build_report(study_dir: str | Path) -> Path:
                         not_applicable = [f"{REFERENCE_METHOD}: the seed baseline is missing — {missing}.", *not_applicable]
                     document.bullets(not_applicable)
         _baseline_section(document, baselines, preset, tables_dir)
+        intruder_section(document, study, preset, tables_dir)
         document.heading("Comparison with full rank", 3)
         document.paragraph(family_statement(comparison) + " Distances to full rank (CKA, cosine, relative L2, IMBH) are "
                            "not in this family: the full-rank row's comparison with itself is no yardstick; they are "

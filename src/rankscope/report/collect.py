@@ -26,7 +26,7 @@ from rankscope.errors import RankscopeError
 log = logging.getLogger("rankscope.report")
 
 KEY_COLUMNS = ["run", "method", "preset", "seed", "step"]
-ANALYSIS_FAMILIES = ("landscape", "interpolation", "spectral", "similarity", "landscape2d", "hessian")
+ANALYSIS_FAMILIES = ("landscape", "interpolation", "spectral", "similarity", "intruder", "landscape2d", "hessian")
 REFERENCE_METHOD = "full"
 CONTROL_SUFFIX = " (control)"
 

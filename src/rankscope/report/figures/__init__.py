@@ -22,6 +22,7 @@ from rankscope.report.figures.base import (
     palette,
 )
 from rankscope.report.figures.downstream import fig_downstream, fig_predictor
+from rankscope.report.figures.intruder import fig_intruder
 from rankscope.report.figures.interpolation import fig_ccbh, fig_imbh, fig_imbh_to_full, imbh_matrix
 from rankscope.report.figures.landscape2d import fig_landscape2d
 from rankscope.report.figures.landscape import (
@@ -71,6 +72,7 @@ def render_preset_figures(study: Study, preset: str, out_dir: Path, profiles: Pr
     results += _guarded(fig_spectral, f"spectral_{preset}", "spectral metrics", study, preset, out_dir)
     results += _guarded(fig_similarity, f"similarity_{preset}", "activation similarity", study, preset, out_dir,
                         baselines=baselines)
+    results += _guarded(fig_intruder, f"intruder_{preset}", "intruder dimensions", study, preset, out_dir)
     results += _guarded(fig_downstream, f"downstream_{preset}", "downstream accuracy", study, preset, out_dir)
     return results
 
@@ -89,7 +91,7 @@ def render_all(study: Study, out_dir: Path, baselines: SeedBaselines | None = No
 
 __all__ = [
     "METHOD_COLORS", "FigureResult", "ProfileCache", "fig_ccbh", "fig_downstream", "fig_imbh", "fig_imbh_to_full",
-    "fig_landscape2d", "fig_landscape_random", "fig_landscape_singular", "fig_predictor", "fig_similarity", "fig_spectral",
+    "fig_intruder", "fig_landscape2d", "fig_landscape_random", "fig_landscape_singular", "fig_predictor", "fig_similarity", "fig_spectral",
     "fig_training_curves", "fig_val_ppl", "imbh_matrix", "method_color", "palette", "render_all",
     "render_preset_figures",
 ]
