@@ -79,7 +79,7 @@ def test_nothing_is_trained_when_the_study_is_invalid(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo-quick.yaml", "beyond-perplexity.yaml", "tune-tiny.yaml",
-                                  "tune-20m.yaml"])
+                                  "tune-20m.yaml", "sweep-refactor-tiny.yaml"])
 def test_shipped_study_files_are_valid(name):
     from rankscope.demo import STUDIES_DIR
     from rankscope.study import analysis_settings
@@ -90,7 +90,7 @@ def test_shipped_study_files_are_valid(name):
     assert len(runs) == (len(spec.grid.methods) + len(spec.controls)) * len(spec.grid.presets) * len(spec.grid.seeds)
     analysis_settings(spec)
     cells = plan_tuning(spec)
-    assert len(cells) == (len(spec.grid.methods) if name.startswith("tune-") else 0)
+    assert len(cells) == (len(spec.grid.methods) if name.startswith(("tune-", "sweep-")) else 0)
 
 
 def test_the_demo_trains_in_the_regime_its_lrs_were_tuned_in():
@@ -101,6 +101,7 @@ def test_the_demo_trains_in_the_regime_its_lrs_were_tuned_in():
 
     demo, tuning = load_study(STUDIES_DIR / "demo.yaml"), load_study(STUDIES_DIR / "tune-tiny.yaml")
     assert demo.base == tuning.base and demo.method_overrides == tuning.method_overrides
+    assert load_study(STUDIES_DIR / "sweep-refactor-tiny.yaml").base == demo.base  # the refactor period's sweep too
     assert set(tuning.grid.methods) == set(methods.method_names())
     # APOLLO, APOLLO-Mini, GoLore, SPAM and Stable-SPAM are tuned here but left out of the demo: 15 more runs
     # would take it past its 12-minute budget on 2 cores (604 s measured without them); demo.yaml says so.

@@ -1,7 +1,8 @@
 """Vanilla low-rank factorization W = B·A (the LORO paper's "Low-rank" baseline).
 
 Both factors are trained with AdamW from a Xavier init; the method is known to be spiky and
-to reach a poor perplexity. It is also the simplest member of the factorized family, so the
+to reach a poor perplexity. `refactor_every` adds Glentis et al.'s weight refactorization with
+momentum reset (methods/refactor.py). It is also the simplest member of the factorized family, so the
 helpers the other factorized methods (lora, relora, sltrain, cola) share live here: settings
 validation and the two-group AdamW. The literature ranks come from `_targets`, shared with the
 optimizer-based methods.
@@ -16,6 +17,7 @@ from torch import nn
 
 from rankscope.methods._targets import check_rank_fits, check_targets, literature_rank
 from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, scope_weight_decay, split_targeted
+from rankscope.methods.refactor import RefactorSettings, Refactoring
 from rankscope.models import TARGET_LINEARS, LlamaConfig
 from rankscope.nn import LowRankLinear, ParameterizedLinear, replace_linears
 
@@ -59,12 +61,12 @@ def two_group_adamw(
 
 
 @dataclass
-class LowRankSettings:
+class LowRankSettings(RefactorSettings):
     rank: int = 128
     targets: list[str] = field(default_factory=default_targets)
 
 
-class LowRank(Method):
+class LowRank(Refactoring, Method):
     name = "lowrank"
     description = "Vanilla low-rank W = B·A, both factors trained with AdamW from Xavier init."
     Settings = LowRankSettings
@@ -82,6 +84,7 @@ class LowRank(Method):
 
     def validate(self) -> None:
         validate_targets_and_rank(self.settings.targets, self.settings.rank, self.model_config)
+        self.validate_refactoring()
 
     def parameterize(self, model: nn.Module) -> nn.Module:
         rank = self.settings.rank
@@ -91,4 +94,5 @@ class LowRank(Method):
         return model
 
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
+        self.remember_total_steps(optim)
         return two_group_adamw(model, optim)

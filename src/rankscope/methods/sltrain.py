@@ -5,6 +5,8 @@ trainer seeds it first, so a seed fixes the support) and lives in each layer's p
 `sparse_index` buffer: checkpoints carry it and `load_state_dict` restores it. Only the factors
 and the sparse values are parameters; the dense W is formed transiently inside one layer's
 forward/backward (rankscope.nn.SparsePlusLowRankLinear), never kept as a parameter or state.
+`refactor_every` adds Glentis et al.'s weight refactorization with momentum reset
+(methods/refactor.py; the official code runs it on SLTrain).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from rankscope.methods._targets import linear_shape, literature_rank
 from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require
 from rankscope.methods.lowrank import default_targets, two_group_adamw, validate_targets_and_rank
+from rankscope.methods.refactor import RefactorSettings, Refactoring
 from rankscope.models import LlamaConfig
 from rankscope.nn import SparsePlusLowRankLinear, replace_linears
 from rankscope.nn.sparse import support_size
@@ -30,7 +33,7 @@ SLTRAIN_DENSITY_BY_PRESET = {"7b": 0.05}
 
 
 @dataclass
-class SLTrainSettings:
+class SLTrainSettings(RefactorSettings):
     rank: int = 128
     alpha: float = 32.0
     density: float = SLTRAIN_DENSITY
@@ -39,7 +42,7 @@ class SLTrainSettings:
     targets: list[str] = field(default_factory=default_targets)
 
 
-class SLTrain(Method):
+class SLTrain(Refactoring, Method):
     name = "sltrain"
     description = "SLTrain: s·B·A plus a sparse S on a fixed random support (3%), trained without a dense W."
     Settings = SLTrainSettings
@@ -61,6 +64,7 @@ class SLTrain(Method):
     def validate(self) -> None:
         s = self.settings
         validate_targets_and_rank(s.targets, s.rank, self.model_config)
+        self.validate_refactoring()
         require(s.alpha > 0, f"method.alpha {s.alpha} must be positive; set it to e.g. 32 (s = alpha / rank)")
         require(
             0.0 < s.density < 1.0,
@@ -86,4 +90,5 @@ class SLTrain(Method):
         return model
 
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
+        self.remember_total_steps(optim)
         return two_group_adamw(model, optim)
