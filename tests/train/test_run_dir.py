@@ -161,3 +161,25 @@ def test_a_start_again_from_step_zero_logs_each_step_once(tmp_path, tiny_overrid
     train(cfg, tmp_path / "run")
     steps = _metrics_steps(tmp_path / "run")
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 4
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_under_its_default(tmp_path, tiny_overrides):
+    """A run of an older rankscope lacks the settings added since; they take their defaults, which keep
+    the behaviour it was trained with, so it resumes. Asking for another value is a different config."""
+    run = tmp_path / "run"
+    train(_cfg(tiny_overrides, "method.name=lowrank"), run)
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    (run / "summary.json").unlink()
+    added = ("refactor_every", "reset_optimizer", "recovery_steps", "recovery_floor")
+    meta_path = run / "checkpoints" / "step_000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in added:
+        meta["config"]["method"].pop(key)
+    meta_path.write_text(json.dumps(meta))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for key in added:
+        config["method"].pop(key)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="method.refactor_every: 0 in checkpoint step_000002 vs 100 now"):
+        train(_cfg(tiny_overrides, "method.name=lowrank", "method.refactor_every=100"), run)
+    assert train(_cfg(tiny_overrides, "method.name=lowrank"), run)["resumed_from"] == 2

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from rankscope.config import RunConfig, config_to_dict, save_config
+from rankscope.config import RunConfig, config_from_dict, config_to_dict, save_config
 from rankscope.errors import CheckpointError, ConfigError
 from rankscope.paths import check_output_folder
 from rankscope.train import checkpoint as ckpt
@@ -158,8 +158,20 @@ def normalized_config(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(config_to_dict(cfg)))
 
 
+def as_read_now(recorded: dict) -> dict:
+    """A recorded config as the current code reads it: settings added since the run was written
+    take their defaults, which keep the behaviour the run was trained with. A record the current
+    code cannot read any more is compared as it stands."""
+    try:
+        return normalized_config(config_from_dict(json.loads(json.dumps(recorded))))
+    except (ConfigError, TypeError, ValueError):
+        return recorded
+
+
 def config_difference(old: dict, new: dict) -> str | None:
-    """The first field (outside RESUME_NEUTRAL) on which two config dicts differ, or None."""
+    """The first field (outside RESUME_NEUTRAL) on which two config dicts differ, or None; `old`
+    (a recorded config) is read as the current code reads it (`as_read_now`)."""
+    old = as_read_now(old)
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section, {}), new.get(section, {})
         if not isinstance(a, dict) or not isinstance(b, dict):
