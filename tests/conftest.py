@@ -103,3 +103,25 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{label}: {key}"
+
+
+def build_tiny_method(name: str, *, total_steps: int = 1000, warmup_steps: int = 10, seed: int = 0, **changes):
+    """(method, model, optimizer, optim) of method `name` on the tiny preset cut to 2 layers, with
+    its tiny defaults changed by `changes`, validated, parameterized from a model seeded with `seed`,
+    and its optimizer at its literature lr (wd 0, no clipping)."""
+    import dataclasses
+
+    from rankscope import methods
+    from rankscope.methods.base import ResolvedOptim
+    from rankscope.models import build_model, get_preset
+
+    cls = methods.get(name)
+    model_cfg = dataclasses.replace(get_preset("tiny"), num_layers=2)
+    method = cls(dataclasses.replace(cls.default_settings("tiny", model_cfg), **changes), model_cfg, "tiny")
+    method.validate()
+    torch.manual_seed(seed)
+    model = method.parameterize(build_model(model_cfg))
+    defaults = cls.optim_defaults("tiny")
+    optim = ResolvedOptim(lr=defaults.lr, weight_decay=0.0, betas=(0.9, 0.999), eps=defaults.eps, grad_clip=0.0,
+                          total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=0.1)
+    return method, model, method.build_optimizer(model, optim), optim

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
+from conftest import build_tiny_method  # tests/ is on sys.path
 
 from rankscope import methods
 from rankscope.errors import ConfigError
-from rankscope.methods.base import ResolvedOptim, check_param_groups
+from rankscope.methods.base import check_param_groups
 from rankscope.models import build_model, get_preset, iter_target_linears
 from rankscope.optim import GoLoreAdamW
 
 
 def _built(seed=0, total_steps=1000, warmup_steps=10, **changes):
-    cls = methods.get("golore")
-    model_cfg = dataclasses.replace(get_preset("tiny"), num_layers=2)
-    method = cls(dataclasses.replace(cls.default_settings("tiny", model_cfg), **changes), model_cfg, "tiny")
-    method.validate()
-    torch.manual_seed(seed)
-    model = method.parameterize(build_model(model_cfg))
-    d = cls.optim_defaults("tiny")
-    optim = ResolvedOptim(lr=d.lr, weight_decay=d.weight_decay, betas=(0.9, 0.999), eps=d.eps, grad_clip=d.grad_clip,
-                          total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=0.1)
-    return method, model, method.build_optimizer(model, optim), optim
+    return build_tiny_method("golore", total_steps=total_steps, warmup_steps=warmup_steps, seed=seed, **changes)
 
 
 def test_official_defaults_and_group_order():

@@ -5,7 +5,6 @@ L247-302 `_get_cosine_schedule_with_quick_recovery_lambda`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -13,16 +12,14 @@ import torch
 from conftest import (  # tests/ is on sys.path
     TINY_RUN,
     assert_same_weights,
+    build_tiny_method,
     final_weights,
     train_interrupted,
 )
 
-from rankscope import methods
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
-from rankscope.methods.base import ResolvedOptim
 from rankscope.methods.refactor import refactor_factors
-from rankscope.models import build_model, get_preset
 from rankscope.nn import LowRankLinear, SparsePlusLowRankLinear
 from rankscope.optim.schedules import cosine_with_warmup
 from rankscope.train.trainer import train
@@ -57,19 +54,10 @@ def test_refactor_keeps_the_product_balances_the_factors_and_matches_the_officia
 
 
 def _built(name, **changes):
-    cls = methods.get(name)
-    model_cfg = dataclasses.replace(get_preset("tiny"), num_layers=2)
-    method = cls(dataclasses.replace(cls.default_settings("tiny", model_cfg), **changes), model_cfg, "tiny")
-    method.validate()
-    torch.manual_seed(0)
-    model = method.parameterize(build_model(model_cfg))
-    d = cls.optim_defaults("tiny")
-    optim = ResolvedOptim(lr=d.lr, weight_decay=0.0, betas=(0.9, 0.999), eps=d.eps, grad_clip=0.0, total_steps=1000,
-                          warmup_steps=100, min_lr_ratio=0.1)
-    optimizer = method.build_optimizer(model, optim)
-    tokens = torch.randint(0, model_cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    logits = model(tokens)
-    logits.float().square().mean().backward()
+    """The method after one optimizer step (so its optimizer has state), and the tokens it saw."""
+    method, model, optimizer, optim = build_tiny_method(name, warmup_steps=100, **changes)
+    tokens = torch.randint(0, method.model_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(tokens).float().square().mean().backward()
     optimizer.step()
     return method, model, optimizer, optim, tokens
 

@@ -70,7 +70,8 @@ def test_a_run_dir_of_another_config_is_refused(tmp_path, tiny_overrides):
     assert [c.step for c in ckpt.list_checkpoints(tmp_path / "r")] == [5]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch):
+def _poison_training_step(monkeypatch, step: int, value: float) -> None:
+    """Make the training loss of step `step` (1-based, one micro-batch per step) non-finite."""
     real = trainer_module.token_losses
     seen = {"n": 0}
 
@@ -78,11 +79,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
         losses = real(model, batch)
         if model.training:
             seen["n"] += 1
-            if seen["n"] == 7:
-                return losses * float("nan")
+            if seen["n"] == step:
+                return losses * value
         return losses
 
     monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch):
+    _poison_training_step(monkeypatch, 7, float("nan"))
     cfg = _cfg(tiny_overrides, "train.steps=10", "train.checkpoint_every=3")
     with pytest.raises(NonFiniteLossError, match="step 7.*last good checkpoint: step_000006"):
         train(cfg, tmp_path / "r")
@@ -93,18 +98,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
 
 
 def test_non_finite_loss_can_skip_the_step(tmp_path, tiny_overrides, monkeypatch):
-    real = trainer_module.token_losses
-    seen = {"n": 0}
-
-    def poisoned(model, batch):
-        losses = real(model, batch)
-        if model.training:
-            seen["n"] += 1
-            if seen["n"] == 3:
-                return losses * float("inf")
-        return losses
-
-    monkeypatch.setattr(trainer_module, "token_losses", poisoned)
+    _poison_training_step(monkeypatch, 3, float("inf"))
     summary = train(_cfg(tiny_overrides, "train.steps=5", "train.nonfinite=skip"), tmp_path / "r")
     assert summary["skipped_steps"] == 1
     for tensor in final_weights(tmp_path / "r").values():
@@ -141,3 +135,27 @@ def test_resume_falls_back_past_a_checkpoint_with_a_flipped_byte(tmp_path, tiny_
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "damaged")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_before_update_sees_the_clipped_gradient_before_the_update_and_skips_bad_steps(tmp_path, tiny_overrides,
+                                                                                        monkeypatch):
+    from rankscope.methods.full import FullRank
+
+    calls = []
+
+    def before_update(self, step, model, optimizer):
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        calls.append((step, float(norm), [p.detach().clone() for p in params[:2]]))
+        params[0].grad.zero_()  # what the hook does to a gradient reaches the update
+
+    _poison_training_step(monkeypatch, 3, float("nan"))
+    monkeypatch.setattr(FullRank, "before_update", before_update, raising=False)
+    cfg = _cfg(tiny_overrides, "train.steps=5", "train.nonfinite=skip", "optim.grad_clip=0.01", "optim.lr=1e-2")
+    train(cfg, tmp_path / "r")
+    assert [step for step, _, _ in calls] == [1, 2, 4, 5]  # 1-based; the non-finite step 3 skips it
+    assert all(norm <= 0.01 * (1 + 1e-4) for _, norm, _ in calls)  # after clipping (fp32 rounding)
+    # Before the update: the weights it sees at step k+1 are those the update k produced.
+    assert not torch.equal(calls[0][2][1], calls[1][2][1])
+    # The zeroed gradient of the first parameter (the embeddings) left it unchanged by every update.
+    assert all(torch.equal(calls[0][2][0], later[2][0]) for later in calls[1:])

@@ -1,8 +1,8 @@
 """`rankscope bench train`: cost of one training step of every method next to full-rank.
 
 Per method, on the same preset, batch and (random) tokens:
-- seconds per optimizer step (forward+backward, gradient clipping + optimizer.step, the method's
-  `after_step`), each phase timed on its own, medians over the steady steps after warm-up;
+- seconds per optimizer step (forward+backward, gradient clipping + the method's `before_update` +
+  optimizer.step, the method's `after_step`), each phase timed on its own, medians over the steady steps after warm-up;
 - periodic work (GaLore/Fira projector refresh, LORO's exact step, ReLoRA's merge): the method's
   period setting is shrunk to `period` steps so the periodic steps recur often enough to time;
   the extra seconds of a periodic step over a steady one are reported, and the step time
@@ -234,6 +234,7 @@ def train_step(run: MethodRun, batch: torch.Tensor, monitor: Any = None) -> dict
         [p for p in run.model.parameters() if p.requires_grad],
         run.optim.grad_clip if run.optim.grad_clip > 0 else float("inf"),
     )
+    run.method.before_update(run.step + 1, run.model, run.optimizer)  # SwitchLoRA's switches: in the optimizer phase
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     synchronize(device)

@@ -125,6 +125,15 @@ class Method:
         return cosine_with_warmup(step, optim.total_steps, optim.warmup_steps, optim.min_lr_ratio)
 
     # -- periodic work -------------------------------------------------------------------------
+    def before_update(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Work between the gradient and the update number `step` (1-based): the trainer calls it
+        after the gradients are complete (accumulated, all-reduced and clipped) and before
+        `optimizer.step()`, and only for a step whose loss and gradient are finite (a skipped step
+        skips it). It may change weights, gradients and optimizer state (SwitchLoRA's switches,
+        which the update that follows must see). It runs inside the step, so its effect is in the
+        checkpoint written after the step; any randomness must come from a generator seeded by the
+        run and `step`, so that a resumed run repeats it."""
+
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Periodic work that follows update number `step` (ReLoRA's merges).
 

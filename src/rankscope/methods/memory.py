@@ -57,6 +57,8 @@ def account_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None, pr
         # measured bytes, actual dtypes
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers),
+        # buffers (SwitchLoRA's candidate vectors, SLTrain's support, RoPE tables): not in the estimate
+        "buffer_elements": sum(b.numel() for b in buffers),
         "optimizer_state_bytes": sum(t.numel() * t.element_size() for _, t in named_state),
         # optimizer-state elements counted by the literature estimate
         "optimizer_state_elements": n_state,

@@ -185,7 +185,7 @@ def print_memory_table(rows: list[dict[str, Any]], preset: str, mode: str = "sha
     from rich.table import Table
 
     table = Table(title=f"Parameters and memory at preset {preset} (estimate: bf16 weights + optimizer states, 1 GB = 1e9 B)")
-    for column in ("method", "trainable M", "total M", "frozen M", "state M", "proj. M",
+    for column in ("method", "trainable M", "total M", "frozen M", "state M", "proj. M", "buffers M",
                    "est. GB", "est. -proj GB", "fp32 GB", "pub. M", "pub. GB"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
 
@@ -194,13 +194,14 @@ def print_memory_table(rows: list[dict[str, Any]], preset: str, mode: str = "sha
 
     for row in rows:
         if "error" in row:
-            table.add_row(row["method"], *["-"] * 8, "", row["error"][:40])
+            table.add_row(row["method"], *["-"] * 9, "", row["error"][:40])
             continue
         measured_now = row["param_bytes"] + row["optimizer_state_bytes"]
         table.add_row(
             row["method"],
             millions(row["trainable_params"]), millions(row["total_params"]), millions(row["frozen_params"]),
             millions(row["optimizer_state_elements"]), millions(row["optimizer_state_projector_elements"]),
+            millions(row.get("buffer_elements", 0)),
             f"{row['estimated_memory_bytes'] / GB:.3f}", f"{row['estimated_memory_bytes_without_projectors'] / GB:.3f}",
             f"{measured_now / GB:.3f}",
             f"{row['published_params_m']:g}" if "published_params_m" in row else "",
@@ -211,6 +212,8 @@ def print_memory_table(rows: list[dict[str, Any]], preset: str, mode: str = "sha
     console.print(table)
     console.print(
         "state M = optimizer-state elements (moments, momentum, GaLore/Fira projectors; proj. M = the projectors). "
+        "buffers M = the model's buffers (SwitchLoRA's candidate vectors, SLTrain's support, RoPE tables), not in "
+        "the estimate. "
         "est. GB = 2 bytes x (all parameters, frozen ones included, + state elements), the LORO/SLTrain "
         "convention; est. -proj = the same without projectors; fp32 GB = parameter + state bytes as built "
         "(fp32); pub. = LORO Table 1 (1 GB = 1e9 bytes). "

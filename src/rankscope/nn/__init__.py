@@ -14,6 +14,7 @@ from .cola import ColaLinear, cola_init_std
 from .lora import LoRALinear
 from .lowrank import LowRankLinear
 from .sparse import SparsePlusLowRankLinear
+from .switchlora import SwitchLoRALinear
 
 __all__ = [
     "ColaLinear",
@@ -22,6 +23,7 @@ __all__ = [
     "NotDenseError",
     "ParameterizedLinear",
     "SparsePlusLowRankLinear",
+    "SwitchLoRALinear",
     "check_rank",
     "cola_init_std",
     "dense_state_dict",

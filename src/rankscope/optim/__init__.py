@@ -12,6 +12,7 @@ from rankscope.optim.galore import GaLoreAdamW
 from rankscope.optim.golore import GoLoreAdamW
 from rankscope.optim.loro import LoroAdamW, exact_step
 from rankscope.optim.prune import prune_adam_state
+from rankscope.optim.row_step_adamw import RowStepAdamW
 from rankscope.optim.schedules import cosine_with_warmup
 from rankscope.optim.spam import SPAM
 from rankscope.optim.spectron import Spectron, SpectronAdamW
@@ -24,6 +25,7 @@ __all__ = [
     "GoLoreAdamW",
     "HyperparameterError",
     "LoroAdamW",
+    "RowStepAdamW",
     "SPAM",
     "Spectron",
     "SpectronAdamW",

@@ -261,3 +261,11 @@ def state_bytes(optimizer: Optimizer) -> int:
             if torch.is_tensor(value):
                 total += value.numel() * value.element_size()
     return total
+
+
+def evaluate_closure(closure) -> float | None:
+    """The loss of an optimizer's optional closure, evaluated with gradients enabled (torch's convention)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

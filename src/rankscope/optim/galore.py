@@ -47,6 +47,7 @@ from rankscope.optim._base import (
     adam_directions,
     apply_decoupled_weight_decay,
     bias_corrected_step_size,
+    evaluate_closure,
     new_step_counter,
     require,
     validate_float,
@@ -183,10 +184,7 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             if "rank" in group:
                 self._projected_group_step(group)

@@ -46,6 +46,7 @@ import torch
 from rankscope.optim._base import (
     RankscopeOptimizer,
     bias_corrected_step_size,
+    evaluate_closure,
     new_step_counter,
     require,
     update_adam_moments,
@@ -165,10 +166,7 @@ class LoroAdamW(RankscopeOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         refreshing = []
         for group in self.param_groups:
             if group.get("factor_pairs", False):

@@ -32,7 +32,13 @@ from typing import Any
 
 import torch
 
-from rankscope.optim._base import RankscopeOptimizer, new_step_counter, require, validate_int
+from rankscope.optim._base import (
+    RankscopeOptimizer,
+    evaluate_closure,
+    new_step_counter,
+    require,
+    validate_int,
+)
 
 WARMUP_START = 0.99  # CosineDecay(0.99, Nw): the first update after a reset is scaled by 1 - 0.99
 
@@ -85,10 +91,7 @@ class SPAM(RankscopeOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         # Every group holds the same counters (roles split groups after construction; they copy them).
         done, warmup = self.param_groups[0]["spam_updates"], self.param_groups[0]["spam_warmup"]
         update = done + 1

@@ -42,7 +42,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from rankscope.optim._base import RankscopeOptimizer, require, validate_float, validate_int
+from rankscope.optim._base import (
+    RankscopeOptimizer,
+    evaluate_closure,
+    require,
+    validate_float,
+    validate_int,
+)
 from rankscope.optim.loro import factor_pairs, validate_factor_group
 
 NS_COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
@@ -162,10 +168,7 @@ class SpectronAdamW(RankscopeOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             if group.get("factor_pairs", False):
                 self._factor_group_step(group)

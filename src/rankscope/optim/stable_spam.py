@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from rankscope.optim._base import RankscopeOptimizer, new_step_counter, require, validate_int
+from rankscope.optim._base import (
+    RankscopeOptimizer,
+    evaluate_closure,
+    new_step_counter,
+    require,
+    validate_int,
+)
 
 
 def norm_momentum_scale(update: int, total_steps: int | None, eta_min: float) -> float:
@@ -78,10 +84,7 @@ class StableSPAM(RankscopeOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         update = self.param_groups[0]["stable_spam_updates"] + 1
         sigma = norm_momentum_scale(update, self.total_steps, self.eta_min)
         reset = self.reset_every != 0 and update % self.reset_every == 0

@@ -256,6 +256,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
                 optimizer.zero_grad(set_to_none=True)
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step + 1, skipped)
             else:
+                method.before_update(step + 1, model, optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
