@@ -626,3 +626,27 @@ def test_intruder_table_reads_each_method_against_the_seed_baseline(built):
     # seeds 1 per matrix (its seed baseline: 3 pairs from the lower seed's side), 3 against any init.
     for text in ("seed baseline 4.0 ± 0.0 (n 3)", "12.0 ± 0.0 (n 3)", "12.0 ± 0.0 (n 6)"):
         assert text in html, text
+
+
+def test_a_saturated_intruder_baseline_is_said(tmp_path):
+    """When two full-rank seeds already differ in every top direction, the report says the metric
+    cannot separate the methods at this scale."""
+    study, _ = make_study(tmp_path, seeds=(0, 1, 2))
+    for run_dir in (study / "runs").iterdir():
+        path = run_dir / "analysis" / "intruder.csv"
+        table = pd.read_csv(path)
+        cross = table["pairing"] == "cross-seed"
+        table.loc[cross & (table["matrix"] != "total") & (table["metric"] == "intruders"), "value"] = 3
+        table.loc[cross & (table["matrix"] == "total"), "value"] = 12
+        table.to_csv(path, index=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("rankscope.methods.tuned.tuned_table", lambda: {})
+        report = build_report(study)
+    html = (report / "report.html").read_text()
+    assert "Saturated at this scale" in html and "seed baseline 12.0 of 12 possible" in html
+    unsaturated = (tmp_path / "b")
+    unsaturated.mkdir()
+    study, _ = make_study(unsaturated, seeds=(0, 1, 2))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("rankscope.methods.tuned.tuned_table", lambda: {})
+        assert "Saturated" not in (build_report(study) / "report.html").read_text()

@@ -76,6 +76,22 @@ def intruder_summary(study: Study, preset: str) -> tuple[pd.DataFrame, pd.DataFr
     return numeric, pd.DataFrame(rows), notes
 
 
+def saturation(study: Study, preset: str, numeric: pd.DataFrame, k: int) -> str:
+    """A sentence when the full-rank seed baseline already counts (nearly) every top direction as an
+    intruder: then no method's count against full rank can be told apart from another seed's."""
+    baseline = numeric[(numeric["method"] == REFERENCE_METHOD) & (numeric["pairing"] == "cross-seed")]["value"]
+    table = preset_rows(study, preset)
+    per_matrix = table[(table["metric"] == "intruders") & (pd.to_numeric(table["layer"], errors="coerce") >= 0)]
+    matrices = int(per_matrix.groupby(["run", "reference_run", "step"]).size().max()) if len(per_matrix) else 0
+    ceiling = k * matrices
+    if baseline.empty or not ceiling or baseline.mean() < 0.95 * ceiling:
+        return ""
+    return (f"**Saturated at this scale:** two full-rank runs of different seeds already share almost none of their top "
+            f"{k} directions (seed baseline {baseline.mean():.1f} of {ceiling} possible), so no count against full rank "
+            "can be read as a difference between methods here; only the counts against each run's own initialisation "
+            "say something (how much of its initial top subspace a run keeps).")
+
+
 def intruder_section(document: Document, study: Study, preset: str, tables_dir: Path) -> None:
     numeric, display, notes = intruder_summary(study, preset)
     if numeric.empty:
@@ -93,5 +109,8 @@ def intruder_section(document: Document, study: Study, preset: str, tables_dir: 
         "directions are new for every method, full rank included; compare with full rank's own count.")
     document.table(display, f"Mean ± std over the comparisons (n); per matrix and layer: tables/intruders_{preset}.csv "
                             "and the runs' analysis/intruder.csv.")
+    saturated = saturation(study, preset, numeric, k)
+    if saturated:
+        document.paragraph(saturated)
     if notes:
         document.bullets([f"Not applicable — {note}" for note in notes])

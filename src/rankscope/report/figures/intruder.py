@@ -20,6 +20,7 @@ from rankscope.report.figures.base import (
     _method_legend,
     _new_figure,
     _save,
+    line_style,
     method_color,
 )
 from rankscope.report.intruder import last_step, preset_rows
@@ -54,7 +55,7 @@ def fig_intruder(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
                 ax.fill_between(x, by_layer.min().to_numpy(), by_layer.max().to_numpy(), color=method_color(method),
                                 alpha=0.18, linewidth=0)
             ax.plot(x, by_layer.mean().to_numpy(), color=method_color(method), linewidth=_line_width(method),
-                    marker="o", markersize=3.5)
+                    linestyle=line_style(method), marker="o", markersize=3.5)
         ax.set_title(label, fontsize=9.5)
         ax.set_xlabel("layer")
         ax.set_xticks(sorted(rows["layer"].unique()))
