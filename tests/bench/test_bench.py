@@ -105,7 +105,7 @@ def test_optimizer_bench_against_references(tmp_path):
     run_benchmark("optimizer", {"steps": 1, "warmup": 1, "repeats": 1, "refresh_steps": 1, "model_overrides": ONE_LAYER,
                                 "loro_sizes": [16, 32], "loro_rank": 4}, out_dir=tmp_path, show=False)
     payload, rows, png = read_outputs(tmp_path, "optimizer")
-    methods = ["full", "galore", "galore-stacked", "galore-rsvd", "golore", "galore-ref", "fira", "fira-stacked", "fira-ref",
+    methods = ["full", "spam", "stable-spam", "galore", "galore-stacked", "galore-rsvd", "golore", "galore-ref", "fira", "fira-stacked", "fira-ref",
                "apollo", "apollo-stacked", "apollo-mini", "apollo-ref"]
     check_one_record_per_method(payload, rows, png, methods, "step_s_ratio")
     by_name = {r["method"]: r for r in payload["records"]}
@@ -123,6 +123,9 @@ def test_optimizer_bench_against_references(tmp_path):
     # GoLore's random phase holds exactly GaLore's state: the draw is not stored.
     assert by_name["golore"]["state_bytes"] == by_name["galore"]["state_bytes"]
     assert by_name["golore"]["refresh_step_s"] is not None
+    # SPAM keeps Adam's two full-size moments (plus fp32 counters); Stable-SPAM adds its running statistics.
+    assert by_name["spam"]["state_bytes"] >= by_name["full"]["state_bytes"]
+    assert by_name["stable-spam"]["state_bytes"] >= by_name["full"]["state_bytes"]
     assert by_name["galore"]["state_bytes"] < by_name["full"]["state_bytes"]
     # The floor: one row per family, Fira's with one more back-projection, and every projected
     # record divided by its own family's floor.

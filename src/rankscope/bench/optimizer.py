@@ -12,6 +12,7 @@ gradients do; it matters for the refresh quality below, not for the cost of a st
   galore-stacked / galore-per-matrix (and fira-...): the other choice, for comparison;
   galore-rsvd: ours with the randomized refresh (`svd="randomized"`);
   golore: GoLoreAdamW in its random phase (a Haar draw instead of the gradient's SVD at a refresh);
+- spam / stable-spam: the dense SPAM and Stable-SPAM optimizers on the same tensors (no floor);
 - galore-ref / fira-ref: `galore_torch.GaLoreAdamW` / `fira.FiraAdamW`.
 Steady steps use a projector gap longer than the run; refresh steps use gap 1 (an SVD every
 step); the refresh's extra cost is amortized at the method's gap T (200 in GaLore / Fira).
@@ -183,7 +184,7 @@ class Implementation:
 
 def implementations(rank: int, scale: float, alpha: float, device: torch.device,
                     oversample: int, niter: int) -> tuple[list[Implementation], list[str]]:
-    from rankscope.optim import APOLLOAdamW, FiraAdamW, GaLoreAdamW, GoLoreAdamW
+    from rankscope.optim import SPAM, APOLLOAdamW, FiraAdamW, GaLoreAdamW, GoLoreAdamW, StableSPAM
 
     def groups(projected, plain, gap, extra):
         return [{"params": projected, "rank": rank, "update_proj_gap": gap, "proj_type": "std", **extra},
@@ -199,7 +200,13 @@ def implementations(rank: int, scale: float, alpha: float, device: torch.device,
     default_mode = "stacked" if device.type == "cuda" else "per-matrix"
     other_mode = "per-matrix" if device.type == "cuda" else "stacked"
     found = [Implementation("full", "torch.optim.AdamW(foreach=True)", None,
-                            lambda pr, pl, gap: torch.optim.AdamW(pr + pl, lr=LR, eps=EPS, foreach=True), False)]
+                            lambda pr, pl, gap: torch.optim.AdamW(pr + pl, lr=LR, eps=EPS, foreach=True), False),
+             # The dense optimizers of the benchmark: full-size Adam state, no projection (no floor).
+             Implementation("spam", "rankscope SPAM (momentum resets, spike clipping)", None,
+                            lambda pr, pl, gap: SPAM([{"params": pl}, {"params": pr, "density": 1.0}], lr=LR, eps=EPS),
+                            False),
+             Implementation("stable-spam", "rankscope StableSPAM (adaptive clipping, norm scaling)", None,
+                            lambda pr, pl, gap: StableSPAM(pl + pr, lr=LR, eps=EPS, total_steps=10**6), False)]
     missing = []
     for family, cls, keys, module, attr, package in (
         ("galore", GaLoreAdamW, galore_keys, "galore_torch", "GaLoreAdamW", "galore-torch"),
