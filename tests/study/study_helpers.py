@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -87,5 +88,8 @@ def start_driver(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    # Ctrl-C must reach the driver even when the test suite itself runs as a background job of a
+    # non-interactive shell (`... &`), which starts it with SIGINT ignored, an ignore its children inherit.
     return subprocess.Popen([sys.executable, "-m", "rankscope", "study", *args], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

