@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from rankscope.optim import Spectron
+from rankscope.optim import SpectronAdamW
 from rankscope.optim.spectron import newton_schulz
 
 
@@ -43,7 +43,7 @@ def worst_case_gradient(B: torch.Tensor, A: torch.Tensor, generator: torch.Gener
 def measure(d_out: int, d_in: int, rank: int, scale: float, steps: int = 24, lr: float = 1e-2, **keys) -> tuple[float, float, float]:
     g = torch.Generator().manual_seed(d_out + int(scale))
     B, A = factor_pair(d_out, d_in, rank, scale, g)
-    optimizer = Spectron([{"params": [B, A], "factor_pairs": True, **keys}], lr=lr, weight_decay=0.0)
+    optimizer = SpectronAdamW([{"params": [B, A], "factor_pairs": True, **keys}], lr=lr, weight_decay=0.0)
     group = optimizer.param_groups[0]
     cold, warm, orthogonal = [], [], []
     for step in range(steps):
@@ -55,9 +55,9 @@ def measure(d_out: int, d_in: int, rank: int, scale: float, steps: int = 24, lr:
         (cold if step < 3 else warm).append(delta / lr)
         if step in (0, steps - 1):
             for p in (B, A):
-                O = newton_schulz(optimizer.state[p]["momentum_buffer"], group["ns_steps"],
+                orthogonalized = newton_schulz(optimizer.state[p]["momentum_buffer"], group["ns_steps"],
                                   group["ns_coefficients"], group["ns_precision"])
-                orthogonal.append(torch.linalg.matrix_norm(O.double(), ord=2).item())
+                orthogonal.append(torch.linalg.matrix_norm(orthogonalized.double(), ord=2).item())
     return max(cold), max(warm), max(orthogonal)
 
 

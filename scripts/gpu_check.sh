@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh                      # writes bench-results/gpu_check.json, prints a table
 #   scripts/gpu_check.sh --out DIR --budget-s 285 --compile-methods full
 #
-# Every option of `rankscope bench gpu` is accepted (see `rankscope bench --help`). Exit status:
+# Every option of `rankscope bench gpu` is accepted (see `rankscope bench gpu --help`). Exit status:
 # 0 every path passed (or no CUDA device: then nothing else is checked), 1 a path failed or ran
 # out of time, 2 bad arguments.
 set -euo pipefail

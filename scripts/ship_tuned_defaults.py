@@ -47,7 +47,7 @@ def _table(frame: pd.DataFrame, chosen: dict, preset: str) -> str:
         rows = frame[(frame["method"] == cell["method"]) & (frame["preset"].astype(str) == preset)
                      & frame["seed"].isin(seeds)].sort_values(["optim.embed_lr", "optim.lr"] if joint else "optim.lr")
 
-        def point(row) -> str:
+        def point(row, joint=joint) -> str:
             return f"{row['optim.embed_lr']:.3g}/{row['optim.lr']:.3g}" if joint else f"{row['optim.lr']:.3g}"
 
         tried = ", ".join(f"{point(r)}: " + ("diverged" if r["state"] == "diverged" else

@@ -1,4 +1,7 @@
-"""Shared test setup: one token cache per session, so the embedded corpus is prepared once."""
+"""Shared test setup: one token cache per session, so the embedded corpus is prepared once.
+
+Helpers that tests import (TINY_RUN, the interrupt-and-resume harness, ...) live in helpers.py:
+importing conftest itself is discouraged by pytest."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import os
 
 import pytest
 import torch
+
+from helpers import TINY_RUN  # tests/ is on sys.path (rootdir conftest, no __init__.py)
 
 # Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine extra threads
 # make small SVDs and matmuls many times slower (measured: 16x on a tiny forward).
@@ -22,19 +27,6 @@ def rankscope_cache(tmp_path_factory):
         os.environ.pop("RANKSCOPE_CACHE", None)
     else:
         os.environ["RANKSCOPE_CACHE"] = previous
-
-
-# The smallest run that still trains: tiny preset cut to 2 layers, short sequences.
-TINY_RUN = [
-    "model.preset=tiny",
-    "model.overrides={num_layers: 2}",
-    "data.seq_len=64",
-    "data.val_sequences=32",
-    "data.probe_sequences=16",
-    "train.batch_size=8",
-    "train.eval_every=0",
-    "train.log_every=5",
-]
 
 
 @pytest.fixture
@@ -70,58 +62,3 @@ def lock_holder():
         holder.kill()
         holder.wait()
         holder.stdout.close()
-
-
-def train_interrupted(cfg, run_dir, after_step: int) -> None:
-    """Train `cfg` into `run_dir` and stop it (as Ctrl-C would) right after update `after_step`."""
-    from rankscope.train import trainer as trainer_module
-    from rankscope.train.trainer import train
-
-    original = trainer_module.ProgressLog.update
-
-    def interrupt(self, step, record, tps):
-        if step == after_step:
-            raise KeyboardInterrupt
-        return original(self, step, record, tps)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module.ProgressLog, "update", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, run_dir)
-
-
-def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    """The model weights of a run's newest checkpoint."""
-    from safetensors.torch import load_file
-
-    from rankscope.train import checkpoint as ckpt
-
-    return load_file(str(ckpt.list_checkpoints(run_dir)[-1].path / "model.safetensors"))
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], label: str = "") -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{label}: {key}"
-
-
-def build_tiny_method(name: str, *, total_steps: int = 1000, warmup_steps: int = 10, seed: int = 0, **changes):
-    """(method, model, optimizer, optim) of method `name` on the tiny preset cut to 2 layers, with
-    its tiny defaults changed by `changes`, validated, parameterized from a model seeded with `seed`,
-    and its optimizer at its literature lr (wd 0, no clipping)."""
-    import dataclasses
-
-    from rankscope import methods
-    from rankscope.methods.base import ResolvedOptim
-    from rankscope.models import build_model, get_preset
-
-    cls = methods.get(name)
-    model_cfg = dataclasses.replace(get_preset("tiny"), num_layers=2)
-    method = cls(dataclasses.replace(cls.default_settings("tiny", model_cfg), **changes), model_cfg, "tiny")
-    method.validate()
-    torch.manual_seed(seed)
-    model = method.parameterize(build_model(model_cfg))
-    defaults = cls.optim_defaults("tiny")
-    optim = ResolvedOptim(lr=defaults.lr, weight_decay=0.0, betas=(0.9, 0.999), eps=defaults.eps, grad_clip=0.0,
-                          total_steps=total_steps, warmup_steps=warmup_steps, min_lr_ratio=0.1)
-    return method, model, method.build_optimizer(model, optim), optim

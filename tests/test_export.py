@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from rankscope.errors import RankscopeError
 from rankscope.export import save_hf
 from rankscope.models import LlamaConfig, NotDenseError, build_model, dense_state_dict
-
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 LINES = [
     "Now is the winter of our discontent",

@@ -7,6 +7,7 @@ whose defaults depend on the model preset (e.g. the literature's rank per scale)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -21,12 +22,17 @@ import yaml
 
 from rankscope.errors import ConfigError, did_you_mean
 
+# The full-rank method every other one is compared against (studies, analysis, scaling, bench):
+# named once, here. (MethodSection.name's default spells it as a literal: the CLI reads defaults
+# from the source without importing it.)
+REFERENCE_METHOD = "full"
+
 
 @dataclass
 class ModelSection:
     """Which LLaMA shape to build: a preset, optionally with fields of it overridden."""
 
-    preset: str = "tiny"
+    preset: str = "tiny"  # model size: one of rankscope.models.PRESETS (tiny for tests and CPU demos)
     # Fields of `LlamaConfig` to override, e.g. {"num_layers": 2}. vocab_size defaults to the
     # tokenizer's size (rounded up to a multiple of 64) unless given here.
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -40,14 +46,14 @@ class DataConfig:
     # "bpe": a byte-level BPE trained on the training text and cached; otherwise any name or local
     # path that transformers.AutoTokenizer loads (e.g. "t5-base" where the HF cache has it).
     tokenizer: str = "bpe"
-    vocab_size: int = 8192
-    seq_len: int = 128
-    val_sequences: int = 128
-    probe_sequences: int = 64
-    text_field: str = "text"
-    hf_split: str = "train"
-    hf_val_split: str = "validation"
-    streaming: bool = False
+    vocab_size: int = 8192  # vocabulary of the bpe tokenizer trained here (data.tokenizer bpe)
+    seq_len: int = 128  # tokens per training sequence
+    val_sequences: int = 128  # held-out sequences for the validation loss
+    probe_sequences: int = 64  # the fixed probe set that analysis evaluates every checkpoint on
+    text_field: str = "text"  # the field of a .jsonl / .json.gz record (or HF example) that holds the text
+    hf_split: str = "train"  # the Hugging Face split to train on
+    hf_val_split: str = "validation"  # the Hugging Face split for validation and probe data
+    streaming: bool = False  # read a Hugging Face data set as a stream instead of downloading it whole
     # Upper bound on training tokens read from the source (0 = everything); bounds streaming reads.
     max_train_tokens: int = 0
     # Where tokenizers and token shards are cached; "" = $RANKSCOPE_CACHE or ~/.cache/rankscope.
@@ -57,15 +63,15 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     # None means "the method's default" (each method declares the literature's values).
-    lr: float | None = None
-    weight_decay: float | None = None
+    lr: float | None = None  # peak learning rate
+    weight_decay: float | None = None  # AdamW-style decoupled weight decay (None = the method's default)
     # Which parameters decay: "all" (every trainable tensor) or "matrices" (not norm gains, biases
     # or scalar scales). None = the method's official harness (see docs/methods.md).
     weight_decay_scope: str | None = None
     beta1: float = 0.9
     beta2: float = 0.999
-    eps: float | None = None
-    grad_clip: float | None = None
+    eps: float | None = None  # the optimizer's epsilon (None = the method's default)
+    grad_clip: float | None = None  # max global gradient norm, 0 = no clipping (None = the method's default)
     # Per-role settings for the parameters that are not the method's (rankscope.optim.roles):
     # the token embeddings, the LM head and the norm gains. None = what the method's optimizer
     # gives them (its main lr and weight decay, as every official harness does); a value moves them
@@ -76,28 +82,28 @@ class OptimConfig:
     embed_weight_decay: float | None = None
     head_weight_decay: float | None = None
     norm_weight_decay: float | None = None
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # linear warmup over this fraction of train.steps (unless warmup_steps is set)
+    warmup_steps: int | None = None  # linear warmup steps; None = warmup_ratio x train.steps
+    min_lr_ratio: float = 0.1  # the cosine decay ends at min_lr_ratio x lr
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 300  # optimizer steps
     batch_size: int = 8  # global batch, in sequences
     micro_batch_size: int = 0  # per process and forward pass; 0 = the whole per-process batch
-    seed: int = 0
+    seed: int = 0  # model init, data order and every random choice of the method
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16-autocast | bf16-pure (the literature's protocol)
-    compile: bool = False
-    eval_every: int = 100
-    eval_batch_size: int = 16
-    log_every: int = 10
-    checkpoint_every: int = 0
-    checkpoint_steps: list[int] = field(default_factory=list)
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 100  # steps between validation losses; 0 = only at the end
+    eval_batch_size: int = 16  # sequences per validation forward pass
+    log_every: int = 10  # steps between lines of metrics.jsonl
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = none besides checkpoint_steps and the last step
+    checkpoint_steps: list[int] = field(default_factory=list)  # extra checkpoint steps, e.g. 100,200,300
     keep_last_checkpoints: int = 0  # 0 keeps every checkpoint (analysis needs them)
     nonfinite: str = "stop"  # stop | skip
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write the metrics to RUN_DIR/tensorboard
     # Training dynamics (rankscope.train.dynamics): every `dynamics_every` steps, the spectral
     # norms of each targeted matrix's update, weight and factors, and per-group gradient norms,
     # go to metrics.jsonl; 0 turns them and the loss-spike detector off.
@@ -109,7 +115,7 @@ class TrainConfig:
 
 @dataclass
 class MethodSection:
-    name: str = "full"
+    name: str = "full"  # the training method (`rankscope methods` lists them)
     settings: Any = None  # the method's Settings dataclass instance, resolved by `resolve_method`
 
 
@@ -136,6 +142,18 @@ POSITIVE = {
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclass
 
+
+
+def merge_trees(base: dict, extra: dict | None) -> dict:
+    """A deep copy of the config tree `base` with `extra` merged over it (mappings merge key by
+    key; any other value of `extra` replaces `base`'s)."""
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_trees(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 def config_to_dict(obj: Any) -> Any:
     if isinstance(obj, MethodSection):

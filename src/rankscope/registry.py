@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from rankscope.errors import RankscopeError, did_you_mean
@@ -11,36 +10,30 @@ from rankscope.errors import RankscopeError, did_you_mean
 T = TypeVar("T")
 
 
-@dataclass
-class _Entry:
-    target: Any
-    description: str
-
-
 class Registry(Generic[T]):
     """Maps names to objects; a target given as "package.module:attr" is imported on first use."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Any] = {}
 
-    def register(self, name: str, target: Any, description: str = "") -> None:
+    def register(self, name: str, target: Any) -> None:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
-        self._entries[name] = _Entry(target, description)
+        self._entries[name] = target
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests register throwaway entries and take them out again)."""
+        self._entries.pop(name, None)
 
     def get(self, name: str) -> T:
-        entry = self._entries.get(name)
-        if entry is None:
+        if name not in self._entries:
             raise RankscopeError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._entries)}")
-        if isinstance(entry.target, str):
-            module_name, _, attr = entry.target.partition(":")
-            entry.target = getattr(importlib.import_module(module_name), attr)
-        return entry.target
-
-    def describe(self, name: str) -> str:
-        self.get(name)
-        return self._entries[name].description
+        target = self._entries[name]
+        if isinstance(target, str):
+            module_name, _, attr = target.partition(":")
+            target = self._entries[name] = getattr(importlib.import_module(module_name), attr)
+        return target
 
     def names(self) -> list[str]:
         return list(self._entries)

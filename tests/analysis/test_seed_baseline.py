@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import TINY_RUN
 from rankscope.analysis.pipeline import analyze_runs
 from rankscope.analysis.settings import AnalysisSettings
 from rankscope.config import build_config
@@ -28,8 +29,6 @@ from rankscope.errors import RankscopeError
 from rankscope.report import load_study
 from rankscope.report.baseline import CLOSER, WITHIN, SeedBaselines
 from rankscope.train.trainer import train
-
-from conftest import TINY_RUN
 
 PROBE = 4
 

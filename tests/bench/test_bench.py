@@ -322,5 +322,41 @@ def test_period_setting_and_config_plumbing():
     galore = methods.get("galore").default_settings("tiny", get_preset("tiny"))
     assert period_setting(galore) == ("update_proj_gap", galore.update_proj_gap)
     assert period_setting(methods.get("full").Settings()) is None
-    config = make_config("infer", {"methods": "full", "steps": 9, "iters": None})
-    assert config.methods == "full" and config.iters == 5  # foreign keys and None skipped
+    config = make_config("infer", {"methods": "full", "iters": None})
+    assert config.methods == "full" and config.iters == 5  # None skipped: the config's default applies
+    # A key the benchmark does not have is an error, never silently dropped.
+    with pytest.raises(ConfigError, match="bench infer has no setting 'steps'"):
+        make_config("infer", {"methods": "full", "steps": 9})
+
+
+@pytest.mark.parametrize("argv", [
+    ["infer", "--steps", "999"], ["infer", "--period", "7"], ["gpu", "--budget-s", "1", "--repeats", "2"],
+    ["optimizer", "--methods", "galore"], ["all", "--iters", "2"], ["train", "--probe-sequences", "4"],
+])
+def test_cli_bench_flag_that_does_not_apply_is_an_argparse_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_cli_bench_flags_are_fields_of_their_benchmark_config():
+    from rankscope.bench import _config_class
+    from rankscope.cli import bench as cli_bench
+    from rankscope.cli._fields import dataclass_fields
+
+    for flag in cli_bench.FLAGS:
+        for name in flag.texts:
+            for bench in (cli_bench.ALL if name == "all" else (name,)):
+                fields = {f.name: f for f in dataclasses.fields(_config_class(bench))}
+                if name == "all" and flag.field == "methods" and bench == "optimizer":
+                    continue  # `all` passes --methods to the benchmarks that take it
+                assert flag.field in fields, (flag.flag, bench)
+    # The defaults the help shows are the dataclasses' own.
+    for bench, (module, cls) in cli_bench.CONFIGS.items():
+        real = _config_class(bench)
+        read = dataclass_fields(module, cls)
+        assert list(read) == [f.name for f in dataclasses.fields(real)]
+        for f in dataclasses.fields(real):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert read[f.name].default == default, (bench, f.name)

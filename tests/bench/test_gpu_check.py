@@ -131,8 +131,8 @@ def test_a_failing_path_is_recorded_and_the_others_still_run(tmp_path, monkeypat
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_train_path(config, method, *args)
 
-    monkeypatch.setattr(gpu, "train_path", failing_for_galore)
-    monkeypatch.setattr(gpu, "trainer_path", lambda *a: {"stub": True})  # not under test here
+    monkeypatch.setattr(gpu.runner, "train_path", failing_for_galore)
+    monkeypatch.setattr(gpu.runner, "trainer_path", lambda *a: {"stub": True})  # not under test here
     payload = run_gpu_check(tiny_check(methods="full,galore", compile_methods=(), landscape_methods=()),
                             out_dir=tmp_path, show=False)
     status = {p["path"]: (p["status"], p["error"]) for p in payload["paths"]}
@@ -176,3 +176,21 @@ def test_readme_documents_every_key_of_the_json():
         expected |= set(keys)
     assert expected <= documented, sorted(expected - documented)
     assert gpu.SCHEMA_NAME in section
+
+
+def test_trainer_path_builds_the_config_rankscope_train_builds_from_the_same_arguments():
+    # The trainer path calls rankscope.config.build_config directly (no bench.gpu -> cli import);
+    # the DDP path hands trainer_run_args to `rankscope train`. Both must give the same run config.
+    from rankscope.cli import build_parser
+    from rankscope.cli.train import config_from_args
+    from rankscope.config import build_config, config_to_dict
+
+    config = tiny_check(model_overrides={"num_layers": 1})
+    argv = gpu.trainer_run_args(config, "galore", 6, "cpu", "fp32", [3, 6], config.batch_size)
+    via_cli = config_from_args(build_parser().parse_args(["train", *argv]))
+    direct = build_config({}, gpu.trainer_overrides(config, 6, [3, 6]),
+                          **gpu.trainer_fields(config, "galore", 6, "cpu", "fp32", config.batch_size))
+    assert config_to_dict(via_cli) == config_to_dict(direct)
+    assert direct.train.checkpoint_steps == [3, 6] and direct.method.name == "galore"
+    # the bench.gpu -> cli -> bench cycle is gone
+    assert not any("rankscope.cli" in path.read_text() for path in Path(gpu.__file__).parent.glob("*.py"))

@@ -140,14 +140,16 @@ def test_editing_a_source_file_invalidates_the_cache(tmp_path, docs):
 
 
 def test_saved_hf_dataset_without_validation_split(tmp_path, docs):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     datasets.Dataset.from_dict({"text": docs, "n": list(range(len(docs)))}).save_to_disk(tmp_path / "ds")
     prepared = prepare_data(_cfg(tmp_path, tmp_path / "ds"))
     _check_hash_holdout(prepared, _hash_roles((f"row#{i}", d) for i, d in enumerate(docs)))
 
 
 def test_saved_hf_dataset_dict_with_validation_split_and_streaming(tmp_path, docs, valid_docs):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     dd = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"body": docs}),
         "validation": datasets.Dataset.from_dict({"body": valid_docs}),
@@ -193,7 +195,6 @@ def test_source_spec_errors(tmp_path):
 def test_hf_load_dataset_path_with_and_without_validation_split(tmp_path, docs, valid_docs):
     # `hf:` goes through datasets.load_dataset; a local folder of split-named files exercises it
     # offline. Streaming keeps the test from writing Arrow files to the HF cache.
-    pytest.importorskip("datasets")
     with_valid = tmp_path / "with_valid"
     with_valid.mkdir()
     _write_jsonl(with_valid / "train.jsonl", docs)

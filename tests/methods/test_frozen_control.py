@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import TINY_RUN
 from rankscope import methods
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
@@ -14,8 +15,6 @@ from rankscope.models import iter_target_linears
 from rankscope.train import load_run_model
 from rankscope.train.setup import build_run_model, check_method_settings
 from rankscope.train.trainer import train
-
-from conftest import TINY_RUN
 
 
 def test_the_control_trains_no_block_matrix_and_trains_everything_else(tmp_path):

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_method  # tests/ is on sys.path
 
+from helpers import build_tiny_method  # tests/ is on sys.path
 from rankscope import methods
 from rankscope.errors import ConfigError
 from rankscope.methods.base import check_param_groups

@@ -14,13 +14,13 @@ import json
 
 import pytest
 import torch
-from conftest import (  # tests/ is on sys.path (rootdir conftest, no __init__.py)
+
+from helpers import (  # tests/ is on sys.path (rootdir conftest, no __init__.py)
     TINY_RUN,
     assert_same_weights,
     final_weights,
     train_interrupted,
 )
-
 from rankscope import methods
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
@@ -84,9 +84,17 @@ def test_effective_weight_reproduces_each_layer(name):
     _, model, _, _ = _small_model(name)
     model.eval()  # adapter dropout (LoRA, ReLoRA) acts in training only; analysis runs in eval mode
     torch.manual_seed(1)
-    for module in model.modules():
-        if not isinstance(module, ParameterizedLinear):
-            continue
+    layers = [module for module in model.modules() if isinstance(module, ParameterizedLinear)]
+    if not layers:
+        # A method that trains the dense model (full, galore, fira, ...): every targeted linear must
+        # still be a plain nn.Linear, whose dense weight is its own.
+        from rankscope.models import iter_target_linears
+
+        targets = [module for *_, module in iter_target_linears(model)]
+        assert targets and all(type(module) is torch.nn.Linear for module in targets), name
+        return
+    checked = 0
+    for module in layers:
         # Random values everywhere, so zero-initialised adapters do not hide a wrong formula.
         with torch.no_grad():
             for p in module.parameters():
@@ -98,6 +106,15 @@ def test_effective_weight_reproduces_each_layer(name):
         x = torch.randn(4, module.in_features)
         with torch.no_grad():
             torch.testing.assert_close(module(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+        checked += 1
+    if checked == 0:
+        # No dense form anywhere (CoLA's B·σ(A·x)): the documented answer, and export refuses it.
+        from rankscope.models import NotDenseError, dense_state_dict
+
+        with pytest.raises(NotDenseError):
+            dense_state_dict(model)
+        return
+    assert checked == len(layers), f"{name}: only {checked} of {len(layers)} layers have a dense form"
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)

@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import (  # tests/ is on sys.path
+from safetensors.torch import load_file
+
+from helpers import (  # tests/ is on sys.path
     assert_same_weights,
     final_weights,
     train_interrupted,
 )
-from safetensors.torch import load_file
-
 from rankscope import methods
 from rankscope.config import build_config
 from rankscope.data import prepare_data

@@ -9,14 +9,14 @@ import math
 
 import pytest
 import torch
-from conftest import (  # tests/ is on sys.path
+
+from helpers import (  # tests/ is on sys.path
     TINY_RUN,
     assert_same_weights,
     build_tiny_method,
     final_weights,
     train_interrupted,
 )
-
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
 from rankscope.methods.refactor import refactor_factors

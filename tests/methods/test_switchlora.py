@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_method  # tests/ is on sys.path
 
+from helpers import build_tiny_method  # tests/ is on sys.path
 from rankscope.errors import ConfigError
 from rankscope.methods.base import check_param_groups
 from rankscope.methods.switchlora import switch_count, switch_rate

@@ -7,14 +7,13 @@ import dataclasses
 import pytest
 import torch
 
+from helpers import TINY_RUN  # tests/ is on sys.path (rootdir conftest, no __init__.py)
 from rankscope import methods
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
 from rankscope.methods.base import check_param_groups
 from rankscope.models import get_preset, token_losses
 from rankscope.train.setup import build_run_model, resolve_optim
-
-from conftest import TINY_RUN  # tests/ is on sys.path (rootdir conftest, no __init__.py)
 
 # Every official harness hands all trainable tensors to one torch optimizer with one weight decay
 # (GaLore / SLTrain / ReLoRA / CoLA torchrun_main, LORO run_c4.py); NVIDIA's Spectron optimizer

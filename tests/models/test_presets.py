@@ -9,7 +9,6 @@ from rankscope.errors import ConfigError
 from rankscope.models import PRESETS, build_model, get_preset
 from rankscope.models.llama import count_parameters
 
-
 # The small members of the scaling family (rankscope.scaling.family); vocab 8192 like tiny.
 SCALING_SMALL = {"w32l2", "w48l2", "w64l2", "w96l3", "w192l4"}
 

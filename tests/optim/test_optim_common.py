@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from rankscope.errors import ConfigError
-from rankscope.optim import FiraAdamW, GaLoreAdamW, HyperparameterError, LoroAdamW, Spectron, state_bytes
+from rankscope.optim import FiraAdamW, GaLoreAdamW, HyperparameterError, LoroAdamW, SpectronAdamW, state_bytes
 
-OPTIMIZERS = {"galore": GaLoreAdamW, "fira": FiraAdamW, "loro": LoroAdamW, "spectron": Spectron}
+OPTIMIZERS = {"galore": GaLoreAdamW, "fira": FiraAdamW, "loro": LoroAdamW, "spectron": SpectronAdamW}
 
 
 def matrix(*shape: int) -> torch.nn.Parameter:
@@ -28,7 +28,7 @@ INVALID = [
     ("negative lr", lambda: GaLoreAdamW([matrix(3, 3)], lr=-1e-3), "learning rate"),
     ("beta1 = 1", lambda: FiraAdamW([matrix(3, 3)], betas=(1.0, 0.999)), "beta1"),
     ("beta2 < 0", lambda: LoroAdamW([matrix(3, 3)], betas=(0.9, -0.1)), "beta2"),
-    ("betas not a pair", lambda: Spectron([matrix(3, 3)], betas=(0.9,)), "betas"),
+    ("betas not a pair", lambda: SpectronAdamW([matrix(3, 3)], betas=(0.9,)), "betas"),
     ("negative eps", lambda: GaLoreAdamW([matrix(3, 3)], eps=-1.0), "eps"),
     ("negative weight decay", lambda: FiraAdamW([matrix(3, 3)], weight_decay=-0.1), "weight_decay"),
     ("group lr negative", lambda: GaLoreAdamW([{"params": [matrix(3, 3)], "lr": -1.0}]), "learning rate"),
@@ -68,9 +68,9 @@ INVALID = [
     ("loro d_model 0", lambda: LoroAdamW([{"params": pair(), "factor_pairs": True, "d_model": 0}]), "d_model"),
     ("loro bad direction",
      lambda: LoroAdamW([{"params": pair(), "factor_pairs": True, "exact_direction": "sgd"}]), "exact_direction"),
-    ("spectron momentum 1", lambda: Spectron([{"params": pair(), "factor_pairs": True, "momentum": 1.0}]),
+    ("spectron momentum 1", lambda: SpectronAdamW([{"params": pair(), "factor_pairs": True, "momentum": 1.0}]),
      "momentum"),
-    ("spectron ns_steps 0", lambda: Spectron([{"params": pair(), "factor_pairs": True, "ns_steps": 0}]),
+    ("spectron ns_steps 0", lambda: SpectronAdamW([{"params": pair(), "factor_pairs": True, "ns_steps": 0}]),
      "ns_steps"),
 ]
 
@@ -91,10 +91,35 @@ def test_rejected_group_added_later_leaves_optimizer_unchanged():
     assert len(optimizer.param_groups) == 1
 
 
+def _signature_defaults(function: Callable, keys=("lr", "betas", "eps", "weight_decay")) -> dict:
+    import inspect
+
+    parameters = inspect.signature(function).parameters
+    return {key: parameters[key].default for key in keys}
+
+
+def _official_defaults(name: str) -> dict:
+    """The constructor defaults of each optimizer's official code, where the code or docs/methods.md give them."""
+    if name == "galore":
+        from galore_torch import GaLoreAdamW as Official
+
+        return _signature_defaults(Official.__init__)
+    if name == "fira":
+        from fira import FiraAdamW as Official
+
+        return _signature_defaults(Official.__init__)
+    if name == "loro":  # LOROAdamW (loro_optim.py): HF-style eps 1e-6, no decay (docs/methods.md, loro)
+        return {"eps": 1e-6, "weight_decay": 0.0}
+    # NVIDIA's Spectron: lr 3e-4 and decoupled weight decay 0.01 (docs/methods.md, spectron); its plain
+    # parameters are stepped by torch's AdamW with its betas and eps.
+    return {"lr": 3e-4, "weight_decay": 0.01, **_signature_defaults(torch.optim.AdamW.__init__, ("betas", "eps"))}
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_defaults_construct(name: str):
+def test_defaults_are_the_official_ones(name: str):
     optimizer = OPTIMIZERS[name]([matrix(3, 3)])
-    assert optimizer.param_groups[0]["lr"] > 0
+    official = _official_defaults(name)
+    assert {key: optimizer.defaults[key] for key in official} == official
 
 
 # ------------------------------------------------ plain groups == torch AdamW / the reference
@@ -183,7 +208,7 @@ def _setup(name: str, dtype: torch.dtype):
             optimizer = LoroAdamW([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
         else:
             group = {"params": special, "factor_pairs": True}
-            optimizer = Spectron([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
+            optimizer = SpectronAdamW([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
     return special + plain, optimizer
 
 

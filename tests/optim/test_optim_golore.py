@@ -170,7 +170,7 @@ def test_random_projectors_are_orthonormal_change_at_refresh_and_ignore_the_grad
     optimizer = GoLoreAdamW([{"params": params, "rank": 2, "update_proj_gap": 3, "random_from_step": 3,
                               "projection_seed": 7}], lr=LR)
     projectors = []
-    for step in range(9):
+    for _step in range(9):
         for p in params:
             p.grad = 1e-3 * torch.randn_like(p)
         optimizer.step()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from rankscope.optim import LoroAdamW, exact_step
-from rankscope.optim import loro as loro_module
 
 
 def dense_riemannian_step(B, A, G, lr):
@@ -56,10 +55,6 @@ def test_exact_step_keeps_dtype_and_computes_in_fp32():
     expected = dense_riemannian_step(B.double(), A.double(), G.double(), 0.1)
     relative = (B_new.double() @ A_new.double() - expected).norm() / expected.norm()
     assert relative < 2e-2
-
-
-def test_exact_step_is_importable_from_module():
-    assert loro_module.exact_step is exact_step
 
 
 # ------------------------------------------------------------------------- the optimizer

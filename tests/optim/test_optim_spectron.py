@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankscope.optim import HyperparameterError, Spectron, SpectronAdamW
+from rankscope.optim import HyperparameterError, SpectronAdamW
 from rankscope.optim.spectron import newton_schulz, power_iteration
 
 # NVIDIA muon_utils._COEFFICIENT_SETS, written out here independently of the implementation.
@@ -58,7 +58,12 @@ def test_newton_schulz_in_bf16_stays_close_to_fp32():
     M = torch.randn(256, 64, generator=torch.Generator().manual_seed(2))
     bf16, fp32 = newton_schulz(M, 5, "quintic", "bf16"), newton_schulz(M, 5, "quintic", "fp32")
     assert bf16.dtype == torch.float32
-    assert 0 < (bf16 - fp32).abs().max() < 0.05
+    # bf16 keeps ~3 significant digits: the result moves by about that (5.3e-3 measured), not more,
+    # and stays orthogonal (singular values in the fp32 iteration's band, tested above).
+    relative = ((bf16 - fp32).norm() / fp32.norm()).item()
+    assert 1e-4 < relative < 1e-2  # > 1e-4: the bf16 path really ran in bf16
+    singular = torch.linalg.svdvals(bf16.double())
+    assert singular.min() > 0.97 and singular.max() < 1.04
 
 
 def test_newton_schulz_step_count_must_fit_the_schedule():
@@ -67,7 +72,7 @@ def test_newton_schulz_step_count_must_fit_the_schedule():
         newton_schulz(M, 3, "quintic")
     newton_schulz(M, 3, "simple")  # one set: any count
     with pytest.raises(HyperparameterError, match="ns_steps"):
-        Spectron([{"params": [torch.nn.Parameter(torch.randn(6, 2)), torch.nn.Parameter(torch.randn(2, 5))],
+        SpectronAdamW([{"params": [torch.nn.Parameter(torch.randn(6, 2)), torch.nn.Parameter(torch.randn(2, 5))],
                    "factor_pairs": True, "ns_steps": 4}])
 
 
@@ -90,7 +95,7 @@ def test_the_power_vector_sits_on_each_factors_long_side_by_default():
     B = torch.nn.Parameter(torch.randn(24, 4))
     A = torch.nn.Parameter(torch.randn(4, 30))
     for side, lengths in (("long", (24, 30)), ("short", (4, 4))):
-        optimizer = Spectron([{"params": [B, A], "factor_pairs": True, "power_side": side}], lr=0.0)
+        optimizer = SpectronAdamW([{"params": [B, A], "factor_pairs": True, "power_side": side}], lr=0.0)
         B.grad, A.grad = torch.randn_like(B), torch.randn_like(A)
         optimizer.step()
         assert (optimizer.state[B]["power_vector"].numel(), optimizer.state[A]["power_vector"].numel()) == lengths
@@ -98,7 +103,7 @@ def test_the_power_vector_sits_on_each_factors_long_side_by_default():
 
 def test_defaults_are_nvidias():
     B, A = torch.nn.Parameter(torch.randn(6, 2)), torch.nn.Parameter(torch.randn(2, 5))
-    optimizer = Spectron([{"params": [B, A], "factor_pairs": True}])
+    optimizer = SpectronAdamW([{"params": [B, A], "factor_pairs": True}])
     group = optimizer.param_groups[0]
     assert (group["lr"], group["weight_decay"], group["momentum"], group["ns_steps"]) == (3e-4, 0.01, 0.9, 5)
     assert (group["ns_coefficients"], group["ns_precision"], group["power_iterations"], group["power_side"]) == (
@@ -130,7 +135,7 @@ def test_the_update_of_w_stays_within_lr_to_newton_schulz_precision(d_out, d_in,
     g = torch.Generator().manual_seed(d_out + int(scale))
     B, A = scenario.factor_pair(d_out, d_in, rank, scale, g)
     lr = 1e-2
-    optimizer = Spectron([{"params": [B, A], "factor_pairs": True}], lr=lr, weight_decay=0.0)
+    optimizer = SpectronAdamW([{"params": [B, A], "factor_pairs": True}], lr=lr, weight_decay=0.0)
     ratios, ideal = [], []
     for step in range(24):
         B0, A0 = B.detach().clone(), A.detach().clone()
@@ -178,7 +183,7 @@ def test_spectron_fits_a_low_rank_target():
     target = torch.randn(16, 3, generator=g) @ torch.randn(3, 12, generator=g)
     B = torch.nn.Parameter(torch.randn(16, 3, generator=g) * 0.3)
     A = torch.nn.Parameter(torch.randn(3, 12, generator=g) * 0.3)
-    optimizer = Spectron([{"params": [B, A], "factor_pairs": True}], lr=0.5, weight_decay=0.0)
+    optimizer = SpectronAdamW([{"params": [B, A], "factor_pairs": True}], lr=0.5, weight_decay=0.0)
 
     def loss() -> torch.Tensor:
         return 0.5 * (B @ A - target).square().sum()

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from helpers import TINY_RUN
 from rankscope import methods
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
@@ -19,8 +20,6 @@ from rankscope.models import get_preset, token_losses
 from rankscope.optim import GaLoreAdamW
 from rankscope.optim.roles import apply_role_settings, parameter_roles
 from rankscope.train.setup import build_run_model, build_run_optimizer, resolve_optim
-
-from conftest import TINY_RUN
 
 ALL_METHODS = methods.names()
 VOCAB = 256

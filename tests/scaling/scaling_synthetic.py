@@ -10,7 +10,10 @@ TRUTH = {"E": 1.8, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}
 COARSE = {"a": [0, 5, 10], "b": [0, 5, 10], "e": [-1, 0, 1], "alpha": [0, 0.5, 1], "beta": [0, 0.5, 1]}
 
 
-def synthetic(law=TRUTH, sizes=np.logspace(6, 9, 5), budgets=np.logspace(8, 11, 5), noise=0.005, seed=0, method="m"):
+SIZES, BUDGETS = np.logspace(6, 9, 5), np.logspace(8, 11, 5)
+
+
+def synthetic(law=TRUTH, sizes=SIZES, budgets=BUDGETS, noise=0.005, seed=0, method="m"):
     rng = np.random.default_rng(seed)
     n, d = np.meshgrid(sizes, budgets, indexing="ij")
     n, d = n.ravel(), d.ravel()

@@ -6,21 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scaling_synthetic import COARSE, TRUTH, synthetic
 
 from rankscope.scaling.fit import (
     HOFFMANN_GRID,
-    _as_fit,
-    bootstrap_fits,
     PARAMETERS,
     FitSettings,
     ScalingFitError,
+    _as_fit,
+    bootstrap_fits,
     fit_law,
     fit_table,
     huber_objective,
     validate_table,
 )
-
-from scaling_synthetic import COARSE, TRUTH, synthetic
 
 
 def test_a_known_law_is_recovered_within_its_bootstrap_interval():

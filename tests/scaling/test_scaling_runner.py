@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scaling_synthetic import COARSE, synthetic
 
 from rankscope.cli import main
 from rankscope.errors import ConfigError
 from rankscope.scaling.family import FAMILY, family_table, non_embedding_params
 from rankscope.scaling.runner import plan_levels, run_scaling, spec_from_dict
-from scaling_synthetic import COARSE, synthetic
 
 TINY_BASE = {
     "data": {"vocab_size": 512, "seq_len": 32, "val_sequences": 16, "probe_sequences": 4},

@@ -22,7 +22,7 @@ ANALYSIS = {"probe_size": 4, "directions": 2, "grid_points": 3, "singular_k_max"
 
 def small_study_dict(methods=("full", "lowrank"), seeds=(0, 1), steps=6, checkpoint_steps=(3, 6), slower=False,
                      controls=(), **extra) -> dict:
-    """`slower`: the conftest TINY_RUN shapes (2 layers, 64 tokens, 8 sequences), for tests that must
+    """`slower`: the helpers.TINY_RUN shapes (2 layers, 64 tokens, 8 sequences), for tests that must
     catch a run while it trains. No control unless asked (a study's default is [frozen]): the tests
     of other mechanisms train fewer runs."""
     layers, seq_len, batch = (2, 64, 8) if slower else (1, 32, 4)

@@ -13,6 +13,7 @@ from rankscope.errors import ConfigError
 from rankscope.nn import LoRALinear, LowRankLinear, SparsePlusLowRankLinear
 from rankscope.train import checkpoint as ckpt
 from rankscope.train.dynamics import DynamicsMonitor, SpikeDetector
+from rankscope.train.trainer import train
 from rankscope.train.update_spectra import (
     as_operator,
     current,
@@ -23,7 +24,6 @@ from rankscope.train.update_spectra import (
     update_operator,
     weight_operator,
 )
-from rankscope.train.trainer import train
 
 
 def _exact(matrix: torch.Tensor) -> float:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import at_step  # tests/ is on sys.path
 from rankscope.config import build_config
 from rankscope.train import checkpoint as ckpt
 from rankscope.train import preemption
-from rankscope.train import trainer as trainer_module
 from rankscope.train.trainer import train
 
 
@@ -20,16 +20,9 @@ def no_stop_left_over():
     preemption.clear_stop()
 
 
-def _stop_at(monkeypatch, stop_step):
-    original = trainer_module.ProgressLog.update
-
-    def update(self, step, record, tokens_per_sec):
-        if step == stop_step:
-            preemption.request_stop()  # what a signal handler does while the step runs
-        return original(self, step, record, tokens_per_sec)
-
-    monkeypatch.setattr(trainer_module.ProgressLog, "update", update)
-    return original
+def _stop_at(stop_step):
+    """A stop request while update `stop_step` runs (what a signal handler does)."""
+    return at_step(stop_step, preemption.request_stop)
 
 
 def _weights(run_dir):
@@ -43,12 +36,11 @@ def _weights(run_dir):
     ["method.name=galore", "method.update_proj_gap=5"],
     ["method.name=relora", "method.reset_every=6", "method.restart_warmup=2"],
 ], ids=["galore", "relora"])
-def test_a_stopped_run_checkpoints_its_step_and_resumes_bit_for_bit(tmp_path, tiny_overrides, monkeypatch, method):
+def test_a_stopped_run_checkpoints_its_step_and_resumes_bit_for_bit(tmp_path, tiny_overrides, method):
     cfg = build_config({}, tiny_overrides + ["train.steps=12", "train.checkpoint_steps=4", *method])
     train(cfg, tmp_path / "straight")
 
-    original = _stop_at(monkeypatch, 7)
-    with pytest.raises(preemption.RunPreempted) as stopped:
+    with _stop_at(7), pytest.raises(preemption.RunPreempted) as stopped:
         train(cfg, tmp_path / "stopped")
     assert stopped.value.step == 7
     # The step-7 checkpoint is there for resuming, but not a checkpoint of the run's schedule.
@@ -57,7 +49,6 @@ def test_a_stopped_run_checkpoints_its_step_and_resumes_bit_for_bit(tmp_path, ti
     assert [c.step for c in resumable] == [4, 7] and resumable[-1].meta["preemption"] is True
     assert not (tmp_path / "stopped" / "summary.json").exists()
 
-    monkeypatch.setattr(trainer_module.ProgressLog, "update", original)
     preemption.clear_stop()
     summary = train(cfg, tmp_path / "stopped")
     assert summary["resumed_from"] == 7
@@ -70,17 +61,16 @@ def test_a_stopped_run_checkpoints_its_step_and_resumes_bit_for_bit(tmp_path, ti
     assert steps == sorted(set(steps))
 
 
-def test_a_stop_on_a_scheduled_checkpoint_step_adds_no_extra_checkpoint(tmp_path, tiny_overrides, monkeypatch):
+def test_a_stop_on_a_scheduled_checkpoint_step_adds_no_extra_checkpoint(tmp_path, tiny_overrides):
     cfg = build_config({}, tiny_overrides + ["train.steps=6", "train.checkpoint_steps=3"])
-    _stop_at(monkeypatch, 3)
-    with pytest.raises(preemption.RunPreempted):
+    with _stop_at(3), pytest.raises(preemption.RunPreempted):
         train(cfg, tmp_path / "run")
     infos = ckpt.list_checkpoints(tmp_path / "run", include_preemption=True)
     assert [c.step for c in infos] == [3] and "preemption" not in infos[0].meta
 
 
-def test_a_stop_requested_during_the_last_step_lets_the_run_finish(tmp_path, tiny_overrides, monkeypatch):
+def test_a_stop_requested_during_the_last_step_lets_the_run_finish(tmp_path, tiny_overrides):
     cfg = build_config({}, tiny_overrides + ["train.steps=4"])
-    _stop_at(monkeypatch, 4)
-    summary = train(cfg, tmp_path / "run")
+    with _stop_at(4):
+        summary = train(cfg, tmp_path / "run")
     assert summary["steps"] == 4 and (tmp_path / "run" / "summary.json").is_file()

@@ -24,7 +24,7 @@ def _cfg(tiny_overrides, *extra):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 4-step run with checkpoints at 2 and 4, copied by each test that changes it."""
-    from conftest import TINY_RUN
+    from helpers import TINY_RUN
 
     run = tmp_path_factory.mktemp("finished") / "run"
     train(build_config({}, TINY_RUN + ["train.steps=4", "train.checkpoint_steps=2"]), run)
@@ -145,18 +145,12 @@ def test_damaged_side_file_errors_name_the_file(finished, tmp_path, tiny_overrid
         train(_cfg(tiny_overrides), run)
 
 
-def test_a_start_again_from_step_zero_logs_each_step_once(tmp_path, tiny_overrides, monkeypatch):
+def test_a_start_again_from_step_zero_logs_each_step_once(tmp_path, tiny_overrides):
     """A crash before the first checkpoint: the rerun starts from 0 and must not log step 0 twice."""
-    from rankscope.train import trainer as trainer_module
-
-    def crash(self, step, record, tps):
-        raise KeyboardInterrupt
+    from helpers import train_interrupted
 
     cfg = _cfg(tiny_overrides)
-    with monkeypatch.context() as patch:
-        patch.setattr(trainer_module.ProgressLog, "update", crash)
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, tmp_path / "run")
+    train_interrupted(cfg, tmp_path / "run", after_step=1)
     assert _metrics_steps(tmp_path / "run") == [0] and not ckpt.list_checkpoints(tmp_path / "run")
     train(cfg, tmp_path / "run")
     steps = _metrics_steps(tmp_path / "run")

@@ -15,7 +15,7 @@ from rankscope.train.trainer import train
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    from conftest import TINY_RUN
+    from helpers import TINY_RUN
 
     run = tmp_path_factory.mktemp("finished") / "run"
     train(build_config({}, TINY_RUN + ["train.steps=4", "train.checkpoint_steps=2"]), run)

@@ -4,12 +4,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import (  # tests/ is on sys.path
+
+from helpers import (  # tests/ is on sys.path
     assert_same_weights,
     final_weights,
     train_interrupted,
 )
-
 from rankscope.config import build_config
 from rankscope.errors import ConfigError
 from rankscope.train import checkpoint as ckpt

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankscope.errors import RankscopeError, did_you_mean
+from rankscope.errors import DownstreamError, did_you_mean  # noqa: F401 - DownstreamError re-exported
 
 try:  # lm-eval is a declared dependency; keep the import error readable if it is missing
     from lm_eval.api.model import LM as _LMBase
@@ -64,10 +64,6 @@ _BUILTIN_TASK_DIRS: dict[str, str] = {
     "arc_easy": "arc",
     "blimp": "blimp",
 }
-
-
-class DownstreamError(RankscopeError):
-    """A downstream evaluation cannot run as asked (unknown task, no data, bad model output)."""
 
 
 # --------------------------------------------------------------------------- model wrapper
@@ -311,7 +307,7 @@ def load_local_task_dataset(**kwargs: Any):
 # --------------------------------------------------------------------------- task availability
 
 
-def _expand_task_names(tasks: Sequence[str] | str | None) -> list[str]:
+def expand_task_names(tasks: Sequence[str] | str | None) -> list[str]:
     """The requested names with `rankscope_local` expanded, duplicates dropped, order kept.
 
     An unknown name is a DownstreamError, so callers can check a task list before any work (a
@@ -440,7 +436,7 @@ def available_tasks(tasks: Sequence[str] | str | None = None) -> tuple[list[str]
     reads is in the local Hugging Face cache, or when the hub is reachable (it will be
     downloaded). Returns `(available, {name: reason})`; an unknown name raises DownstreamError.
     """
-    names = _expand_task_names(tasks)
+    names = expand_task_names(tasks)
     manager = _manager_for(names)
     available: list[str] = []
     unavailable: dict[str, str] = {}
@@ -600,6 +596,7 @@ def evaluate_model(
 
 
 __all__ = [
+    "expand_task_names",
     "DEFAULT_TASKS",
     "LOCAL_TASKS",
     "LOCAL_GROUP",

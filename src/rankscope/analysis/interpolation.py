@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from rankscope.analysis import AnalysisError
+from rankscope.errors import AnalysisError
 
 DEFAULT_INTERPOLATION_POINTS = 21
 

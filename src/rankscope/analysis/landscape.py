@@ -19,8 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from rankscope.analysis import AnalysisError
-from rankscope.errors import did_you_mean
+from rankscope.errors import AnalysisError, did_you_mean
 
 DEFAULT_GRID_POINTS = 25
 DEFAULT_RANDOM_RADIUS = 0.003

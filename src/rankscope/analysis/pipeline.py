@@ -8,11 +8,17 @@ they share. This module only gathers the names callers use.
 
 from __future__ import annotations
 
+from rankscope.analysis.context import RunInfo, inspect_run
 from rankscope.analysis.cost import measure_point_cost
 from rankscope.analysis.probe import Probe, probe_fingerprint
 from rankscope.analysis.run import analyze_runs, plan_items
-from rankscope.analysis.runs import RunInfo, inspect_run
-from rankscope.analysis.space import ParameterSpace, build_dense_model, dense_weight, scope_parameter_names, target_modules
+from rankscope.analysis.space import (
+    ParameterSpace,
+    build_dense_model,
+    dense_weight,
+    scope_parameter_names,
+    target_modules,
+)
 from rankscope.analysis.stages import TABLE_COLUMNS
 from rankscope.analysis.stages.interpolation import ccbh_curve, imbh_curve, interpolation_curve
 from rankscope.analysis.stages.landscape import (

@@ -176,7 +176,7 @@ def fit_predictors(
     left out. With several seeds per (method, scale) the row also carries `<score>_mean`,
     `<score>_std` and `n_replicates` (see the module docstring for how replicates are formed).
     """
-    from rankscope.analysis import AnalysisError
+    from rankscope.errors import AnalysisError
 
     if target not in table.columns:
         raise AnalysisError(f"the table has no target column {target!r}; columns: {', '.join(map(str, table.columns))}")

@@ -12,9 +12,8 @@ import hashlib
 import torch
 from torch import nn
 
-from rankscope.analysis import AnalysisError
+from rankscope.errors import AnalysisError
 from rankscope.models import token_losses
-
 
 LOSS_AVERAGES = ("batch_mean", "token")
 

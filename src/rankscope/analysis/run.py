@@ -16,10 +16,7 @@ from typing import Any
 
 import torch
 
-from rankscope.analysis import AnalysisError
-from rankscope.analysis.probe import Probe
-from rankscope.analysis.progress import Progress
-from rankscope.analysis.runs import (
+from rankscope.analysis.context import (
     AnalysisContext,
     ModelCache,
     RunInfo,
@@ -29,9 +26,13 @@ from rankscope.analysis.runs import (
     pairing,
     run_probe,
 )
+from rankscope.analysis.item_progress import Progress
+from rankscope.analysis.probe import Probe
 from rankscope.analysis.settings import AnalysisSettings
 from rankscope.analysis.stages import STAGES, Stage
-from rankscope.analysis.store import Item, write_json_atomic, write_tables
+from rankscope.analysis.store import Item, write_tables
+from rankscope.errors import AnalysisError
+from rankscope.io import write_json_atomic
 
 log = logging.getLogger("rankscope.analysis")
 
@@ -65,7 +66,7 @@ def analyze_runs(
     one of the runs' seed); ``baseline_references`` are full-rank runs of the other seeds: every run
     is compared with each of them too (pairing ``cross-seed``), and a full-rank run's comparisons
     with them are the full-rank seed baseline (each seed pair analysed once, from its lower seed's
-    run: :func:`rankscope.analysis.runs.pair_owner`).
+    run: :func:`rankscope.analysis.context.pair_owner`).
 
     Everything that can be checked without computing (runs with checkpoints, requested steps,
     model shapes, the probe set) is checked first, so bad input fails in seconds.

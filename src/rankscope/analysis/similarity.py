@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from rankscope.analysis import AnalysisError
+from rankscope.errors import AnalysisError
 
 
 def _rows(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankscope.analysis import AnalysisError
+from rankscope.errors import AnalysisError
 from rankscope.models import TARGET_LINEARS, LlamaConfig, build_model
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

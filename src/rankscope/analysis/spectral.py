@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from rankscope.analysis import AnalysisError
+from rankscope.errors import AnalysisError
 
 SV_TOLERANCE = 1e-12
 DEFAULT_THRESHOLD = 0.1

@@ -9,7 +9,6 @@ interrupted analysis resumes where it stopped and ends with the same tables as a
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rankscope.io import read_json
 
 KEY_COLUMNS = ["run", "method", "preset", "seed", "step"]
 
@@ -39,13 +40,6 @@ class Item:
     @property
     def table(self) -> str:
         return self.family.split(":")[0]
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=None, allow_nan=True))
-    os.replace(tmp, path)
 
 
 def write_csv_atomic(frame, path: Path) -> None:
@@ -86,7 +80,7 @@ def write_tables(
         path = item.path(analysis_dir)
         if not path.is_file():
             continue
-        payload = json.loads(path.read_text())
+        payload = read_json(path, expect=dict, fix="delete it; the next analysis computes that item again")
         finished.append(item.key)
         for row in payload["rows"]:
             rows[item.table].append({**keys, "step": item.step, **row})

@@ -46,11 +46,15 @@ def _config_class(name: str) -> type:
 
 
 def make_config(name: str, options: dict[str, Any]) -> Any:
-    """The benchmark's config from shared options: keys it lacks and None values are skipped,
-    so one CLI namespace serves every benchmark."""
+    """The benchmark's config from options: None values are skipped (the config's default
+    applies); a key the benchmark does not have is a ConfigError, never silently dropped."""
     cls = _config_class(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in options.items() if k in fields and v is not None})
+    fields = [f.name for f in dataclasses.fields(cls)]
+    foreign = [k for k, v in options.items() if k not in fields and v is not None]
+    if foreign:
+        raise ConfigError(f"bench {name} has no setting {foreign[0]!r}{did_you_mean(foreign[0], fields)} "
+                          f"(its settings: {', '.join(fields)})")
+    return cls(**{k: v for k, v in options.items() if v is not None})
 
 
 def run_benchmark(name: str, options: dict[str, Any] | None = None, out_dir=None, show: bool = True) -> BenchResult:

@@ -10,7 +10,6 @@ processes on a shared CPU) hits every method alike instead of biasing whichever 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -24,11 +23,12 @@ from typing import Any
 
 import torch
 
+from rankscope.config import REFERENCE_METHOD
 from rankscope.errors import ConfigError, RankscopeError
+from rankscope.io import write_json_atomic
 
 log = logging.getLogger("rankscope.bench")
 
-BASELINE = "full"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def select_methods(spec: str | Sequence[str]) -> list[str]:
         raise ConfigError("--methods is empty; pass 'all' or a comma-separated list such as full,galore")
     for name in requested:
         methods.get(name)  # unknown names raise with a did-you-mean suggestion
-    ordered = [BASELINE] + [name for name in dict.fromkeys(requested) if name != BASELINE]
+    ordered = [REFERENCE_METHOD] + [name for name in dict.fromkeys(requested) if name != REFERENCE_METHOD]
     return ordered
 
 
@@ -125,7 +125,7 @@ def select_methods(spec: str | Sequence[str]) -> list[str]:
 
 
 def add_ratios(
-    records: list[dict[str, Any]], metrics: Sequence[str], key: str = "method", baseline: str = BASELINE
+    records: list[dict[str, Any]], metrics: Sequence[str], key: str = "method", baseline: str = REFERENCE_METHOD
 ) -> None:
     """Add `<metric>_ratio = value / baseline's value` to every record (None where undefined)."""
     base = next((r for r in records if r.get(key) == baseline), None)
@@ -234,7 +234,8 @@ def _plain(value: Any) -> Any:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(_plain(payload), indent=2) + "\n")
+    """`payload` as strict JSON (tensors as numbers or lists, NaN/inf as null), written atomically."""
+    write_json_atomic(path, _plain(payload))
 
 
 def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -337,3 +338,14 @@ def write_result(result: BenchResult, out_dir: str | Path | None, plot: RatioPlo
         extra_plot(extra)
         result.files["png_scaling"] = extra
     return result
+
+
+def wall_and_cpu(fn: Callable[[], Any], device: torch.device) -> tuple[float, float | None]:
+    """(wall seconds, process CPU seconds) of one call; CPU seconds only on the CPU device.
+
+    On a shared CPU the wall time includes the time the process waits for a core; its CPU time
+    does not (with one thread it is the wall time an idle machine would show), so both are kept.
+    """
+    cpu_start = time.process_time()
+    wall, _ = timed(fn, device)
+    return wall, (time.process_time() - cpu_start) if device.type == "cpu" else None

@@ -126,7 +126,7 @@ def run_infer_bench(config: InferBenchConfig, out_dir=None, show: bool = True) -
             warmed: set[str] = set()
             peaks: dict[str, int] = {}
 
-            def measure(name: str, repeat: int) -> float:
+            def measure(name: str, repeat: int, tokens=tokens, warmed=warmed, peaks=peaks) -> float:
                 forward = forwards[name]
                 with torch.inference_mode():
                     if name not in warmed:

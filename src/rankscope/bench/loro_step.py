@@ -48,11 +48,11 @@ def loro_scaling(sizes: list[int], rank: int, device: torch.device, repeats: int
         G = (torch.randn(d, d, generator=generator) / d).to(device)
         grad_B, grad_A = G @ A.mT, B.mT @ G
 
-        calls = {"exact": lambda: exact_step(B, A, grad_B, grad_A, lr),
-                 "dense": lambda: dense_svd_retraction(B, A, G, lr)}
+        calls = {"exact": lambda B=B, A=A, grad_B=grad_B, grad_A=grad_A: exact_step(B, A, grad_B, grad_A, lr),
+                 "dense": lambda B=B, A=A, G=G: dense_svd_retraction(B, A, G, lr)}
         for fn in calls.values():
             fn()  # warm-up (allocations, kernels, lazy LAPACK init)
-        samples = run_alternating(list(calls), repeats, lambda name, _: timed(calls[name], device)[0])
+        samples = run_alternating(list(calls), repeats, lambda name, _, calls=calls: timed(calls[name], device)[0])
         new_B, new_A = exact_step(B, A, grad_B, grad_A, lr)
         dense = dense_svd_retraction(B, A, G, lr)
         agreement = float(torch.linalg.matrix_norm(new_B @ new_A - dense) / torch.linalg.matrix_norm(dense))

@@ -53,11 +53,6 @@ from rankscope.methods.memory import account_memory
 
 log = logging.getLogger("rankscope.bench")
 
-# Settings that set how often a method does its periodic work, most specific first; any other
-# integer setting named *_gap / *_every is treated the same way.
-PERIOD_SETTINGS = ("update_proj_gap", "exact_every", "reset_every")
-
-
 @dataclass
 class TrainBenchConfig:
     preset: str = "tiny"
@@ -99,18 +94,30 @@ class TrainBenchConfig:
 # one method's run
 
 
-def period_setting(settings: Any) -> tuple[str, int] | None:
-    """(field name, value) of the method setting that spaces its periodic work, or None."""
-    if settings is None or not dataclasses.is_dataclass(settings):
+def _method_of(settings: Any) -> Any:
+    """The registered method whose Settings class `settings` is an instance of (exact type)."""
+    from rankscope import methods
+
+    for name in methods.names():
+        cls = methods.get(name)
+        if type(settings) is cls.Settings:
+            return cls
+    return None
+
+
+def period_setting(settings: Any, method_cls: Any = None) -> tuple[str, int] | None:
+    """(setting name, value) of the setting the method declares as its period
+    (`Method.period_setting`), or None: no periodic work, or the run turned it off (value <= 0).
+    Without `method_cls`, the method is the one whose Settings class `settings` is."""
+    if settings is None:
         return None
-    fields = [f.name for f in dataclasses.fields(settings)]
-    ordered = [n for n in PERIOD_SETTINGS if n in fields] + [
-        n for n in fields if n not in PERIOD_SETTINGS and (n.endswith("_gap") or n.endswith("_every"))
-    ]
-    for name in ordered:
-        value = getattr(settings, name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return name, value
+    method_cls = method_cls or _method_of(settings)
+    name = getattr(method_cls, "period_setting", None)
+    if name is None:
+        return None
+    value = getattr(settings, name)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return name, value
     return None
 
 
@@ -130,18 +137,21 @@ def build_config(preset: str, method: str, batch_size: int, seq_len: int,
 def shortened_period_overrides(cfg, period: int) -> dict[str, Any]:
     """Method overrides that make the periodic work recur every `period` steps.
 
-    Warm-up-like settings of the same method (ReLoRA's restart_warmup, LORO's rewarm_steps) are
-    cut below the period, since methods require them to fit inside it; they change the
-    learning rate only, never the cost of a step.
+    The method's warm-up settings (`Method.warmup_settings`: ReLoRA's restart_warmup, LORO's
+    rewarm_steps) are cut below the period, since methods require them to fit inside it; they
+    change the learning rate only, never the cost of a step.
     """
-    found = period_setting(cfg.method.settings)
+    from rankscope import methods
+
+    method_cls = methods.get(cfg.method.name)
+    found = period_setting(cfg.method.settings, method_cls)
     if found is None:
         return {}
     overrides: dict[str, Any] = {found[0]: period}
-    for f in dataclasses.fields(cfg.method.settings):
-        value = getattr(cfg.method.settings, f.name)
-        if ("warmup" in f.name or "rewarm" in f.name) and isinstance(value, int) and not isinstance(value, bool):
-            overrides[f.name] = min(value, period - 1)
+    for name in method_cls.warmup_settings:
+        value = getattr(cfg.method.settings, name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            overrides[name] = min(value, period - 1)
     return overrides
 
 
@@ -172,12 +182,19 @@ def build_method_run(
     device: torch.device, precision: str, seed: int, period: int | None, compile_model: bool = False,
 ) -> MethodRun:
     """Build the method's parameterized model and optimizer as the trainer does."""
+    from rankscope import methods
     from rankscope.models import get_preset
-    from rankscope.train.setup import build_method, build_run_model, build_run_optimizer, resolve_model_config, resolve_optim
+    from rankscope.train.setup import (
+        build_method,
+        build_run_model,
+        build_run_optimizer,
+        resolve_model_config,
+        resolve_optim,
+    )
 
     cfg = build_config(preset, method_name, batch_size, seq_len, model_overrides)
     vocab = int(model_overrides.get("vocab_size", get_preset(preset).vocab_size))
-    own_period = period_setting(cfg.method.settings)
+    own_period = period_setting(cfg.method.settings, methods.get(method_name))
     period_info = None
     note = ""
     if period is not None and own_period is not None:

@@ -24,9 +24,10 @@ import torch
 from rankscope.config import DataConfig
 from rankscope.data import shards as shards_module
 from rankscope.data import tokenizer as tokenizer_module
-from rankscope.data.shards import TokenShards, file_lock, read_meta, token_dtype, token_stream, write_meta
+from rankscope.data.shards import TokenShards, read_meta, token_dtype, token_stream, write_meta
 from rankscope.data.sources import Source, open_source
 from rankscope.errors import ConfigError, DataError
+from rankscope.locking import file_lock
 from rankscope.paths import check_output_folder
 
 log = logging.getLogger("rankscope.data")

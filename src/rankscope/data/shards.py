@@ -13,9 +13,7 @@ rebuilt, and a folder with it is trusted only after its files match it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -27,6 +25,7 @@ import torch
 
 from rankscope.data import tokenizer as tokenizer_module
 from rankscope.errors import ConfigError, DataError
+from rankscope.io import read_json, write_json_atomic
 
 log = logging.getLogger("rankscope.data")
 
@@ -47,23 +46,6 @@ MAX_GROUP_CHARS = 4_000_000
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits in 16 bits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on `path` (created if missing), so concurrent ranks prepare data once."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock; writes are still atomic renames
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +167,7 @@ def describe_file(path: Path, n_sequences: int, seq_len: int, dtype: np.dtype) -
 
 def write_meta(folder: Path, meta: dict) -> None:
     """Write meta.json atomically; it is the last file written, marking the folder complete."""
-    tmp = folder / f"{META_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    os.replace(tmp, folder / META_NAME)
+    write_json_atomic(folder / META_NAME, meta, indent=1, sort_keys=True)
 
 
 def read_meta(folder: Path) -> dict | None:
@@ -195,10 +175,7 @@ def read_meta(folder: Path) -> dict | None:
     path = folder / META_NAME
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise DataError(f"token shard metadata {path} is corrupt; delete {folder} to rebuild it") from None
+    meta = read_json(path, expect=dict, fix=f"delete {folder} to rebuild it", error=DataError)
     if meta.get("version") != META_VERSION:
         return None  # written by another version of the format: rebuild
     return meta

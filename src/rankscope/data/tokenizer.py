@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rankscope.errors import DataError
+from rankscope.io import write_json_atomic
+from rankscope.locking import file_lock
 
 log = logging.getLogger("rankscope.data")
 
@@ -79,8 +81,6 @@ def load_or_train_bpe(cache_dir: Path, source_identity: str, vocab_size: int, do
     """
     from transformers import PreTrainedTokenizerFast
 
-    from rankscope.data.shards import file_lock
-
     folder = cache_dir / "tokenizers" / bpe_cache_key(source_identity, vocab_size)
     done_marker = folder / "rankscope_tokenizer.json"
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -99,9 +99,8 @@ def load_or_train_bpe(cache_dir: Path, source_identity: str, vocab_size: int, do
             tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tokenizer.save_pretrained(tmp)
-            (tmp / "rankscope_tokenizer.json").write_text(
-                json.dumps({"source": source_identity, "vocab_size": vocab_size}, indent=1)
-            )
+            write_json_atomic(tmp / "rankscope_tokenizer.json", {"source": source_identity, "vocab_size": vocab_size},
+                              indent=1)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
             log.info("BPE trained in %.1f s and cached in %s", time.perf_counter() - start, folder)

@@ -28,7 +28,7 @@ def literature_rank(preset: str, model_config: LlamaConfig) -> int:
     return _LITERATURE_RANK.get(preset.strip().lower(), max(1, model_config.hidden_size // 4))
 
 
-def _short_name(target: str) -> str:
+def short_name(target: str) -> str:
     match = _QUALIFIED.match(target)
     return match.group(3) if match else target
 
@@ -36,7 +36,7 @@ def _short_name(target: str) -> str:
 def check_targets(targets: list[str], model_config: LlamaConfig) -> None:
     require(len(targets) > 0, "method.targets is empty; list at least one of " + ", ".join(TARGET_LINEARS))
     for target in targets:
-        short = _short_name(target)
+        short = short_name(target)
         require(
             short in TARGET_LINEARS,
             f"method.targets entry {target!r} is not a projection of the model"
@@ -66,7 +66,7 @@ def check_rank_fits(rank: int, targets: list[str], model_config: LlamaConfig, wh
     """rank must be an integer in [1, min(d_in, d_out)) for every targeted projection."""
     require(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1,
             f"{what} = {rank!r} must be an integer >= 1; set {what} to a positive whole number")
-    limit = min(min(linear_shape(_short_name(t), model_config)) for t in targets)
+    limit = min(min(linear_shape(short_name(t), model_config)) for t in targets)
     require(rank < limit,
             f"{what} = {rank} must be below min(d_in, d_out) = {limit} of the targeted projections "
             f"(otherwise nothing is low-rank); lower {what}")

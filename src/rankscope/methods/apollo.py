@@ -53,6 +53,7 @@ class APOLLOSettings:
 
 class APOLLO(Method):
     name = "apollo"
+    period_setting = "update_proj_gap"
     description = "APOLLO: dense weights, AdamW's per-channel scaling estimated from a random rank-r projection."
     Settings = APOLLOSettings
 

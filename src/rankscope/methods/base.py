@@ -16,7 +16,6 @@ from torch import nn
 from rankscope.errors import ConfigError
 from rankscope.optim.schedules import cosine_with_warmup
 
-
 # Which parameters weight decay acts on. "all": every trainable parameter, as torch.optim.AdamW
 # over model.parameters() in the official harnesses of GaLore, SLTrain, ReLoRA, CoLA and LORO.
 # "matrices": every weight of a linear map or embedding (factors, sparse values and adapters
@@ -74,6 +73,18 @@ class Method:
     # A control is a reference row, not a method: studies train it next to the methods (see
     # StudySpec.controls) and the report neither ranks it nor tests it against full rank.
     is_control: ClassVar[bool] = False
+    # The setting (a field of Settings, an int of steps) that spaces the method's periodic work
+    # (GaLore's update_proj_gap, LORO's exact_every, ReLoRA's reset_every); None: no periodic work.
+    # A value <= 0 in a run's settings means the work is off. `rankscope bench train` shortens it.
+    period_setting: ClassVar[str | None] = None
+    # Settings (ints of steps) that must fit inside that period (ReLoRA's restart_warmup, LORO's
+    # rewarm_steps): whoever shortens the period cuts these below it.
+    warmup_settings: ClassVar[tuple[str, ...]] = ()
+    # Whether the method bounds each update's size by the lr (Spectron: ‖ΔW‖₂ ≈ lr); the dynamics
+    # figure draws that bound next to the measured updates.
+    update_bound: ClassVar[bool] = False
+    # The method's line colour in the report's figures (hex); None: one is derived from the name.
+    color: ClassVar[str | None] = None
 
     def __init__(self, settings: Any, model_config: Any, preset: str = "tiny"):
         self.settings = settings
@@ -88,17 +99,6 @@ class Method:
     @classmethod
     def optim_defaults(cls, preset: str) -> OptimDefaults:
         return OptimDefaults()
-
-    @classmethod
-    def settings_help(cls) -> list[tuple[str, str, Any]]:
-        """(name, type, default) for every setting, for `rankscope methods`."""
-        out = []
-        for f in dataclasses.fields(cls.Settings):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-            )
-            out.append((f.name, getattr(f.type, "__name__", str(f.type)), default))
-        return out
 
     def validate(self) -> None:
         """Raise ConfigError for bad settings, before any training starts."""

@@ -63,6 +63,7 @@ class CoLASettings:
 
 class CoLA(Method):
     name = "cola"
+    color = "#D55E00"
     description = "CoLA: y = B·silu(A·x) in every targeted linear (no dense form); AdamW wd 0.01, clip 0.5."
     Settings = CoLASettings
 

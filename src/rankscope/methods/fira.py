@@ -25,6 +25,7 @@ class FiraSettings(ProjectedGradientSettings):
 
 class Fira(ProjectedGradientMethod):
     name = "fira"
+    color = "#009E73"
     description = "Fira: GaLore's projected Adam plus a norm-scaled full-rank gradient residual."
     Settings = FiraSettings
     optimizer_class = FiraAdamW

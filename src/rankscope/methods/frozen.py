@@ -32,6 +32,7 @@ class FrozenBlocks(Method):
                    "and norms train. Not a method: shows whether a regime can separate methods at all.")
     Settings = FrozenSettings
     is_control = True
+    color = "#8A8A8A"  # the control: grey (and dashed in the figures)
 
     @classmethod
     def optim_defaults(cls, preset: str) -> OptimDefaults:

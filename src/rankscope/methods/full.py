@@ -7,6 +7,7 @@ from rankscope.methods.base import Method, OptimDefaults
 
 class FullRank(Method):
     name = "full"
+    color = "#222222"  # the reference every other line is read against: near-black
     description = "Dense full-rank baseline: AdamW on every weight (lr 1e-3, wd 0)."
 
     @classmethod

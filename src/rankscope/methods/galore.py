@@ -52,6 +52,7 @@ class ProjectedGradientMethod(Method):
 
     optimizer_class: ClassVar[type[torch.optim.Optimizer]]
     allowed_proj_types: ClassVar[tuple[str, ...]] = PROJ_TYPES
+    period_setting = "update_proj_gap"
 
     @classmethod
     def default_settings(cls, preset: str, model_config: Any) -> Any:
@@ -91,6 +92,7 @@ class ProjectedGradientMethod(Method):
 
 class GaLore(ProjectedGradientMethod):
     name = "galore"
+    color = "#0072B2"
     description = "GaLore: dense weights, Adam in a rank-r SVD projection of each gradient (refreshed every T steps)."
     Settings = GaLoreSettings
     optimizer_class = GaLoreAdamW

@@ -48,6 +48,7 @@ class GoLoreSettings(GaLoreSettings):
 
 class GoLore(GaLore):
     name = "golore"
+    color = None  # not GaLore's: a colour of its own, derived from the name
     description = "GoLore: GaLore with Haar-random projectors for the last part of training (SVD before)."
     Settings = GoLoreSettings
     optimizer_class = GoLoreAdamW

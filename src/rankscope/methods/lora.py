@@ -65,6 +65,7 @@ def lora_parameterize(model: nn.Module, settings) -> list[LoRALinear]:
 
 class LoRA(Method):
     name = "lora"
+    color = "#56B4E9"
     description = "LoRA pre-training: frozen random W0 plus trained s·B·A (s = alpha/r), adapter dropout 0.1."
     Settings = LoRASettings
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankscope.methods._targets import _short_name, check_rank_fits, check_targets, literature_rank
+from rankscope.methods._targets import check_rank_fits, check_targets, literature_rank, short_name
 from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, scope_weight_decay
 from rankscope.models import TARGET_LINEARS
 from rankscope.nn import LowRankLinear, replace_linears
@@ -107,6 +107,9 @@ class NativeLowRankMethod(Method, abc.ABC):
 
 class LORO(NativeLowRankMethod):
     name = "loro"
+    color = "#7B3FA0"
+    period_setting = "exact_every"
+    warmup_settings = ("rewarm_steps",)
     description = "LORO: W = B·A with Adam factor steps and an exact rank-r Riemannian step every K steps."
     Settings = LoroSettings
     optimizer_class = LoroAdamW
@@ -124,7 +127,7 @@ class LORO(NativeLowRankMethod):
 
     def rank_for(self, target: str) -> int:
         mlp_rank = self.settings.mlp_rank
-        return mlp_rank if mlp_rank is not None and _short_name(target) in MLP_TARGETS else self.settings.rank
+        return mlp_rank if mlp_rank is not None and short_name(target) in MLP_TARGETS else self.settings.rank
 
     @property
     def refresh_every(self) -> int:

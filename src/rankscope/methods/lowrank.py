@@ -17,7 +17,7 @@ from torch import nn
 
 from rankscope.methods._targets import check_rank_fits, check_targets, literature_rank
 from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require, scope_weight_decay, split_targeted
-from rankscope.methods.refactor import RefactorSettings, Refactoring
+from rankscope.methods.refactor import Refactoring, RefactorSettings
 from rankscope.models import TARGET_LINEARS, LlamaConfig
 from rankscope.nn import LowRankLinear, ParameterizedLinear, replace_linears
 
@@ -68,6 +68,7 @@ class LowRankSettings(RefactorSettings):
 
 class LowRank(Refactoring, Method):
     name = "lowrank"
+    color = "#8C564B"
     description = "Vanilla low-rank W = B·A, both factors trained with AdamW from Xavier init."
     Settings = LowRankSettings
 

@@ -24,11 +24,6 @@ LITERATURE_BYTES_PER_ELEMENT = 2
 PROJECTOR_STATE_PREFIX = "proj_"
 
 
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every state tensor with at least one dimension (scalar step counters are excluded)."""
-    return [tensor for _, tensor in _named_state_tensors(optimizer) if tensor.dim() > 0]
-
-
 def _named_state_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
     out = []
     for state in optimizer.state.values():

@@ -57,6 +57,9 @@ class Refactoring:
     RefactorSettings: the refactorization in `after_step`, the recovery windows in `lr_multiplier`."""
 
     settings: Any
+    # Read as Method class attributes by the classes that mix this in (LowRank, SLTrain).
+    period_setting = "refactor_every"
+    warmup_settings = ("recovery_steps",)
     _refactor_total_steps: int | None = None
 
     def validate_refactoring(self) -> None:

@@ -77,6 +77,9 @@ class ReLoRASettings:
 
 class ReLoRA(Method):
     name = "relora"
+    color = "#E69F00"
+    period_setting = "reset_every"
+    warmup_settings = ("restart_warmup",)
     description = "ReLoRA: frozen W0 + s·B·A merged into W0 every reset_every steps; jagged cosine LR."
     Settings = ReLoRASettings
 

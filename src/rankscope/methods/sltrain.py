@@ -19,7 +19,7 @@ from torch import nn
 from rankscope.methods._targets import linear_shape, literature_rank
 from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require
 from rankscope.methods.lowrank import default_targets, two_group_adamw, validate_targets_and_rank
-from rankscope.methods.refactor import RefactorSettings, Refactoring
+from rankscope.methods.refactor import Refactoring, RefactorSettings
 from rankscope.models import LlamaConfig
 from rankscope.nn import SparsePlusLowRankLinear, replace_linears
 from rankscope.nn.sparse import support_size
@@ -44,6 +44,7 @@ class SLTrainSettings(RefactorSettings):
 
 class SLTrain(Refactoring, Method):
     name = "sltrain"
+    color = "#CC79A7"
     description = "SLTrain: s·B·A plus a sparse S on a fixed random support (3%), trained without a dense W."
     Settings = SLTrainSettings
 

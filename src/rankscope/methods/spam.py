@@ -38,6 +38,8 @@ class SPAMSettings:
 
 class SPAMMethod(Method):
     name = "spam"
+    period_setting = "reset_every"
+    warmup_settings = ("reset_warmup",)
     description = "SPAM: dense weights, Adam with momentum resets, spike-aware clipping and a post-reset warm-up."
     Settings = SPAMSettings
 

@@ -51,6 +51,8 @@ SPECTRON_WEIGHT_DECAY = 0.01
 
 class Spectron(NativeLowRankMethod):
     name = "spectron"
+    color = "#A6A614"
+    update_bound = True  # ‖ΔW‖₂ of each factor step is scaled to about the lr
     description = "Spectron: W = B·A, momentum + Newton-Schulz orthogonalized factor steps scaled by 1/(sigma_A+sigma_B+1)."
     Settings = SpectronSettings
     optimizer_class = SpectronOptimizer

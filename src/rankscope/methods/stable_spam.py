@@ -33,6 +33,7 @@ class StableSPAMSettings:
 
 class StableSPAMMethod(Method):
     name = "stable_spam"
+    period_setting = "reset_every"
     description = "Stable-SPAM: dense weights, Adam with adaptive spike clipping, norm normalisation and resets."
     Settings = StableSPAMSettings
 

@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankscope.errors import RankscopeError
-
-
-class NotDenseError(RankscopeError):
-    """A parameterized layer has no dense weight equivalent, so the model cannot be exported dense."""
+from rankscope.errors import NotDenseError  # noqa: F401 - re-exported: its old home
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

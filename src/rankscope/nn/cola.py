@@ -67,7 +67,7 @@ class ColaLinear(ParameterizedLinear):
         *,
         name: str = "",
         generator: torch.Generator | None = None,
-    ) -> "ColaLinear":
+    ) -> ColaLinear:
         """A fresh layer with the shape, device and dtype of ``linear`` (its values are not used)."""
         check_from_linear(linear)
         return cls(

@@ -99,7 +99,7 @@ class LoRALinear(ParameterizedLinear):
         trainable_scaling: bool = False,
         name: str = "",
         generator: torch.Generator | None = None,
-    ) -> "LoRALinear":
+    ) -> LoRALinear:
         """Wrap ``linear``: its weight is copied into the frozen ``weight``; A and B are fresh."""
         check_from_linear(linear)
         layer = cls(

@@ -77,7 +77,7 @@ class LowRankLinear(ParameterizedLinear):
         *,
         name: str = "",
         generator: torch.Generator | None = None,
-    ) -> "LowRankLinear":
+    ) -> LowRankLinear:
         """A fresh layer with the shape, device and dtype of ``linear``; its values are used only by
         the dense_svd init."""
         check_from_linear(linear)

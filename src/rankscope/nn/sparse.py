@@ -178,7 +178,7 @@ class SparsePlusLowRankLinear(ParameterizedLinear):
         trainable_scaling: bool = False,
         name: str = "",
         generator: torch.Generator | None = None,
-    ) -> "SparsePlusLowRankLinear":
+    ) -> SparsePlusLowRankLinear:
         """A fresh layer with the shape, device and dtype of ``linear`` (its values are not used)."""
         check_from_linear(linear)
         return cls(

@@ -23,11 +23,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw as functional_adamw
 
-from rankscope.errors import ConfigError
-
-
-class HyperparameterError(ConfigError, ValueError):
-    """An optimizer hyperparameter is out of range (also a ValueError, as torch optimizers raise)."""
+from rankscope.errors import ConfigError, HyperparameterError  # noqa: F401 - HyperparameterError re-exported
 
 
 def new_step_counter() -> torch.Tensor:

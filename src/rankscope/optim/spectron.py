@@ -201,6 +201,3 @@ class SpectronAdamW(RankscopeOptimizer):
             rho = lr / (sigmas[0] + sigmas[1] + 1.0)
             for factor, direction in zip((b, a), directions):
                 factor.sub_((rho * direction).to(factor.dtype))
-
-
-Spectron = SpectronAdamW

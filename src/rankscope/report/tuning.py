@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from rankscope.io import read_json
 from rankscope.report.collect import is_control, method_label, sorted_methods, sorted_presets
 from rankscope.report.figures.tuning import fig_tuning, read_tuning
 from rankscope.study.spec import CAN_SEPARATE
-from rankscope.study.status import read_json
-
 
 SHARED_DENSE, INDEPENDENT = "shared-dense", "independent"
 DENSE_LABEL = "dense_lr"

@@ -10,7 +10,6 @@ SPEC.yaml` runs on the table its runs produced. Outputs in OUT:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rankscope.config import REFERENCE_METHOD
+from rankscope.io import write_json_atomic
 from rankscope.scaling.fit import PARAMETERS, FitSettings, MethodFit, fit_table, interval, validate_table
 from rankscope.scaling.optimal import (
     INFERENCE_FLOPS,
@@ -30,7 +31,6 @@ from rankscope.scaling.optimal import (
 )
 
 log = logging.getLogger("rankscope.scaling")
-REFERENCE = "full"
 
 
 def with_compute(table: pd.DataFrame) -> pd.DataFrame:
@@ -76,13 +76,13 @@ def compute_optimal(fits: dict[str, MethodFit], table: pd.DataFrame, budgets, co
 def compare_to_reference(optimal: dict, front: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """At every budget, each method's predicted loss minus full-rank's (bootstrap interval of the
     difference, the methods' resamples being independent) and its inference cost relative to full."""
-    if REFERENCE not in optimal:
+    if REFERENCE_METHOD not in optimal:
         return pd.DataFrame()
-    reference = front[front["method"] == REFERENCE].reset_index(drop=True)
-    ref_samples = optimal[REFERENCE]["_samples"]
+    reference = front[front["method"] == REFERENCE_METHOD].reset_index(drop=True)
+    ref_samples = optimal[REFERENCE_METHOD]["_samples"]
     rows = []
     for method, info in optimal.items():
-        if method == REFERENCE:
+        if method == REFERENCE_METHOD:
             continue
         mine = front[front["method"] == method].reset_index(drop=True)
         samples = info["_samples"]
@@ -140,21 +140,8 @@ def analyze_table(table: pd.DataFrame, out_dir: str | Path, settings: FitSetting
     return {"fits": fits_json, "compute_optimal": _public(optimal), "out": out, "report": report}
 
 
-def _finite(payload):
-    """NaN and infinities as null, so every file is strict JSON."""
-    if isinstance(payload, dict):
-        return {k: _finite(v) for k, v in payload.items()}
-    if isinstance(payload, (list, tuple)):
-        return [_finite(v) for v in payload]
-    if isinstance(payload, (float, np.floating)) and not math.isfinite(payload):
-        return None
-    return payload
-
-
 def _write_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2, default=_jsonable, allow_nan=False))
-    tmp.replace(path)
+    write_json_atomic(path, payload, default=_jsonable)  # strict: NaN and infinities as null
 
 
 def _jsonable(value):

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from rankscope.errors import RankscopeError
+from rankscope.errors import ScalingFitError  # noqa: F401 - re-exported: its old home
 
 log = logging.getLogger("rankscope.scaling")
 
@@ -40,10 +40,6 @@ HOFFMANN_GRID: dict[str, tuple[float, ...]] = {
 MIN_SIZES = 3  # A/N^α next to E needs three sizes: with two, A and α trade off exactly
 MIN_BUDGETS = 3
 MIN_POINTS = 6  # more runs than the five parameters
-
-
-class ScalingFitError(RankscopeError):
-    """The data cannot identify the law, or the table is malformed."""
 
 
 @dataclass

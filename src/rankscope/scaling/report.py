@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.collect import sorted_methods
+from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.stats import format_number
 from rankscope.scaling.fit import PARAMETERS, FitSettings, MethodFit
 

@@ -13,7 +13,6 @@ parameter counts and their measured FLOPs per token become OUT/scaling.csv, whic
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,16 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from rankscope.config import build_config, config_from_dict, config_to_dict, dataclass_from_dict, load_yaml
+from rankscope.config import (
+    build_config,
+    config_from_dict,
+    config_to_dict,
+    dataclass_from_dict,
+    load_yaml,
+    merge_trees,
+)
 from rankscope.errors import ConfigError
+from rankscope.io import read_json
 from rankscope.scaling.family import FAMILY, non_embedding_params
 from rankscope.scaling.fit import MIN_BUDGETS, MIN_SIZES, FitSettings, ScalingFitError
 
@@ -71,13 +78,6 @@ def spec_from_dict(data: dict) -> ScalingSpec:
     return dataclass_from_dict(ScalingSpec, data, "scaling")
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (extra or {}).items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
-    return out
-
-
 def validate_spec(spec: ScalingSpec) -> None:
     """Everything that can be checked without building a run, each failure one line."""
     from rankscope.study import REFERENCE_METHOD
@@ -114,7 +114,7 @@ def validate_spec(spec: ScalingSpec) -> None:
 
 
 def _tokens_per_step(spec: ScalingSpec, size: str) -> int:
-    tree = _merge(_merge(spec.base, spec.size_overrides.get(size, {})), {"model": {"preset": size}})
+    tree = merge_trees(merge_trees(spec.base, spec.size_overrides.get(size, {})), {"model": {"preset": size}})
     tree.pop("method", None)
     cfg = build_config(tree)
     return cfg.train.batch_size * cfg.data.seq_len
@@ -143,7 +143,7 @@ def plan_levels(spec: ScalingSpec) -> list[BudgetLevel]:
             "grid": {"methods": list(spec.methods), "presets": list(spec.sizes), "seeds": list(spec.seeds)},
             "base": copy.deepcopy(spec.base),
             "method_overrides": copy.deepcopy(spec.method_overrides),
-            "preset_overrides": {size: _merge(spec.size_overrides.get(size, {}), {"train": {"steps": steps[size]}})
+            "preset_overrides": {size: merge_trees(spec.size_overrides.get(size, {}), {"train": {"steps": steps[size]}})
                                  for size in spec.sizes},
             "eval": {"tasks": []},  # scaling needs the validation loss only
             "tune": copy.deepcopy(spec.tune),
@@ -243,7 +243,7 @@ def _run_model_config(run_dir: Path):
     from rankscope.train import checkpoint as ckpt
 
     checkpoints = ckpt.list_checkpoints(run_dir)
-    meta = json.loads((checkpoints[-1].path / "meta.json").read_text())
+    meta = read_json(checkpoints[-1].path / "meta.json", expect=dict)
     return LlamaConfig(**meta["model_config"])
 
 
@@ -262,7 +262,7 @@ def collect_table(spec: ScalingSpec, levels: list[BudgetLevel], out: Path) -> pd
                 log.warning("scaling: %s/%s has no summary.json (failed or unfinished); left out of the fit",
                             level.label, run.name)
                 continue
-            summary = json.loads(summary_path.read_text())
+            summary = read_json(summary_path, expect=dict, fix="delete it and train the run again")
             key = (run.method, run.preset)
             # The run's own config: with a tune stage its lrs are the budget's choice, not the plan's.
             cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))

@@ -16,9 +16,9 @@ import logging
 import time
 from pathlib import Path
 
+from rankscope.study.board import StudyBoard
 from rankscope.study.jobs import Job
 from rankscope.study.launch import Handle, Launcher
-from rankscope.study.progress import StudyBoard
 from rankscope.study.status import JobFiles, JobRecords, StudyStatus
 
 log = logging.getLogger("rankscope.study")

@@ -11,7 +11,6 @@ job, so that two processes never work on the same run folder.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -21,12 +20,16 @@ import socket
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
-from rankscope.study.status import JobFiles, error_line, read_json, write_json_atomic
+from rankscope.errors import LockedError
+from rankscope.io import read_json, write_json_atomic
+from rankscope.locking import FileLock, FlockUnavailable
+from rankscope.study.status import JobFiles, error_line
 
 log = logging.getLogger("rankscope.study")
 
@@ -129,9 +132,10 @@ class TuneJob(TrainJob):
         return self.read_result() is not None
 
     def read_result(self) -> dict[str, Any] | None:
-        """The result file when it is this job's (same fingerprint); None otherwise."""
-        data = read_json(Path(self.result_file))
-        return data if isinstance(data, dict) and data.get("fingerprint") == self.fingerprint() else None
+        """The result file when it is this job's (same fingerprint); None otherwise. A damaged
+        one counts as none (with a warning): the job is run again and rewrites it."""
+        data = read_json(Path(self.result_file), on_damage="none", expect=dict, fix="the tuning run is scored again")
+        return data if data is not None and data.get("fingerprint") == self.fingerprint() else None
 
 
 def score_tuning_run(run_dir: Path, summary: dict, metric: str) -> dict[str, Any]:
@@ -220,11 +224,7 @@ def evaluate_run(run_dir: Path, step: int | None, tasks: list[str], limit: int, 
         max_length=loaded.config.data.seq_len,
     )
     result["step"] = loaded.step
-    out = Path(run_dir) / "eval" / f"step_{loaded.step:06d}.json"
-    out.parent.mkdir(exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=lambda v: None))
-    tmp.replace(out)
+    write_json_atomic(Path(run_dir) / "eval" / f"step_{loaded.step:06d}.json", result)
     return result
 
 
@@ -293,21 +293,22 @@ def _job_lock(path: Path, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    # No O_EXCL fallback where flock is unsupported: the job may run on another node than a
+    # killed earlier attempt whose lock file would then be respected forever. The run folder's
+    # own lock (train/lock.py) still refuses a second live trainer.
+    lock = FileLock(path, fallback=False)
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            lock.acquire(blocking=False)
+        except LockedError:
             log.warning("another process is running %s (lock %s); waiting for it to finish", path.stem, path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without flock (some Lustre/FUSE mounts)
-            log.warning("cannot lock %s (%s); relying on the run folder's own lock", path, exc.strerror)
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            lock.acquire()
+    except FlockUnavailable as exc:  # a file system without flock (some Lustre/FUSE mounts)
+        log.warning("cannot lock %s (%s); relying on the run folder's own lock", path, exc.strerror)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager

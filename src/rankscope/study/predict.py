@@ -14,7 +14,7 @@ from rankscope.study.status import StudyStatus
 log = logging.getLogger("rankscope.study")
 
 
-def _stage_predict(planned, runs_dir: Path, out: Path, status: StudyStatus, spec: PredictorSpec) -> None:
+def run_predict_stage(planned, runs_dir: Path, out: Path, status: StudyStatus, spec: PredictorSpec) -> None:
     from rankscope.analysis.features import predictor_table
     from rankscope.analysis.predictor import GEOMETRY_FEATURES, fit_predictors
 

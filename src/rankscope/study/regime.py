@@ -1,8 +1,9 @@
 """STUDY_DIR/regime.json: how every run of a study was set up, as planned, so that the report can
 say where each learning rate came from and whether two methods were tuned on the same budget
-(a run's config.yaml holds the lr but not its provenance). Written by the study driver after
-training and before the report (fields: docs/internals.md, "Study layout"). The report adds what
-it measures itself (unigram perplexity, chance levels: `rankscope.report.regime`)."""
+(a run's config.yaml holds the lr but not its provenance). Written by the study driver before
+training (study/stages.py), so it records the plan whatever happens to the study file later
+(fields: docs/internals.md, "Study layout"). The report adds what it measures itself (unigram
+perplexity, chance levels: `rankscope.report.regime`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Any
 
 from rankscope import methods
 from rankscope.config import config_to_dict
+from rankscope.io import read_json, write_json_atomic
 from rankscope.optim.roles import ROLES, effective_roles
 from rankscope.study.spec import PlannedRun, StudySpec, get_path, study_members
-from rankscope.study.status import read_json, write_json_atomic
 
 REGIME_FILE = "regime.json"
 
@@ -85,7 +86,8 @@ def write_regime(out: Path, planned: list[PlannedRun], spec: StudySpec) -> Path:
     from rankscope.study.tune import plan_tuning
     from rankscope.train.setup import resolve_optim
 
-    chosen = read_json(out / "tune" / "chosen.json") or {}
+    chosen = read_json(out / "tune" / "chosen.json", missing={}, expect=dict,
+                       fix="run the tune stage again (rankscope study STUDY.yaml --stage tune)")
     cells = {(c.method, c.preset): c for c in plan_tuning(spec)} if chosen else {}
     runs: dict[str, Any] = {}
     for run in planned:

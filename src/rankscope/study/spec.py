@@ -6,18 +6,16 @@ config of every cell of the grid before anything is trained.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rankscope import methods
-from rankscope.config import RunConfig, build_config, dataclass_from_dict, load_yaml
+from rankscope.config import REFERENCE_METHOD, RunConfig, build_config, dataclass_from_dict, load_yaml, merge_trees
 from rankscope.errors import ConfigError, RankscopeError, did_you_mean
 from rankscope.train.setup import check_method_settings
 
 STAGES = ("tune", "train", "analyze", "eval", "predict", "report")
-REFERENCE_METHOD = "full"
 TUNE_PROTOCOLS = ("shared-dense", "independent")
 # The keys stage 1 of the shared-dense protocol tunes as one value with full rank's block lr, and
 # stage 2 then fixes for every method and control: the lrs of what no method changes.
@@ -26,6 +24,7 @@ DENSE_KEYS = ("optim.embed_lr", "optim.head_lr", "optim.norm_lr")
 
 @dataclass
 class GridSpec:
+    # Method names, or `all`: every registered method that is not a control (study_from_dict expands it).
     methods: list[str] = field(default_factory=lambda: [REFERENCE_METHOD])
     presets: list[str] = field(default_factory=lambda: ["tiny"])
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -152,32 +151,31 @@ def run_name(method: str, preset: str, seed: int) -> str:
     return f"{method}-{preset}-s{seed}"
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def load_study(path: str | Path) -> StudySpec:
     data = load_yaml(path)
     return study_from_dict(data)
 
 
+# `grid.methods: all` (or `[all]`): every registered method, controls left out (they go under `controls`).
+ALL_METHODS = "all"
+
+
 def study_from_dict(data: dict) -> StudySpec:
-    return dataclass_from_dict(StudySpec, data, "study")
+    spec = dataclass_from_dict(StudySpec, data, "study")
+    if ALL_METHODS in spec.grid.methods:
+        if spec.grid.methods != [ALL_METHODS]:
+            raise ConfigError(f"grid.methods {spec.grid.methods}: write `methods: all` alone, or list the methods")
+        spec.grid.methods = methods.method_names()
+    return spec
 
 
 def run_tree(spec: StudySpec, method: str, preset: str, seed: int) -> dict:
     """The run config mapping of one cell: base, then preset, method and method-preset overrides."""
-    tree = _merge(spec.base, spec.preset_overrides.get(preset, {}))
-    tree = _merge(tree, spec.method_overrides.get(method, {}))
-    tree = _merge(tree, spec.method_preset_overrides.get(method, {}).get(preset, {}))
-    tree = _merge(tree, {"model": {"preset": preset}, "train": {"seed": seed}})
-    tree["method"] = _merge(tree.get("method", {}) or {}, {"name": method})
+    tree = merge_trees(spec.base, spec.preset_overrides.get(preset, {}))
+    tree = merge_trees(tree, spec.method_overrides.get(method, {}))
+    tree = merge_trees(tree, spec.method_preset_overrides.get(method, {}).get(preset, {}))
+    tree = merge_trees(tree, {"model": {"preset": preset}, "train": {"seed": seed}})
+    tree["method"] = merge_trees(tree.get("method", {}) or {}, {"name": method})
     return tree
 
 
@@ -197,7 +195,7 @@ def with_path(tree: dict, dotted: str, value: Any) -> dict:
     update: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         update = {part: update}
-    return _merge(tree, update)
+    return merge_trees(tree, update)
 
 
 def check_grid(spec: StudySpec) -> None:

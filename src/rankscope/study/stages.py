@@ -9,22 +9,24 @@ goes on; the report lists it.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from rankscope.config import config_to_dict
-from rankscope.errors import ConfigError, RankscopeError, did_you_mean
+from rankscope.errors import ConfigError, DriverLockedError, did_you_mean
+from rankscope.locking import FileLock
+from rankscope.study.board import StudyBoard
 from rankscope.study.engine import run_jobs
 from rankscope.study.jobs import AnalyzeJob, EvalJob, Job, TrainJob
-from rankscope.study.launch import LaunchOptions, Launcher, make_launcher
-from rankscope.study.predict import _stage_predict
-from rankscope.study.progress import StudyBoard
+from rankscope.study.launch import Launcher, LaunchOptions
+from rankscope.study.launch.factory import make_launcher
+from rankscope.study.predict import run_predict_stage
+from rankscope.study.regime import REGIME_FILE, write_regime
 from rankscope.study.spec import (
     REFERENCE_METHOD,
     STAGES,
@@ -35,7 +37,6 @@ from rankscope.study.spec import (
     load_study,
     plan_runs,
 )
-from rankscope.study.regime import REGIME_FILE, write_regime
 from rankscope.study.status import StudyStatus
 from rankscope.study.tune import load_chosen, plan_tuning, run_tune, tune_jobs
 
@@ -56,9 +57,9 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
     cells = plan_tuning(spec)
     analysis_settings(spec)
     if spec.eval.tasks:
-        from rankscope.analysis.downstream import _expand_task_names
+        from rankscope.analysis.downstream import expand_task_names
 
-        _expand_task_names(spec.eval.tasks)  # unknown task names fail here, before training
+        expand_task_names(spec.eval.tasks)  # unknown task names fail here, before training
     launch = launch or LaunchOptions()
     launch.validate()
     out = Path(out_dir)
@@ -99,7 +100,7 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
         if "report" in stages and not (out / REGIME_FILE).is_file():
             write_regime(out, planned, spec)  # runs trained before regime.json existed
         if "predict" in stages:
-            _stage_predict(planned, runs_dir, out, status, spec.predictor)
+            run_predict_stage(planned, runs_dir, out, status, spec.predictor)
         report_path = None
         if "report" in stages:
             from rankscope.report import build_report
@@ -142,7 +143,7 @@ def analyze_jobs(planned: list[PlannedRun], runs_dir: Path, status: StudyStatus 
     the trained full-rank runs of the preset's other seeds (cross-seed comparisons and the
     full-rank seed baseline). A job writes only into its own runs' folders and reads the other
     seeds' checkpoints; each seed pair of full-rank runs is computed once, by the job of its lower
-    seed (rankscope.analysis.runs.pair_owner), so the jobs can run in any order or in parallel.
+    seed (rankscope.analysis.context.pair_owner), so the jobs can run in any order or in parallel.
 
     Without `status` (a dry run) every run counts as trained. A group whose full-rank run did
     not finish training gets no job; its runs are recorded as failed with the reason.
@@ -193,26 +194,11 @@ def describe_study(planned: list[PlannedRun], spec: StudySpec, stages: tuple[str
 @contextmanager
 def _driver_lock(out: Path) -> Iterator[None]:
     """One driver per study folder: two would submit the same jobs twice."""
-    path = out / ".driver.lock"
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise RankscopeError(
-                f"another `rankscope study` (pid {holder}) is driving {out}; wait for it or stop it first"
-            ) from None
-        except OSError:  # a file system without flock: run unguarded rather than not at all
-            log.warning("cannot lock %s; make sure no other driver runs on this study folder", path)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-            except OSError:
-                pass
+    folder = str(out).replace("{", "{{").replace("}", "}}")
+    # flock, or on a file system without it an exclusive lock file whose holder, gone from this
+    # host, is stale (see rankscope.locking): no longer unguarded there.
+    lock = FileLock(out / ".driver.lock", blocking=False, error=DriverLockedError,
+                    message=f"another `rankscope study` (pid {{pid}}) is driving {folder}; wait for it or stop it "
+                            "first (held by {holder}; if it is gone, delete {path})")
+    with lock:
+        yield

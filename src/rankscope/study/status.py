@@ -7,31 +7,26 @@
 - `jobs/<stage>/<name>.json`: the job's own outcome (running, done, failed, preempted), written
   atomically by the process that runs the job, whatever launcher started it.
 - `logs/<stage>/<name>.log`: everything the job logged, appended over attempts.
+
+All are written with rankscope.io.write_json_atomic. A damaged status.json or jobs.json stops the
+driver with a one-line error (read as empty, it would re-submit jobs that are queued or done);
+a damaged outcome file is what a job left behind, and reads as "no outcome" with a warning.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import traceback
 from pathlib import Path
 from typing import Any
 
 from rankscope.errors import RankscopeError
+from rankscope.io import read_json, write_json_atomic
 
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=lambda v: None))
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+# What to do about a damaged status.json / jobs.json (finished jobs are found again from their
+# outcome files and results on disk; jobs.json's queued ones would be submitted again).
+STATUS_FIX = "delete it and run the study again (finished jobs are skipped and recorded anew)"
+JOBS_FIX = ("delete it once no job of this study is queued or running (the jobs it lists would be submitted "
+            "again), then run the study again")
 
 
 def error_line(exc: BaseException) -> str:
@@ -45,7 +40,7 @@ class StudyStatus:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data: dict[str, dict[str, Any]] = (read_json(path) or {}) if path.is_file() else {}
+        self.data: dict[str, dict[str, Any]] = read_json(path, missing={}, expect=dict, fix=STATUS_FIX)
 
     def set(self, run: str, stage: str, state: str, error: str | None = None, log: str | None = None) -> None:
         entry = self.data.setdefault(run, {})
@@ -69,8 +64,10 @@ class JobFiles:
         self.log = study_dir / "logs" / stage / f"{name}.log"
 
     def read_outcome(self) -> dict | None:
-        outcome = read_json(self.outcome)
-        return outcome if isinstance(outcome, dict) else None
+        """The job's outcome; None when there is none. A damaged one (left by a job killed on a
+        file system without atomic renames, or edited) counts as none, with a warning: the
+        driver then records the job as failed or runs it again, which rewrites the file."""
+        return read_json(self.outcome, on_damage="none", expect=dict, fix="the job is run again")
 
     def write_outcome(self, outcome: dict) -> None:
         write_json_atomic(self.outcome, outcome)
@@ -81,7 +78,7 @@ class JobRecords:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data: dict[str, dict[str, Any]] = (read_json(path) or {}) if path.is_file() else {}
+        self.data: dict[str, dict[str, Any]] = read_json(path, missing={}, expect=dict, fix=JOBS_FIX)
 
     def get(self, key: str) -> dict | None:
         return self.data.get(key)

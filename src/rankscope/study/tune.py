@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from rankscope import methods
-from rankscope.config import build_config, config_to_dict, dataclass_from_dict
+from rankscope.config import build_config, config_to_dict, dataclass_from_dict, merge_trees
 from rankscope.errors import ConfigError, RankscopeError, did_you_mean
+from rankscope.io import read_json, write_json_atomic
 from rankscope.optim.roles import ROLE_FIELDS
 from rankscope.study.jobs import TUNE_METRICS, TuneJob
 from rankscope.study.spec import (
@@ -46,13 +47,12 @@ from rankscope.study.spec import (
     TUNE_PROTOCOLS,
     ParamGrid,
     StudySpec,
-    _merge,
     get_path,
     run_tree,
     study_members,
     with_path,
 )
-from rankscope.study.status import JobFiles, StudyStatus, read_json, write_json_atomic
+from rankscope.study.status import JobFiles, StudyStatus
 
 log = logging.getLogger("rankscope.study")
 
@@ -146,7 +146,7 @@ class Cell:
     def values(self, point: Point) -> dict[str, float]:
         return {key: value for axis, value in zip(self.axes, point) for key in axis.keys}
 
-    def with_fixed(self, fixed: dict[str, float]) -> "Cell":
+    def with_fixed(self, fixed: dict[str, float]) -> Cell:
         """This stage-2 cell with stage 1's values set in every run's config."""
         tree = self.tree
         for key, value in fixed.items():
@@ -266,8 +266,8 @@ def _tuning_tree(spec: StudySpec, method: str, preset: str) -> dict:
     intermediate checkpoints (a tuning run is scored, not analysed), then `tune.run`."""
     tree = run_tree(spec, method, preset, 0)
     steps = spec.tune.steps or get_path(tree, "train.steps") or build_config(tree).train.steps
-    tree = _merge(tree, {"train": {"steps": steps, "checkpoint_steps": [], "checkpoint_every": 0}})
-    return _merge(tree, spec.tune.run)
+    tree = merge_trees(tree, {"train": {"steps": steps, "checkpoint_steps": [], "checkpoint_every": 0}})
+    return merge_trees(tree, spec.tune.run)
 
 
 def _axis(key: str, mapping: Any, tree: dict, method: str, preset: str, where: str | None = None) -> Axis:
@@ -654,8 +654,10 @@ def load_chosen(spec: StudySpec, cells: list[Cell], out: Path) -> dict[tuple[str
     """{(method, preset): {key: value}} from tune/chosen.json, for the train stage. Refuses results
     of another `tune:` block, and missing ones."""
     path = out / "tune" / CHOSEN_FILE
-    data = read_json(path)
-    if not isinstance(data, dict):
+    # A damaged chosen.json is an error of its own, never "does not exist yet".
+    data = read_json(path, expect=dict, fix="run the tune stage again (rankscope study STUDY.yaml --stage tune); "
+                                           "its finished tuning runs are not trained again")
+    if data is None:
         raise ConfigError(f"the study has a tune: block but {path} does not exist yet; run the tune stage first "
                           "(rankscope study STUDY.yaml --stage tune, or all stages)")
     if data.get("fingerprint") != tune_fingerprint(cells, spec):

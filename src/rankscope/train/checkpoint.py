@@ -19,7 +19,6 @@ Checkpoints written before hashes existed record sizes only and still load (size
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rankscope.errors import CheckpointError
+from rankscope.io import read_json, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -118,8 +118,7 @@ def save_checkpoint(
             },
             complete=True,
         )
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
-        _fsync_file(tmp / META_FILE)
+        write_json_atomic(tmp / META_FILE, full_meta)  # synced; the folder's rename publishes it
         if final.exists():
             # Re-saving a step (after a resume that fell back past it): move the old one aside
             # before the swap so there is no moment with two candidates or none. A damaged old
@@ -142,13 +141,9 @@ def save_checkpoint(
 
 
 def _read_meta(path: Path) -> dict | None:
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, OSError):
-        return None
+    # A damaged meta.json makes the folder no checkpoint (listed as incomplete, reported by
+    # _damage and verify_checkpoint); the damage itself is logged here.
+    meta = read_json(path / META_FILE, on_damage="none", fix="delete that checkpoint folder to use an earlier one")
     return meta if isinstance(meta, dict) and meta.get("complete") is True else None
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from rankscope.config import RunConfig, config_from_dict, config_to_dict, save_config
 from rankscope.errors import CheckpointError, ConfigError
+from rankscope.io import write_json_atomic
 from rankscope.paths import check_output_folder
 from rankscope.train import checkpoint as ckpt
 from rankscope.train.lock import LOCK_FILE, RunLock
@@ -150,7 +151,7 @@ def clear_run(run_dir: Path) -> None:
 def _write_marker(run_dir: Path) -> None:
     path = run_dir / MARKER_FILE
     if not path.is_file():
-        path.write_text(json.dumps({"kind": "rankscope-run", "version": 1, "created": time.time()}) + "\n")
+        write_json_atomic(path, {"kind": "rankscope-run", "version": 1, "created": time.time()}, indent=None)
 
 
 def normalized_config(cfg: RunConfig) -> dict:

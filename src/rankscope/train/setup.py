@@ -19,8 +19,8 @@ from rankscope.config import RunConfig, check_device_name, config_from_dict, loa
 from rankscope.errors import CheckpointError, ConfigError
 from rankscope.methods.base import Method, ResolvedOptim, check_param_groups
 from rankscope.methods.tuned import optim_defaults_for
-from rankscope.optim.roles import ROLE_FIELDS, apply_role_settings, role_settings
 from rankscope.models import LlamaConfig, build_model, get_preset, token_losses
+from rankscope.optim.roles import ROLE_FIELDS, apply_role_settings, role_settings
 from rankscope.train import checkpoint as ckpt
 
 log = logging.getLogger("rankscope.train")

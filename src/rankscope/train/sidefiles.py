@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+from rankscope import io as rsio
 from rankscope.errors import CheckpointError
 
 log = logging.getLogger("rankscope.train")
@@ -27,32 +27,20 @@ INITIAL_EVAL_FILE = "initial_eval.json"
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Replace `path` by `data` as JSON in one atomic rename (synced first)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Replace `path` by `data` as strict JSON in one atomic rename (synced first)."""
+    rsio.write_json_atomic(path, data)
 
 
 def read_json(path: Path, fix: str) -> Any:
     """`path` parsed as JSON; a damaged file is a CheckpointError that says `fix`."""
-    try:
-        return json.loads(path.read_bytes())
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both are
-        raise CheckpointError(f"{path} is damaged ({type(exc).__name__}); {fix}") from None
+    return rsio.read_json(path, fix=fix, error=CheckpointError)
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    """Append one record as one line (non-finite numbers as null), in one write."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    """Append one record as one line of strict JSON (non-finite numbers as null), in one write."""
+    line = rsio.dumps(record) + "\n"
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(clean) + "\n")
+        handle.write(line)
 
 
 def _parse_record(line: bytes) -> dict | None:

@@ -19,7 +19,7 @@ from torch import nn
 from rankscope.config import RunConfig
 from rankscope.data import TrainStream, check_vocab, prepare_data
 from rankscope.data.prepare import resolve_cache_dir
-from rankscope.errors import ConfigError, RankscopeError
+from rankscope.errors import ConfigError, NonFiniteLossError  # noqa: F401 - NonFiniteLossError re-exported
 from rankscope.methods.memory import account_memory
 from rankscope.models import token_losses
 from rankscope.optim.roles import group_record
@@ -27,17 +27,7 @@ from rankscope.train import checkpoint as ckpt
 from rankscope.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from rankscope.train.dynamics import DynamicsMonitor
 from rankscope.train.preemption import RunPreempted, stop_requested
-from rankscope.train.progress import ProgressLog
 from rankscope.train.run_dir import normalized_config, open_run_dir
-from rankscope.train.sidefiles import (
-    INITIAL_EVAL_FILE,
-    METRICS_FILE,
-    SUMMARY_FILE,
-    append_metrics,
-    read_json,
-    trim_metrics,
-    write_json,
-)
 from rankscope.train.setup import (
     autocast_context,
     build_run_model,
@@ -48,12 +38,18 @@ from rankscope.train.setup import (
     resolve_model_config,
     resolve_optim,
 )
+from rankscope.train.sidefiles import (
+    INITIAL_EVAL_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    append_metrics,
+    read_json,
+    trim_metrics,
+    write_json,
+)
+from rankscope.train.step_progress import ProgressLog
 
 log = logging.getLogger("rankscope.train")
-
-
-class NonFiniteLossError(RankscopeError):
-    pass
 
 
 def _checkpoint_steps(cfg: RunConfig) -> set[int]:

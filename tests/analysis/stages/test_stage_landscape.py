@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from quadratic_probe import quadratic  # noqa: F401 - the fixture
 
 from rankscope.analysis import landscape as land
@@ -21,7 +20,7 @@ def test_default_singular_grid_is_the_studys():
     assert none is None and centred.numel() == 25 and centred[12] == 0
 
 
-def test_singular_sharpness_on_the_study_grid_of_a_quadratic(quadratic):
+def test_singular_sharpness_on_the_study_grid_of_a_quadratic(quadratic):  # noqa: F811 - the fixture, by name
     model, probe = quadratic
     settings = AnalysisSettings(directions=2, singular_k_max=3, singular_ks=(1, 3), singular_unweighted=False)
     rows, profiles = landscape_family(model, probe, settings)

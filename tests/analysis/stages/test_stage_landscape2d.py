@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from quadratic_probe import quadratic  # noqa: F401 - the fixture
 
 from rankscope.analysis import landscape as land
@@ -13,7 +12,7 @@ from rankscope.analysis.space import ParameterSpace
 from rankscope.analysis.stages.landscape2d import evaluate_surface, surface_summary
 
 
-def test_surface_of_a_quadratic_matches_its_closed_form(quadratic):
+def test_surface_of_a_quadratic_matches_its_closed_form(quadratic):  # noqa: F811 - the fixture, by name
     model, probe = quadratic  # 8 parameters: weight 2 × 3 and bias 2
     hessian, gradient = probe.hessian, probe.gradient
     g = torch.Generator().manual_seed(9)

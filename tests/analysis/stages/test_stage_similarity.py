@@ -7,13 +7,12 @@ import dataclasses
 
 import pytest
 import torch
+import transformers
 
 from rankscope.analysis.probe import Probe
 from rankscope.analysis.stages.similarity import hidden_states, similarity_rows
 from rankscope.export import hf_config, hf_state_dict
 from rankscope.models import build_model, get_preset
-
-transformers = pytest.importorskip("transformers")
 
 CONFIG = dataclasses.replace(get_preset("tiny"), num_layers=2, vocab_size=256)
 

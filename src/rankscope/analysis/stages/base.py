@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from rankscope.analysis.progress import Progress
-from rankscope.analysis.runs import AnalysisContext, RunInfo
+from rankscope.analysis.context import AnalysisContext, RunInfo
+from rankscope.analysis.item_progress import Progress
 from rankscope.analysis.space import build_dense_model
 from rankscope.analysis.store import Item, TableSpec
 

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankscope.analysis import AnalysisError
 from rankscope.analysis import interpolation as interp
+from rankscope.analysis.context import AnalysisContext, RunInfo, pairing
 from rankscope.analysis.probe import Probe
-from rankscope.analysis.runs import AnalysisContext, RunInfo, pairing
 from rankscope.analysis.settings import settings_hash
 from rankscope.analysis.space import ParameterSpace, build_dense_model
 from rankscope.analysis.stages.base import Stage
 from rankscope.analysis.store import KEY_COLUMNS, Item, TableSpec
+from rankscope.errors import AnalysisError
 from rankscope.models import LlamaConfig
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankscope.analysis.runs import RunInfo, pairing
+from rankscope.analysis.context import RunInfo, pairing
 from rankscope.analysis.settings import settings_hash
 from rankscope.analysis.space import dense_weight, target_modules
 from rankscope.analysis.stages.base import Stage

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankscope.analysis import AnalysisError
 from rankscope.analysis import landscape as land
 from rankscope.analysis.probe import Probe
 from rankscope.analysis.settings import AnalysisSettings, settings_hash
 from rankscope.analysis.space import ParameterSpace, scope_parameter_names
 from rankscope.analysis.stages.base import Stage
 from rankscope.analysis.store import KEY_COLUMNS, Item, TableSpec
+from rankscope.errors import AnalysisError
 
 log = logging.getLogger("rankscope.analysis")
 

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankscope.analysis import AnalysisError
+from rankscope.analysis.context import RunInfo, pairing
 from rankscope.analysis.probe import Probe
-from rankscope.analysis.runs import RunInfo, pairing
 from rankscope.analysis.settings import settings_hash
 from rankscope.analysis.similarity import SimilarityAccumulator
 from rankscope.analysis.stages.base import Stage
 from rankscope.analysis.store import KEY_COLUMNS, Item, TableSpec
+from rankscope.errors import AnalysisError
 
 SIMILARITY_METRICS = ("l2", "relative_l2", "cosine", "cka", "mean_norm", "reference_mean_norm")
 LAST_HIDDEN = ("final_norm", "block_output")

@@ -58,7 +58,7 @@ def _by_shape(matrices: Mapping[str, torch.Tensor]) -> dict[tuple[int, ...], lis
 def _summaries(matrices: Mapping[str, torch.Tensor], threshold: float, rank_tol: float, undefined: float) -> dict[str, dict[str, float]]:
     """Spectral summary of every matrix, one batched SVD per distinct shape."""
     out: dict[str, dict[str, float]] = {}
-    for shape, names in _by_shape(matrices).items():
+    for _shape, names in _by_shape(matrices).items():
         batch = torch.stack([matrices[n].to(torch.float64) for n in names])
         summary = spec.spectral_summary(batch, threshold, rank_tol=rank_tol, undefined=undefined)
         for i, name in enumerate(names):
@@ -72,7 +72,7 @@ def _delta_summaries(
     """Summaries of ΔW per matrix, with ‖ΔW‖_F, ‖ΔW‖_F / ‖W_{t−1}‖_F and ‖W_{t−1}‖_F (for pooling)."""
     out: dict[str, dict[str, float]] = {}
     common = {n: current[n] for n in current if n in previous and previous[n].shape == current[n].shape}
-    for shape, names in _by_shape(common).items():
+    for _shape, names in _by_shape(common).items():
         prev = torch.stack([previous[n].to(current[n].device, torch.float64) for n in names])
         nxt = torch.stack([current[n].to(torch.float64) for n in names])
         summary = spec.delta_summary(prev, nxt, threshold, rank_tol=rank_tol, undefined=undefined)

@@ -8,6 +8,9 @@
 
 A launcher only starts jobs and says when they have ended; what a job did is in its outcome
 file (study/status.py), written by `execute_job` wherever the job ran.
+
+This module holds what every launcher shares (options, Handle, Launcher); the launchers import
+it, and `factory.make_launcher` picks one, so the package never imports its own launchers.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rankscope.errors import ConfigError, did_you_mean
@@ -121,7 +123,7 @@ class Launcher(ABC):
         """A handle on a job submitted by an earlier driver, if that job is still queued or running."""
         return None
 
-    def poll(self) -> None:
+    def poll(self) -> None:  # noqa: B027 - optional: a launcher without news to collect keeps it
         """Advance: collect news from the jobs, start queued ones."""
 
     @abstractmethod
@@ -132,16 +134,5 @@ class Launcher(ABC):
         """The driver is stopping (Ctrl-C); returns one line saying what happens to the jobs."""
         return "jobs stopped"
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a launcher without workers keeps it
         """Release workers; called once when the study ends."""
-
-
-def make_launcher(options: LaunchOptions, study_dir: Path, study_name: str) -> Launcher:
-    options.validate()
-    if options.launcher == "local":
-        from rankscope.study.launch.local import LocalLauncher
-
-        return LocalLauncher(study_dir, options)
-    from rankscope.study.launch.cluster import SubmititLauncher
-
-    return SubmititLauncher(study_dir, options, study_name)

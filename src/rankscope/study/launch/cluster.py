@@ -26,7 +26,7 @@ from typing import Any
 
 from rankscope.errors import RankscopeError
 from rankscope.study.jobs import Job, execute_job
-from rankscope.study.launch import Handle, LaunchOptions, Launcher, cpu_count
+from rankscope.study.launch import Handle, Launcher, LaunchOptions, cpu_count
 from rankscope.study.status import error_line
 
 log = logging.getLogger("rankscope.study")

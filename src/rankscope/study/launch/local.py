@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rankscope.study.jobs import LOG_FORMAT, Job, execute_job
-from rankscope.study.launch import Handle, LaunchOptions, Launcher, cpu_count
+from rankscope.study.launch import Handle, Launcher, LaunchOptions, cpu_count
 
 log = logging.getLogger("rankscope.study")
 

@@ -31,7 +31,7 @@ class StudyBoard:
         self._live: Any = None
         self._last_summary = time.monotonic()
 
-    def __enter__(self) -> "StudyBoard":
+    def __enter__(self) -> StudyBoard:
         if self.live_enabled:
             from rich.console import Console
             from rich.live import Live

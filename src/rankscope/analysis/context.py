@@ -1,5 +1,7 @@
-"""The runs an analysis reads: their configs and checkpoints, the probe set they share, a small
-cache of loaded models, and the context shared by every run of one `analyze_runs` call.
+"""The context of an analysis: the runs it reads (their configs and checkpoints), the probe set
+they share, a small cache of loaded models, and the context shared by every run of one
+`analyze_runs` call. (Called runs.py before; renamed so it is not mistaken for run.py, which
+orders the work.)
 
 Who is compared with whom (similarity, IMBH) is decided here (:class:`AnalysisContext`): every
 run with the reference (the full-rank run of its seed) and with each **baseline reference** (the
@@ -22,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rankscope.analysis import AnalysisError
 from rankscope.analysis.probe import Probe
 from rankscope.analysis.settings import AnalysisSettings
-from rankscope.errors import CheckpointError
+from rankscope.config import REFERENCE_METHOD
+from rankscope.errors import AnalysisError, CheckpointError
 from rankscope.models import NotDenseError, dense_state_dict
 
 
@@ -149,7 +151,7 @@ def check_inputs(runs: list[RunInfo], reference: RunInfo, settings: AnalysisSett
                 raise AnalysisError(f"run {run.name} has no checkpoint at steps {missing}; available steps: {run.steps}")
         _same_shape(run, reference, "reference")
     warnings = []
-    if reference.method != "full":
+    if reference.method != REFERENCE_METHOD:
         warnings.append(f"reference {reference.name} was trained with method {reference.method!r}, not full-rank")
     return warnings
 

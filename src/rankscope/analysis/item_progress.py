@@ -1,4 +1,4 @@
-"""Progress of an analysis: a rich bar with ETA on a terminal, plain log lines elsewhere."""
+"""Progress of an analysis, item by item: a rich bar with ETA on a terminal, plain log lines elsewhere."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ class Progress:
         self._task = None
         self._started = time.perf_counter()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.enabled and sys.stderr.isatty() and self.total > 0:
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(
                 TextColumn(f"[bold]analyze {self.label}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),

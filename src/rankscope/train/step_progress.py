@@ -1,4 +1,4 @@
-"""Progress display: a rich bar on a terminal, plain log lines everywhere else."""
+"""Progress of training, step by step: a rich bar on a terminal, plain log lines everywhere else."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class ProgressLog:
         self._rich = None
         self._task = None
 
-    def __enter__(self) -> "ProgressLog":
+    def __enter__(self) -> ProgressLog:
         if self.enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
