@@ -85,3 +85,90 @@ def test_a_feature_that_does_not_apply_is_nan_with_its_reason(table):
     assert "effective_rank_w_merged: cola has no dense weight" in reason
     assert table.loc["relora-tiny-s0", "not_applicable"] == ""
     assert table.loc["cola-tiny-s0", "cka_to_reference"] == pytest.approx(0.9)
+
+
+def _hessian_rows(max_converged: bool = True, trace_converged: bool = True) -> list[dict]:
+    lanczos = "Lanczos did not converge in 3 HVPs (relative residual 0.31 > tolerance 0.01) — raise hessian_iterations"
+    wide = "Hutchinson standard error 26 is 16.0% of |trace| 163 after 2 samples (> 10% allowed) — raise hessian_samples"
+    rows = [("max_eigenvalue", 9.5, math.nan, max_converged, "" if max_converged else lanczos),
+            ("min_eigenvalue", -1.5, math.nan, True, ""),
+            ("trace", 163.0, 26.0 if not trace_converged else 4.0, trace_converged, "" if trace_converged else wide)]
+    return [{**KEYS, "scope": "all", "metric": metric, "value": value, "standard_error": se, "hvps": 3, "converged": ok,
+             "applicable": True, "reason": reason} for metric, value, se, ok, reason in rows]
+
+
+def _with_hessian(tmp_path, rows_by_run: dict[str, list[dict]]) -> pd.DataFrame:
+    planned = []
+    for name, rows in rows_by_run.items():
+        method = name.split("-")[0]
+        _write_run(tmp_path, name, method, _spectral("W_native", 10.0, 2.0), imbh_applicable=True)
+        pd.DataFrame(rows).to_csv(tmp_path / name / "analysis" / "hessian.csv", index=False)
+        planned.append(_planned(name, method))
+    return predictor_table(planned, tmp_path).set_index("run")
+
+
+def test_hessian_features_are_the_algebraic_extremes_and_the_trace(tmp_path):
+    row = _with_hessian(tmp_path, {"lora-tiny-s0": _hessian_rows()}).loc["lora-tiny-s0"]
+    assert (row["hessian_max_eigenvalue"], row["hessian_min_eigenvalue"], row["hessian_trace"]) == (9.5, -1.5, 163.0)
+    assert row["unconverged"] == "" and row["not_applicable"] == ""
+
+
+def test_an_unconverged_estimate_is_listed_with_its_reason_kept_raw_for_tables_and_nan_for_the_predictor(tmp_path):
+    from rankscope.analysis.features import final_features, read_tables
+
+    table = _with_hessian(tmp_path, {"lora-tiny-s0": _hessian_rows(max_converged=False, trace_converged=False)})
+    features = final_features(read_tables(tmp_path / "lora-tiny-s0"), "lora-tiny-s0", "lora")
+    # The tables' view: the raw estimate, marked.
+    assert features["hessian_max_eigenvalue"] == 9.5 and features["hessian_trace"] == 163.0
+    assert features["unconverged"] == (
+        "hessian_max_eigenvalue: Lanczos did not converge in 3 HVPs (relative residual 0.31 > tolerance 0.01) — "
+        "raise hessian_iterations; "
+        "hessian_trace: Hutchinson standard error 26 is 16.0% of |trace| 163 after 2 samples (> 10% allowed) — "
+        "raise hessian_samples")
+    # One "feature: reason" entry per feature, as the report splits them (on ";", then ": ").
+    assert [part.split(": ")[0] for part in features["unconverged"].split("; ")] == ["hessian_max_eigenvalue", "hessian_trace"]
+    # The predictor's view: no unconverged estimate, the converged one kept.
+    row = table.loc["lora-tiny-s0"]
+    assert math.isnan(row["hessian_max_eigenvalue"]) and math.isnan(row["hessian_trace"])
+    assert row["hessian_min_eigenvalue"] == -1.5
+    assert row["unconverged"] == features["unconverged"]
+
+
+def test_an_older_hessian_table_loads_as_unusable_with_a_reason(tmp_path):
+    # Written by the power-iteration stage: `top_eigenvalue` (largest magnitude) and an unchecked trace.
+    old = [{**KEYS, "scope": "all", "metric": "top_eigenvalue", "value": -76.7, "standard_error": math.nan, "hvps": 3,
+            "converged": False, "applicable": True, "reason": ""},
+           {**KEYS, "scope": "all", "metric": "trace", "value": 163.0, "standard_error": 26.0, "hvps": 2,
+            "converged": True, "applicable": True, "reason": ""}]
+    row = _with_hessian(tmp_path, {"lora-tiny-s0": old}).loc["lora-tiny-s0"]
+    assert math.isnan(row["hessian_max_eigenvalue"]) and math.isnan(row["hessian_min_eigenvalue"])
+    assert math.isnan(row["hessian_trace"])  # the predictor's view; final_features keeps 163 marked
+    assert "hessian_max_eigenvalue: largest-magnitude estimate from an older analysis — re-run rankscope analyze" in row["unconverged"]
+    assert "hessian_min_eigenvalue: largest-magnitude estimate from an older analysis" in row["unconverged"]
+    assert "hessian_trace: trace from an older analysis that did not check its standard error" in row["unconverged"]
+
+
+def test_a_model_without_double_backward_has_its_hessian_features_not_applicable(tmp_path):
+    reason = "no Hessian-vector product for this model: derivative for foo is not implemented"
+    rows = [{**KEYS, "scope": "all", "metric": metric, "value": math.nan, "standard_error": math.nan, "hvps": 0,
+             "converged": False, "applicable": False, "reason": reason} for metric in ("max_eigenvalue", "min_eigenvalue", "trace")]
+    row = _with_hessian(tmp_path, {"lora-tiny-s0": rows}).loc["lora-tiny-s0"]
+    assert row["unconverged"] == ""  # not applicable is no convergence failure
+    for name in ("hessian_max_eigenvalue", "hessian_min_eigenvalue", "hessian_trace"):
+        assert math.isnan(row[name]) and f"{name}: {reason}" in row["not_applicable"]
+
+
+def test_the_predictor_copes_with_unconverged_hessian_features(tmp_path):
+    from rankscope.analysis.predictor import fit_predictors
+
+    runs = {f"{method}-tiny-s{seed}": _hessian_rows(max_converged=(method != "lora" or seed == 0))
+            for method in ("relora", "lora", "galore") for seed in (0, 1)}
+    table = _with_hessian(tmp_path, runs).reset_index()
+    table["downstream_acc"] = [0.30, 0.32, 0.35, 0.31, 0.40, 0.41]
+    table["scale"] = ["tiny", "small"] * 3
+    assert table["hessian_max_eigenvalue"].isna().sum() == 1  # lora seed 1
+    sets = {"hessian": ["hessian_max_eigenvalue", "hessian_min_eigenvalue"]}
+    common = fit_predictors(table, target="downstream_acc", feature_sets=sets, missing="common").iloc[0]
+    assert common["n_rows"] == 5 and "lora-tiny-s1" in common["note"]
+    imputed = fit_predictors(table, target="downstream_acc", feature_sets=sets, missing="impute").iloc[0]
+    assert imputed["n_rows"] == 6

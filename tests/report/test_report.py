@@ -22,9 +22,9 @@ import yaml
 from scipy import stats
 
 from rankscope.report import ReportError, build_report, load_study
+from rankscope.report.baseline import SeedBaselines
 from rankscope.report.features import run_features
 from rankscope.report.figures import METHOD_COLORS, imbh_matrix, method_color, palette
-from rankscope.report.baseline import SeedBaselines
 from rankscope.report.stats import compare_methods, format_number, mean_std
 
 STEPS = [20, 60, 100]  # three checkpoints keep the figures quick to draw (the study picks up to five)
@@ -168,8 +168,10 @@ def write_run(study: Path, method: str, preset: str, seed: int, all_runs: list[t
 
     # Hessian at the last step
     pd.DataFrame([{**_keys(run, method, preset, seed, STEPS[-1]), "scope": "all", "metric": metric, "value": value,
-                   "standard_error": float("nan"), "hvps": 10, "converged": True, "applicable": True, "reason": ""}
-                  for metric, value in (("top_eigenvalue", 30.0 * (1 + offset)), ("trace", 900.0 * (1 + offset)))]).to_csv(
+                   "standard_error": error, "hvps": 10, "converged": True, "applicable": True, "reason": ""}
+                  for metric, value, error in (("max_eigenvalue", 30.0 * (1 + offset), float("nan")),
+                                               ("min_eigenvalue", -2.0 * (1 + offset), float("nan")),
+                                               ("trace", 900.0 * (1 + offset), 9.0))]).to_csv(
         run_dir / "analysis" / "hessian.csv", index=False)
     (run_dir / "analysis" / "meta.json").write_text(json.dumps({"settings": {
         "loss_average": "batch_mean", "singular_grid": "study", "singular_study_grid": [-0.05, 0.0501, 0.004],
@@ -263,7 +265,7 @@ EXPECTED_FIGURES = [
     "training_loss_tiny", "val_ppl_tiny", "landscape_random_tiny", "landscape_singular_profiles_tiny",
     "landscape_singular_summary_tiny", "landscape2d_tiny", "ccbh_tiny", "imbh_tiny", "imbh_to_full_tiny", "spectral_tiny",
     "similarity_tiny", "intruder_tiny",
-    "downstream_tiny", "predictor",
+    "downstream_tiny", "predictor", "significance_map_tiny",
 ]
 
 
@@ -321,14 +323,15 @@ def test_welch_p_value_equals_scipy(built):
     smallest = tested.loc[tested["p_value"].idxmin()]
     assert smallest["p_adjusted"] == pytest.approx(min(1.0, len(tested) * smallest["p_value"]), rel=1e-12)
     markdown = (report / "report.md").read_text()
-    assert "**galore** vs full (3 / 3 seeds):" in markdown
-    assert f"all {len(tested)} tests of the report" in markdown and "Holm" in markdown
+    assert f"{len(tested)} two-sided Welch tests over seeds in one Holm-corrected family" in markdown  # the findings
+    assert f"all {len(tested)} tests of the report" in markdown  # the appendix
 
 
 def test_the_report_opens_with_the_regime(built):
     _, summaries, report = built
     markdown = (report / "report.md").read_text()
-    assert markdown.index("## Regime") < markdown.index("## Definitions used") < markdown.index("### Results")
+    assert markdown.index("## Regime") < markdown.index("## Findings") < markdown.index("### Results")
+    assert "## Definitions used" in markdown
     regime = pd.read_csv(report / "tables" / "regime.csv").set_index("method")
     summary = summaries["galore-tiny-s0"]
     assert regime.loc["galore", "tokens_per_param"] == pytest.approx(summary["tokens"] / summary["params"], rel=1e-12)
@@ -366,7 +369,7 @@ def test_html_is_self_contained(built):
     assert len(sources) == len(EXPECTED_FIGURES)
     assert all(source.startswith("data:image/png;base64,") for source in sources)
     assert "<link" not in text and "http://" not in text and "https://" not in text
-    assert "<table>" in text and "<style>" in text
+    assert "<table" in text and "<style>" in text
 
 
 def _pixels_of(path: Path, color: str) -> int:
@@ -416,7 +419,9 @@ def test_two_seeds_are_not_testable_in_the_report(tmp_path):
     report = build_report(study)
     markdown = (report / "report.md").read_text()
     assert "No test was computed" in markdown
-    assert "**galore** vs full (2 / 2 seeds): not testable — a test needs ≥ 3 seeds in each group" in markdown
+    assert "val loss: not tested for **galore** (not testable; a test needs ≥ 3 seeds with a value in each group)" in markdown
+    cells = pd.read_csv(report / "tables" / "significance_map_tiny.csv")
+    assert set(cells.loc[cells["kind"] == "test", "cell"]) <= {"not testable", "no values"}
     assert "val loss: not testable — fewer than 3 seeds per method, so no order is given." in markdown
     table = pd.read_csv(report / "tables" / "significance.csv")
     assert table["p_value"].isna().all() and (table["status"] == "not testable").all()
@@ -462,7 +467,7 @@ def test_cola_is_in_every_table_with_not_applicable_cells_and_their_reasons(tmp_
     geometry = pd.read_csv(report / "tables" / "geometry_tiny.csv", keep_default_na=False).set_index("method")
     assert list(geometry.index) == ["full", "cola"]
     # Defined for CoLA: the study's W (its factors), the Hessian, the activations.
-    for label in ("effective rank of W", "Hessian top eigenvalue", "mean activation norm (mean over layers)"):
+    for label in ("effective rank of W", "Hessian largest eigenvalue", "mean activation norm (mean over layers)"):
         assert geometry.loc["cola", label] not in ("n/a", "–") and "±" in geometry.loc["cola", label], label
     # Not defined for CoLA: a dense weight to merge or interpolate; the cell says so and a line says why.
     assert geometry.loc["cola", "effective rank of merged W"] == "n/a" and geometry.loc["cola", "IMBH to full-rank"] == "n/a"
@@ -483,7 +488,8 @@ def test_the_report_states_its_definitions_and_shows_the_new_metrics(built):
     geometry = pd.read_csv(report / "tables" / "geometry_tiny.csv").set_index("method")
     for label in ("Hessian trace", "numerical rank / min(m, n) of W", "σ₂/σ₁ of W", "‖ΔW‖ / ‖W‖ pooled over matrices"):
         assert label in geometry.columns, label
-    assert geometry.loc["galore", "Hessian top eigenvalue"].startswith("42")  # 30 × (1 + 0.4), no spread over seeds
+    assert geometry.loc["galore", "Hessian largest eigenvalue"].startswith("42")  # 30 × (1 + 0.4), no spread over seeds
+    assert geometry.loc["galore", "Hessian most negative eigenvalue"].startswith("-2.8")
     assert "2-D loss landscape at the last checkpoint" in markdown
 
 
@@ -609,10 +615,10 @@ def test_not_a_study_folder_is_a_user_error(tmp_path):
 
 
 def test_checkpoint_choice_spreads_five_and_keeps_the_last():
-    from rankscope.report.figures import _pick_checkpoints
+    from rankscope.report.figures import pick_checkpoints
 
-    assert _pick_checkpoints(range(100, 1100, 100)) == [100, 300, 500, 800, 1000]
-    assert _pick_checkpoints([30, 10, 20]) == [10, 20, 30]
+    assert pick_checkpoints(range(100, 1100, 100)) == [100, 300, 500, 800, 1000]
+    assert pick_checkpoints([30, 10, 20]) == [10, 20, 30]
 
 
 def test_intruder_table_reads_each_method_against_the_seed_baseline(built):

@@ -8,11 +8,15 @@ expected sharpness along the top-1 and top-5 singular directions, IMBH to the fu
 effective and stable rank of the study's W (every native 2-D matrix, defined for every method,
 CoLA included) and mean CKA to the reference. `_merged` marks our merged-weight variants. A
 feature that does not apply to a run is NaN and ``not_applicable`` says why.
+
+Estimates that can fail to converge (the Hessian's extreme eigenvalues and trace) keep their
+value in :func:`final_features`, so a table can show it marked, and ``unconverged`` lists them
+with the reason ("feature: reason; ..."); :func:`predictor_table` turns them into NaN, so that
+only converged estimates become findings.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,7 +24,9 @@ from typing import Any
 
 import pandas as pd
 
-REFERENCE_METHOD = "full"
+from rankscope.config import REFERENCE_METHOD
+from rankscope.io import read_json
+
 TABLES = ("landscape", "interpolation", "spectral", "similarity", "hessian")
 
 LANDSCAPE_FEATURES = {  # name -> (direction_set, k_max, metric)
@@ -42,8 +48,23 @@ SPECTRAL_FEATURES = {  # name -> (target, matrix, metric)
 }
 SIMILARITY_FEATURES = {"cka_to_reference": "cka", "cosine_to_reference": "cosine", "relative_l2_to_reference": "relative_l2",
                        "activation_norm": "mean_norm"}  # means over layers; cka_last_layer: the last layer's CKA
-HESSIAN_FEATURES = {"hessian_top_eigenvalue": "top_eigenvalue", "hessian_trace": "trace"}
+# name -> hessian.csv metric: the largest and smallest algebraic eigenvalue (Lanczos) and the trace.
+HESSIAN_FEATURES = {"hessian_max_eigenvalue": "max_eigenvalue", "hessian_min_eigenvalue": "min_eigenvalue",
+                    "hessian_trace": "trace"}
+# hessian.csv written before the Lanczos estimators had one row `top_eigenvalue`: the eigenvalue of
+# largest magnitude by power iteration (sign unknown, convergence rarely reached), and a trace
+# whose standard error nobody checked.
+LEGACY_HESSIAN = {
+    "hessian_max_eigenvalue": "largest-magnitude estimate from an older analysis — re-run rankscope analyze",
+    "hessian_min_eigenvalue": "largest-magnitude estimate from an older analysis — re-run rankscope analyze",
+    "hessian_trace": "trace from an older analysis that did not check its standard error — re-run rankscope analyze",
+}
 
+
+
+def _number(value: Any) -> float:
+    """A number read from JSON, where a missing or non-finite one is null: NaN then."""
+    return math.nan if value is None else float(value)
 
 def _is_true(values: pd.Series) -> pd.Series:
     """CSV round trips turn bools into True / 'True' / 'true'; read them all back."""
@@ -112,6 +133,41 @@ def _reason(rows: pd.DataFrame) -> str | None:
     return sorted(set(reasons))[0] if len(reasons) else None
 
 
+def _unconverged(rows: pd.DataFrame) -> str | None:
+    """The reason an applicable estimate did not converge (None when every row converged)."""
+    if rows.empty or "converged" not in rows.columns:
+        return None
+    if "applicable" in rows.columns:
+        rows = rows[_is_true(rows["applicable"])]
+    failed = rows[~_is_true(rows["converged"])]
+    if failed.empty:
+        return None
+    reasons = failed["reason"].dropna().astype(str) if "reason" in failed.columns else pd.Series(dtype=str)
+    reasons = sorted({r for r in reasons if r.strip()})
+    return reasons[0] if reasons else "did not converge"
+
+
+def _hessian_features(hessian: pd.DataFrame | None, step: int | None) -> tuple[dict[str, float], dict[str, str | None],
+                                                                              dict[str, str | None]]:
+    """The Hessian features (raw estimates, converged or not), why any does not apply, and why
+    any did not converge. A table from before the Lanczos estimators has no extreme eigenvalues
+    (NaN) and an unchecked trace (kept, listed as unconverged)."""
+    legacy = not _select(hessian, metric="top_eigenvalue").empty and _select(hessian, metric="max_eigenvalue").empty
+    values, not_applicable, unconverged = {}, {}, {}
+    for name, metric in HESSIAN_FEATURES.items():
+        if legacy and metric != "trace":
+            metric = "top_eigenvalue"  # read only for its applicability
+        rows = _at_step(_select(hessian, metric=metric), step)
+        values[name] = math.nan if metric == "top_eigenvalue" else _mean(rows)
+        not_applicable[name] = _reason(rows)
+        if legacy:
+            applicable = not rows.empty and not_applicable[name] is None
+            unconverged[name] = LEGACY_HESSIAN[name] if applicable else None
+        else:
+            unconverged[name] = _unconverged(rows)
+    return values, not_applicable, unconverged
+
+
 def final_features(tables: Mapping[str, pd.DataFrame | None], run: str, method: str, step: int | None = None) -> dict[str, Any]:
     """The features of one run (its rows of each analysis table) at ``step`` (None: each table's
     last step). Similarity and IMBH are to the full-rank run of the run's own seed; the full-rank
@@ -134,18 +190,26 @@ def final_features(tables: Mapping[str, pd.DataFrame | None], run: str, method: 
         out[name] = _mean(_at_step(_select(similarity, metric=metric), step))
     cka = _at_step(_select(similarity, metric="cka"), step)
     out["cka_last_layer"] = _mean(_select(cka, layer=float(pd.to_numeric(cka["layer"]).max()))) if not cka.empty else math.nan
-    for name, metric in HESSIAN_FEATURES.items():
-        out[name] = _mean(_at_step(_select(hessian, metric=metric), step))
+    hessian_values, hessian_not_applicable, unconverged = _hessian_features(hessian, step)
+    out.update(hessian_values)
 
     reasons = {
         "imbh_to_full": _reason(to_full) if method != REFERENCE_METHOD else None,
         "effective_rank_w_merged": _reason(_at_step(_select(spectral, target="W"), step)),
         "cka_to_reference": _reason(cka),
         "cka_last_layer": _reason(cka),
-        "hessian_top_eigenvalue": _reason(_at_step(_select(hessian, metric="top_eigenvalue"), step)),
+        **hessian_not_applicable,
     }
     out["not_applicable"] = "; ".join(f"{feature}: {reason}" for feature, reason in reasons.items() if reason)
+    # Same format; a feature listed here has a value, but it is no finding (predictor_table drops it).
+    # ";" separates entries, so a reason never carries one.
+    out["unconverged"] = "; ".join(f"{feature}: {reason.replace(';', ',')}" for feature, reason in unconverged.items() if reason)
     return out
+
+
+def unconverged_features(text: str) -> list[str]:
+    """The feature names of an ``unconverged`` (or ``not_applicable``) string."""
+    return [part.partition(": ")[0].strip() for part in str(text or "").split(";") if part.strip()]
 
 
 def read_tables(run_dir: Path) -> dict[str, pd.DataFrame | None]:
@@ -157,7 +221,8 @@ def read_tables(run_dir: Path) -> dict[str, pd.DataFrame | None]:
 def predictor_table(planned: Iterable[Any], runs_dir: Path) -> pd.DataFrame:
     """One row per trained run of a study (``planned``: objects with name, method, preset, seed and
     config.train.steps, as `rankscope.study.PlannedRun`): validation loss, downstream accuracy and
-    the features at the final checkpoint."""
+    the features at the final checkpoint. A feature listed in ``unconverged`` is NaN here (the
+    predictor's missing-feature rule then drops or imputes it): no fit reads an unconverged estimate."""
     rows = []
     for run in planned:
         run_dir = Path(runs_dir) / run.name
@@ -165,14 +230,17 @@ def predictor_table(planned: Iterable[Any], runs_dir: Path) -> pd.DataFrame:
             continue
         step = run.config.train.steps
         eval_path = run_dir / "eval" / f"step_{step:06d}.json"
+        features = final_features(read_tables(run_dir), run.name, run.method, step)
+        for name in unconverged_features(features["unconverged"]):
+            features[name] = math.nan
         rows.append({
             "run": run.name, "method": run.method, "scale": run.preset, "seed": run.seed,
-            "val_loss": json.loads((run_dir / "summary.json").read_text())["val_loss"],
-            "downstream_acc": json.loads(eval_path.read_text())["mean_acc"] if eval_path.is_file() else math.nan,
-            **final_features(read_tables(run_dir), run.name, run.method, step),
+            "val_loss": _number(read_json(run_dir / "summary.json", expect=dict).get("val_loss")),
+            "downstream_acc": _number(read_json(eval_path, missing={}, expect=dict).get("mean_acc")),
+            **features,
         })
     return pd.DataFrame(rows)
 
 
 __all__ = ["HESSIAN_FEATURES", "LANDSCAPE_FEATURES", "SIMILARITY_FEATURES", "SPECTRAL_FEATURES", "final_features",
-           "predictor_table", "read_tables"]
+           "predictor_table", "read_tables", "unconverged_features"]

@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from rankscope.analysis import AnalysisError
 from rankscope.analysis.interpolation import DEFAULT_INTERPOLATION_POINTS
 from rankscope.analysis.landscape import (
     BEYOND_RANK_RULES,
@@ -25,7 +24,7 @@ from rankscope.analysis.landscape import (
     STUDY_SINGULAR_GRID,
 )
 from rankscope.analysis.spectral import DEFAULT_RANK_TOL, DEFAULT_THRESHOLD
-from rankscope.errors import did_you_mean
+from rankscope.errors import AnalysisError, did_you_mean
 
 FAMILIES: tuple[str, ...] = ("landscape", "interpolation", "spectral", "similarity", "intruder", "landscape2d", "hessian")
 SCOPES: tuple[str, ...] = ("all", "blocks")
@@ -108,13 +107,18 @@ class AnalysisSettings:
     landscape2d_pairs: tuple[str, ...] = ("random", "singular")
     landscape2d_every_checkpoint: bool = False
 
-    # Hessian of the probe loss (Hessian-vector products by double backward): the top eigenvalue
-    # by power iteration (stops when the relative change is below hessian_tolerance, at most
-    # hessian_iterations products) and the trace by Hutchinson's estimator with hessian_samples
-    # Rademacher vectors. At the last step unless hessian_every_checkpoint.
-    hessian_iterations: int = 20
-    hessian_tolerance: float = 1e-3
+    # Hessian of the probe loss (Hessian-vector products by double backward; docs/metrics.md):
+    # its largest and smallest algebraic eigenvalues by Lanczos (one Krylov space for both, at
+    # most hessian_iterations HVPs; an estimate converges when its relative residual
+    # ‖Hy − θy‖ / |θ| is <= hessian_tolerance, so H has an eigenvalue within that fraction of it)
+    # and its trace by Hutchinson's estimator with hessian_samples Rademacher vectors (converged
+    # when its standard error is <= hessian_trace_max_relative_se of |trace|). An estimate that
+    # did not converge keeps its value, marked, and is no finding. Lanczos keeps its vectors:
+    # up to hessian_iterations × parameters × 8 bytes. At the last step unless hessian_every_checkpoint.
+    hessian_iterations: int = 100
+    hessian_tolerance: float = 1e-2
     hessian_samples: int = 10
+    hessian_trace_max_relative_se: float = 0.1
     hessian_every_checkpoint: bool = False
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept in meta.json
@@ -172,8 +176,16 @@ class AnalysisSettings:
         for pair in self.landscape2d_pairs:
             if pair not in ("random", "singular"):
                 raise AnalysisError(f"unknown 2-D landscape pair {pair!r}{did_you_mean(pair, ('random', 'singular'))}; use random or singular")
-        if self.hessian_iterations < 1 or self.hessian_samples < 1 or not self.hessian_tolerance > 0:
-            raise AnalysisError("hessian_iterations and hessian_samples must be >= 1 and hessian_tolerance > 0")
+        if self.hessian_iterations < 1:
+            raise AnalysisError(f"hessian_iterations (the most HVPs Lanczos may use) must be >= 1, got {self.hessian_iterations}")
+        if not 0 < self.hessian_tolerance < 1:
+            raise AnalysisError(f"hessian_tolerance (relative residual of a converged eigenvalue) must be in (0, 1), "
+                                f"got {self.hessian_tolerance}; 1e-2 is the default")
+        if self.hessian_samples < 1:
+            raise AnalysisError(f"hessian_samples must be >= 1 (>= 2 to know the trace's standard error), got {self.hessian_samples}")
+        if not self.hessian_trace_max_relative_se > 0:
+            raise AnalysisError(f"hessian_trace_max_relative_se must be > 0 (0.1: standard error <= 10 % of |trace|), "
+                                f"got {self.hessian_trace_max_relative_se}")
         if not self.rank_tol >= 0:
             raise AnalysisError(f"rank_tol must be >= 0, got {self.rank_tol}")
         if self.intruder_k < 1 or not 0 < self.intruder_threshold <= 1:
@@ -217,8 +229,9 @@ class AnalysisSettings:
         if head == "intruder":
             return {"k": self.intruder_k, "threshold": self.intruder_threshold, "side": self.intruder_side}
         if head == "hessian":
-            return {"iterations": self.hessian_iterations, "tolerance": self.hessian_tolerance,
-                    "samples": self.hessian_samples, "seed": self.direction_seed, **loss}
+            return {"eigenvalues": "lanczos", "iterations": self.hessian_iterations, "tolerance": self.hessian_tolerance,
+                    "samples": self.hessian_samples, "trace_max_relative_se": self.hessian_trace_max_relative_se,
+                    "seed": self.direction_seed, **loss}
         raise AnalysisError(f"unknown item family {family!r}")
 
     def to_dict(self) -> dict[str, Any]:

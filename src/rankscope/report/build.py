@@ -14,30 +14,34 @@ import pandas as pd
 
 from rankscope.report.baseline import FINAL_MEASURES, MEASURE_LABELS, SPREAD, SeedBaselines
 from rankscope.report.collect import REFERENCE_METHOD, Study, load_study
-from rankscope.report.features import run_features
 from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.dynamics import dynamics_section
-from rankscope.report.intruder import intruder_section
-from rankscope.report.informativeness import study_verdicts, verdict_table
+from rankscope.report.features import converged_only, run_features
 from rankscope.report.figures import FigureResult, render_all
-from rankscope.report.regime import baseline_row, regime_display, regime_lines, study_regime
+from rankscope.report.figures.significance import fig_significance_map
+from rankscope.report.findings import ScaleEvidence, findings
+from rankscope.report.informativeness import study_verdicts, verdict_table
+from rankscope.report.intruder import intruder_section
+from rankscope.report.regime import baseline_row, regime_display, regime_glance, regime_lines, study_regime
 from rankscope.report.significance import (
     comparison_display,
-    comparison_words,
     family_statement,
     ranking_words,
     study_comparison,
     tuning_statement,
 )
-from rankscope.report.tuning import tuning_section
+from rankscope.report.significance_map import LEGEND, map_display, significance_map
+from rankscope.report.stats import NO_VALUES
 from rankscope.report.tables import (
     GEOMETRY_TABLES,
     METRIC_LABELS,
-    _predictor_display,
+    UNCONVERGED_MARK,
     baseline_display,
     geometry_table,
+    predictor_display,
     results_table,
 )
+from rankscope.report.tuning import tuning_section
 
 log = logging.getLogger("rankscope.report")
 
@@ -85,24 +89,45 @@ def _definitions(study: Study) -> list[str]:
     return lines
 
 
+def _study_file(study: Study) -> dict:
+    """The resolved study.yaml ({} when absent or unreadable)."""
+    import yaml
+
+    path = study.study_dir / "study.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        loaded = {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _families_left_out(study: Study) -> list[str]:
+    """The analysis families the study chose not to compute (its analysis.metrics), said once."""
+    from rankscope.analysis.settings import FAMILIES
+
+    chosen = (_study_file(study).get("analysis") or {}).get("metrics")
+    if not isinstance(chosen, list):
+        return []
+    left_out = [family for family in FAMILIES if family not in chosen]
+    return [f"Not analysed in this study (its `analysis.metrics` leaves {', '.join(left_out)} out; the study file says "
+            f"why): no {', '.join(left_out)} values in any table. `rankscope analyze RUNS --metrics "
+            f"{','.join(left_out)}` computes them."] if left_out else []
+
+
 def _study_name(study: Study) -> str:
     """The `name` of the resolved study.yaml, else the folder name."""
-    path = study.study_dir / "study.yaml"
-    if path.is_file():
-        import yaml
-
-        try:
-            name = (yaml.safe_load(path.read_text()) or {}).get("name")
-        except (OSError, yaml.YAMLError, AttributeError):
-            name = None
-        if name:
-            return str(name)
-    return study.study_dir.name
+    return str(_study_file(study).get("name") or study.study_dir.name)
 
 
 def _baseline_section(document: Document, baselines: SeedBaselines, preset: str, tables_dir: Path) -> None:
-    """Every distance to full rank next to the distance between two full-rank seeds."""
-    document.heading("Distance from full rank against the full-rank seed baseline", 3)
+    """Every distance to full rank next to the distance between two full-rank seeds (collapsed: the
+    map and the findings summarise it; a reference to its tables opens it)."""
+    with document.section("Distance from full rank against the full-rank seed baseline", 3,
+                          anchor=f"distance-section-{preset}", open_=False):
+        _baseline_tables(document, baselines, preset, tables_dir)
+
+
+def _baseline_tables(document: Document, baselines: SeedBaselines, preset: str, tables_dir: Path) -> None:
     missing = baselines.missing(preset)
     if missing:
         document.paragraph(f"**The seed baseline is missing at this scale:** {missing}. Without it, a distance to full "
@@ -131,8 +156,94 @@ def _baseline_section(document: Document, baselines: SeedBaselines, preset: str,
             continue
         display = baseline_display(final, measure, baselines.final_baseline(preset, measure).cell())
         if len(display) > 1 or not missing:
+            first = f"distance-{preset}" if f"distance-{preset}" not in document.references() else None
             document.table(display, f"{MEASURE_LABELS[measure]} (mean ± std over the comparisons, n of them); Δ: "
-                                    "mean minus the seed-baseline mean.")
+                                    "mean minus the seed-baseline mean.", label=first)
+
+
+def _scale_section(document: Document, study: Study, preset: str, features: pd.DataFrame, converged: pd.DataFrame,
+                   comparison: pd.DataFrame,
+                   exclusions: pd.DataFrame, regime, verdicts, baselines: SeedBaselines, figures, failed: pd.DataFrame,
+                   figures_dir: Path, tables_dir: Path, skipped_lines: list[str]) -> ScaleEvidence:
+    """One scale's section: its significance map first, then the regime, results, geometry, distances,
+    ranking and figures the map and the findings point to."""
+    metrics = [m for m in METRIC_LABELS if m != "val_ppl" and m in features.columns]
+    cells = significance_map(comparison, converged, baselines, preset, metrics, exclusions)
+    cells.to_csv(tables_dir / f"significance_map_{preset}.csv", index=False)
+    shown_metrics = [m for m in metrics if not (cells[cells["metric"] == m]["cell"] == NO_VALUES).all()]
+    cells = cells[cells["metric"].isin(shown_metrics)]
+    document.heading("Significance map", 3, anchor=f"sigmap-section-{preset}")
+    result = fig_significance_map(cells, METRIC_LABELS, preset, figures_dir, LEGEND)
+    if result.path is not None:
+        document.figure(result, label=f"sigmap-{preset}")
+        table, styles = map_display(cells, METRIC_LABELS)
+        with document.section("The map as a table", 4, anchor=f"sigmap-table-section-{preset}", open_=False):
+            document.table(table, "The same map as a table. " + LEGEND + " Every cell with its p-value: "
+                           f"tables/significance_map_{preset}.csv.", label=f"sigmap-table-{preset}", cell_styles=styles)
+    else:
+        document.paragraph(f"*No significance map — {result.skipped}.*")
+
+    document.heading("Regime", 3, anchor=f"regime-{preset}")
+    document.table(regime_display(regime, preset), label=f"regime-{preset}")
+    document.bullets(regime_lines(regime, preset, study))
+    document.paragraph(tuning_statement(regime, preset))
+
+    numeric, shown = results_table(study.runs, preset)
+    numeric.to_csv(tables_dir / f"results_{preset}.csv", index=False)
+    document.heading("Results", 3, anchor=f"results-section-{preset}")
+    shown = pd.concat([shown, pd.DataFrame([baseline_row(regime, preset)])], ignore_index=True).fillna("")
+    document.table(shown, "Final checkpoint; methods in alphabetical order (full rank first), not in rank order; "
+                          "controls (marked) after them, reference rows that are never tested or ranked. "
+                          "Last row: the validation split's unigram perplexity and the chance level of the mean "
+                          "downstream accuracy. Optimizer state: bytes of the optimizer's state tensors; "
+                          "est. memory: weights + optimizer state at 2 bytes/element (literature convention).",
+                   label=f"results-{preset}")
+    failed_here = failed[failed["preset"].astype(str) == str(preset)]
+    if len(failed_here):
+        document.paragraph("Failed runs: " + "; ".join(f"`{r.run}` — {r.failure_reason}"
+                                                       for r in failed_here.itertuples(index=False)))
+    missing = baselines.missing(preset)
+    reference_cells = {m: baselines.final_baseline(preset, m).cell() for m in FINAL_MEASURES}
+    geometry, _ = geometry_table(features, preset, reference_cells=reference_cells)
+    if len(geometry.columns) > 1:
+        geometry.to_csv(tables_dir / f"geometry_{preset}.csv", index=False)
+        with document.section("Final-checkpoint geometry", 3, anchor=f"geometry-{preset}", open_=False):
+            document.paragraph("Mean ± std over seeds at each run's last analysed checkpoint; – where a run has no "
+                               f"value, n/a where the metric does not apply to the method, {UNCONVERGED_MARK} where an "
+                               "estimate did not converge (reasons below each table).")
+            for title, columns, caption in GEOMETRY_TABLES:
+                table, notes = geometry_table(features, preset, columns, reference_cells)
+                if len(table.columns) > 1:
+                    document.heading(title, 4)
+                    document.table(table, caption)
+                    if missing and any(METRIC_LABELS[m] in table.columns for m in FINAL_MEASURES):
+                        notes = [f"{REFERENCE_METHOD}: the seed baseline is missing — {missing}.", *notes]
+                    document.bullets(notes)
+    _baseline_section(document, baselines, preset, tables_dir)
+    intruder_section(document, study, preset, tables_dir)
+    document.heading("Ranking", 3, anchor=f"ranking-{preset}")
+    document.paragraph(verdicts[preset].ranking_caveat())
+    document.bullets(ranking_words(comparison, preset, regime, METRIC_LABELS))
+    document.heading("Figures", 3, anchor=f"figures-{preset}")
+    _figure_blocks(document, figures.get(preset, []), skipped_lines)
+    dynamics_section(document, study, preset, figures_dir, tables_dir, skipped_lines)
+    return ScaleEvidence(preset, cells, numeric, regime)
+
+
+def _appendix(document: Document, comparison: pd.DataFrame, regime, presets: list[str]) -> None:
+    """Every test of the family, collapsed: the findings and the maps summarise it."""
+    with document.section("Appendix: every test", anchor="appendix-tests", open_=False):
+        document.paragraph(family_statement(comparison) + " Distances to full rank (CKA, cosine, relative L2, IMBH) "
+                           "are not in this family: the full-rank row's comparison with itself is no yardstick; they "
+                           "are read against the seed baseline.")
+        display = pd.concat([comparison_display(comparison, preset, METRIC_LABELS).assign(scale=preset)
+                             for preset in presets], ignore_index=True) if presets else pd.DataFrame()
+        if len(display):
+            display = display[["scale", *[c for c in display.columns if c != "scale"]]]
+            document.table(display, "Each method against full rank on every tested metric. Difference = mean(method) − "
+                                    "mean(full) over seeds. val ppl is exp(val loss) run by run, so it is tested as val "
+                                    "loss. Welch's CI of each difference and the pairs of methods: "
+                                    "tables/significance.csv.", label="tests")
 
 
 def build_report(study_dir: str | Path) -> Path:
@@ -149,7 +260,9 @@ def build_report(study_dir: str | Path) -> Path:
 
     baselines = SeedBaselines(study)
     features = run_features(study, baselines)
-    comparison = study_comparison(study, METRIC_LABELS, features)
+    # Estimates whose estimator did not converge are shown (marked) but never tested or stated.
+    converged, exclusions = converged_only(features)
+    comparison = study_comparison(study, METRIC_LABELS, converged)
     regime = study_regime(study)
     verdicts = study_verdicts(study)
     figures = render_all(study, figures_dir, baselines)
@@ -172,15 +285,19 @@ def build_report(study_dir: str | Path) -> Path:
         f"{len(study.runs) - n_done - len(failed)} other) over scales {', '.join(study.presets()) or '–'}. "
         f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. Numbers are mean ± sample std over seeds; "
         "validation perplexity is exp of the exact token-weighted mean next-token loss on the validation set.")
-    document.heading("Regime")
-    document.paragraph("What every number below was trained under. Tokens per parameter: training tokens / all "
-                       "parameters of the run's model.")
+    document.heading("Regime and verdict", anchor="regime")
     for preset in study.presets():
-        document.heading(f"Scale {preset}", 3)
-        document.table(regime_display(regime, preset))
-        document.bullets(regime_lines(regime, preset, study))
-        # Before any result: whether this regime can tell the methods apart at all.
-        document.paragraph(verdicts[preset].sentence())
+        # Before any result: what was trained, and whether this regime can tell the methods apart at all.
+        document.paragraph(regime_glance(regime, preset) + " " + verdicts[preset].sentence())
+    findings_at = len(document.blocks)  # the findings go here once every table and figure has its number
+
+    skipped_lines: list[str] = []
+    scales: list[ScaleEvidence] = []
+    for preset in study.presets():
+        with document.section(f"Scale {preset}", anchor=f"scale-{preset}"):
+            scales.append(_scale_section(document, study, preset, features, converged, comparison, exclusions, regime, verdicts,
+                                         baselines, figures, failed, figures_dir, tables_dir, skipped_lines))
+
     definitions = _definitions(study)
     if definitions:
         document.heading("Definitions used")
@@ -188,68 +305,23 @@ def build_report(study_dir: str | Path) -> Path:
                            "the default and ours a named setting (docs/metrics.md). These tables use:")
         document.bullets(definitions)
     tuning_section(document, study.study_dir, figures_dir, tables_dir)
-    skipped_lines: list[str] = []
-    for preset in study.presets():
-        numeric, shown = results_table(study.runs, preset)
-        numeric.to_csv(tables_dir / f"results_{preset}.csv", index=False)
-        document.heading(f"Scale {preset}")
-        document.heading("Results", 3)
-        shown = pd.concat([shown, pd.DataFrame([baseline_row(regime, preset)])], ignore_index=True).fillna("")
-        document.table(shown, "Final checkpoint; methods in alphabetical order (full rank first), not in rank order; "
-                              "controls (marked) after them, reference rows that are never tested or ranked. "
-                              "Last row: the validation split's unigram perplexity and the chance level of the mean "
-                              "downstream accuracy. Optimizer state: bytes of the optimizer's state tensors; "
-                              "est. memory: weights + optimizer state at 2 bytes/element (literature convention).")
-        failed_here = failed[failed["preset"].astype(str) == str(preset)]
-        if len(failed_here):
-            document.paragraph("Failed runs: " + "; ".join(f"`{r.run}` — {r.failure_reason}"
-                                                           for r in failed_here.itertuples(index=False)))
-        missing = baselines.missing(preset)
-        reference_cells = {m: baselines.final_baseline(preset, m).cell() for m in FINAL_MEASURES}
-        geometry, _ = geometry_table(features, preset, reference_cells=reference_cells)
-        if len(geometry.columns) > 1:
-            geometry.to_csv(tables_dir / f"geometry_{preset}.csv", index=False)
-            document.heading("Final-checkpoint geometry", 3)
-            document.paragraph("Mean ± std over seeds at each run's last analysed checkpoint; – where a run has no "
-                               "value, n/a where the metric does not apply to the method (reason below).")
-            for title, columns, caption in GEOMETRY_TABLES:
-                table, not_applicable = geometry_table(features, preset, columns, reference_cells)
-                if len(table.columns) > 1:
-                    document.heading(title, 4)
-                    document.table(table, caption)
-                    if missing and any(METRIC_LABELS[m] in table.columns for m in FINAL_MEASURES):
-                        not_applicable = [f"{REFERENCE_METHOD}: the seed baseline is missing — {missing}.", *not_applicable]
-                    document.bullets(not_applicable)
-        _baseline_section(document, baselines, preset, tables_dir)
-        intruder_section(document, study, preset, tables_dir)
-        document.heading("Comparison with full rank", 3)
-        document.paragraph(family_statement(comparison) + " Distances to full rank (CKA, cosine, relative L2, IMBH) are "
-                           "not in this family: the full-rank row's comparison with itself is no yardstick; they are "
-                           "read against the seed baseline above.")
-        document.paragraph(tuning_statement(regime, preset))
-        document.bullets(comparison_words(comparison, preset, regime, METRIC_LABELS))
-        display = comparison_display(comparison, preset, METRIC_LABELS)
-        if len(display):
-            document.table(display, "Difference = mean(method) − mean(full) over seeds. val ppl is exp(val loss) run by "
-                                    "run, so it is tested as val loss. Welch's CI of each difference: tables/significance.csv.")
-        document.heading("Ranking", 3)
-        document.paragraph(verdicts[preset].ranking_caveat())
-        document.bullets(ranking_words(comparison, preset, regime, METRIC_LABELS))
-        document.heading("Figures", 3)
-        _figure_blocks(document, figures.get(preset, []), skipped_lines)
-        dynamics_section(document, study, preset, figures_dir, tables_dir, skipped_lines)
-
     document.heading("Predicting downstream accuracy")
     if study.predictor is not None and not study.predictor.empty:
-        document.table(_predictor_display(study.predictor),
+        document.table(predictor_display(study.predictor),
                        "Ridge regression on standardized features; n/a: not computable (reason in the note). "
                        "No test of whether a score differs from 0 is made, so a score describes these n rows; "
-                       "it is not evidence of predictive power.")
+                       "it is not evidence of predictive power.", label="predictor")
     _figure_blocks(document, figures.get("", []), skipped_lines)
-
-    if skipped_lines or study.notes or regime.notes:
+    _appendix(document, comparison, regime, study.presets())
+    missing_lines = _families_left_out(study) + skipped_lines + study.notes + regime.notes
+    if missing_lines:
         document.heading("Missing data")
-        document.bullets(skipped_lines + study.notes + regime.notes)
+        document.bullets(missing_lines)
+
+    labels = set(document.references())
+    found = findings(scales, comparison, study.predictor, exclusions, METRIC_LABELS,
+                     lambda label: f"[[{label}]]" if label in labels else "")
+    document.insert_findings(findings_at, found)
 
     title = f"rankscope study report — {_study_name(study)}"
     (out / "report.md").write_text(render_markdown(document, title))

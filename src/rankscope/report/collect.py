@@ -107,7 +107,7 @@ def sorted_presets(presets) -> list[str]:
     return sorted((str(p) for p in presets), key=lambda p: (preset_size(p), p))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_control(method: str) -> bool:
     """Whether `method` names a control (`frozen`: a reference row, never ranked or tested) rather
     than a method. A name this installation does not know is a method: the report of an old or

@@ -20,10 +20,19 @@ import pandas as pd
 
 from rankscope.report.collect import Study, finite, method_label, sorted_methods
 from rankscope.report.figures import STYLE, FigureResult, method_color
-from rankscope.report.figures.base import _new_figure, _save, line_style
+from rankscope.report.figures.base import line_style, save_figure, sized_figure
 
-# Spectron scales its factor steps so that ‖ΔW‖₂ stays about the learning rate.
-BOUNDED_METHODS = {"spectron"}
+
+def bounds_its_update(method: str) -> bool:
+    """Whether the method keeps ‖ΔW‖₂ at about its lr (``Method.update_bound``, Spectron's); a
+    method this installation does not know is taken as unbounded."""
+    from rankscope import methods
+    from rankscope.errors import RankscopeError
+
+    try:
+        return bool(getattr(methods.get(method), "update_bound", False))
+    except RankscopeError:
+        return False
 
 UPDATE_COLUMNS = ["run", "method", "preset", "seed", "step", "trigger", "max_update_norm", "max_update_lr",
                   "max_update_ratio", "max_factor_update_norm"]
@@ -92,7 +101,7 @@ def fig_update_norms(updates: pd.DataFrame, preset: str, out_dir: Path) -> Figur
         return FigureResult(name, title, skipped=f"no dynamics measurements for preset {preset} "
                                                  "(train.dynamics_every was 0, or the runs have not logged any yet)")
     methods = sorted_methods(rows["method"].unique())
-    figure = _new_figure(11, 4)
+    figure = sized_figure(11, 4)
     norm_ax, ratio_ax = figure.subplots(1, 2)
     no_dense = []
     for method in methods:
@@ -107,7 +116,7 @@ def fig_update_norms(updates: pd.DataFrame, preset: str, out_dir: Path) -> Figur
         ratios = _mean_over_seeds(mine, "max_update_ratio")
         ratio_ax.plot(ratios.index, ratios.values, color=color, label=method_label(method), linewidth=1.6,
                       linestyle=line_style(method))
-        if method in BOUNDED_METHODS:
+        if bounds_its_update(method):
             bound = _mean_over_seeds(mine, "max_update_lr")
             norm_ax.plot(bound.index, bound.values, color=color, linestyle="--", linewidth=1.2,
                          label=f"{method} bound (lr)")
@@ -125,7 +134,7 @@ def fig_update_norms(updates: pd.DataFrame, preset: str, out_dir: Path) -> Figur
                "(dashed).")
     if no_dense:
         caption += f" Not drawn: {', '.join(no_dense)} (no dense W: B·σ(A·x); factor updates are in metrics.jsonl)."
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))
 
 
 def fig_spikes(study: Study, spikes: pd.DataFrame, preset: str, out_dir: Path) -> FigureResult:
@@ -134,7 +143,7 @@ def fig_spikes(study: Study, spikes: pd.DataFrame, preset: str, out_dir: Path) -
     if log_rows.empty:
         return FigureResult(name, title, skipped=f"no training loss logged for preset {preset}")
     mine = spikes[spikes["preset"].astype(str) == str(preset)]
-    figure = _new_figure(11, 4)
+    figure = sized_figure(11, 4)
     ax = figure.subplots()
     for method in sorted_methods(log_rows["method"].unique()):
         color = method_color(method)
@@ -150,7 +159,7 @@ def fig_spikes(study: Study, spikes: pd.DataFrame, preset: str, out_dir: Path) -
     figure.suptitle(title)
     caption = ("Training loss of every run (one line per seed); × marks a spike: a step whose loss exceeds "
                "train.spike_factor × the median of the previous train.spike_window losses.")
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))
 
 
 def dynamics_section(document, study: Study, preset: str, figures_dir: Path, tables_dir: Path,

@@ -54,4 +54,34 @@ def _with_seed_comparisons(features: pd.DataFrame, baselines: SeedBaselines) -> 
     return features
 
 
-__all__ = ["run_features"]
+def parse_reasons(text) -> dict[str, str]:
+    """``{feature: reason}`` of a "feature: reason; feature: reason" cell (not_applicable, unconverged)."""
+    reasons: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in ("" if pd.isna(text) else str(text)).split(";"))):
+        feature, _, reason = part.partition(": ")
+        reasons.setdefault(feature, reason)
+    return reasons
+
+
+def converged_only(features: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The features with every estimate listed in a run's ``unconverged`` cell set to NaN (what the
+    test family and the findings may use), and one row per (preset, method, metric) left out:
+    runs and the first reason. A value whose estimator did not converge is shown, marked, in the
+    tables; it is never tested or stated."""
+    masked = features.copy()
+    left_out: dict[tuple[str, str, str], dict] = {}
+    if "unconverged" not in features.columns:
+        return masked, pd.DataFrame(columns=["preset", "method", "metric", "runs", "reason"])
+    for index, row in features.iterrows():
+        for feature, reason in parse_reasons(row["unconverged"]).items():
+            if feature not in masked.columns:
+                continue
+            masked.at[index, feature] = math.nan
+            key = (str(row["preset"]), str(row["method"]), feature)
+            entry = left_out.setdefault(key, {"preset": key[0], "method": key[1], "metric": feature, "runs": 0,
+                                              "reason": reason})
+            entry["runs"] += 1
+    return masked, pd.DataFrame(list(left_out.values()), columns=["preset", "method", "metric", "runs", "reason"])
+
+
+__all__ = ["converged_only", "parse_reasons", "run_features"]

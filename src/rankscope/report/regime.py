@@ -36,7 +36,6 @@ from rankscope.optim.roles import ROLES
 from rankscope.report.collect import REFERENCE_METHOD, Study, finite, is_control, method_label, sorted_methods
 from rankscope.report.stats import format_number
 
-
 LITERATURE, SET_BY_RUN, UNKNOWN = "literature default", "set by the run", "unknown"
 TUNED_IN_STUDY = "tuned in this study"
 # Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses about 20 tokens per parameter.
@@ -443,6 +442,33 @@ def regime_summary(regime: Regime, preset: str) -> str:
             f"seeds {count_range(rows['seeds'])}; block lr ({', '.join(sources)}): {lrs}{roles}")
 
 
+def regime_glance(regime: Regime, preset: str) -> str:
+    """One scale's regime in one sentence for the report's first screen (the table is in the scale's section)."""
+    rows = regime.table[(regime.table["preset"] == str(preset)) & (regime.table["seeds"] > 0)]
+    if rows.empty:
+        return f"**Scale {preset}**: no trained run."
+    controls = rows[rows["control"].astype(bool)]
+    methods = rows[~rows["control"].astype(bool)]
+    who = f"{len(methods)} method{'s' if len(methods) != 1 else ''}" + (
+        f" and the {', '.join(controls['method'])} control" if len(controls) else "")
+    per_param = pd.to_numeric(rows["tokens_per_param"], errors="coerce").dropna()
+    length = (f"{_integer(rows['steps'].iloc[0])} steps, {_integer(rows['tokens'].iloc[0])} tokens = "
+              f"{format_number(per_param.min(), 2)}–{format_number(per_param.max(), 2)} tokens/param"
+              if len(per_param) else f"{_integer(rows['steps'].iloc[0])} steps")
+    if len(per_param) and per_param.max() < COMPUTE_OPTIMAL_TOKENS_PER_PARAM:
+        length += f" (compute-optimal ≈ {COMPUTE_OPTIMAL_TOKENS_PER_PARAM}: far from converged)"
+    sources = sorted({s for text in methods["lr_source"] for s in str(text).split("; ")})
+    tuned = all(c.tuned for m in methods["method"] for c in regime.lr_choices(preset, m)) and len(methods)
+    lrs = "block lrs tuned per method" if tuned else "block lrs " + ", ".join(sources)
+    shared = ""
+    if all(column in rows.columns for column in ROLE_COLUMNS.values()):
+        reading = _role_lrs_reading(rows)
+        shared = ("; embeddings, head and norms at one lr shared by every run" if reading.startswith("every run") else
+                  "; each method's lr also drives its embeddings, head and norms" if reading.startswith("each method")
+                  else "; the embeddings, head and norms lrs differ between methods")
+    return (f"**Scale {preset}**: {who}, {count_range(rows['seeds'])} seeds each, {length}; {lrs}{shared}.")
+
+
 def count_range(counts) -> str:
     counts = sorted({int(c) for c in counts})
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
@@ -457,4 +483,4 @@ def baseline_row(regime: Regime, preset: str) -> dict[str, str]:
 
 __all__ = ["BUILTIN_CHOICES", "FOLLOWS_METHOD_LR", "LITERATURE", "ROLE_COLUMNS", "SET_BY_RUN", "UNKNOWN", "LrChoice",
            "Regime", "baseline_row", "chance_levels", "chance_of_mean", "dense_lr_line", "lr_choice", "regime_display",
-           "regime_lines", "regime_summary", "role_lr_text", "study_regime"]
+           "regime_glance", "regime_lines", "regime_summary", "role_lr_text", "study_regime"]

@@ -11,10 +11,12 @@ import numpy as np
 import pandas as pd
 
 from rankscope.report.collect import REFERENCE_METHOD, finite, is_control, load_study, method_label, sorted_methods
-from rankscope.report.document import _cell
+from rankscope.report.document import format_cell
+from rankscope.report.features import parse_reasons
 from rankscope.report.stats import format_mean_std, format_number, mean_std
 
 MIB = 1024.0 ** 2
+UNCONVERGED_MARK = "†"  # a value whose estimator did not converge: shown, never tested
 
 # Run-level metrics compared across methods: column -> (label, "higher is better?" shown only as text).
 METRIC_LABELS: dict[str, str] = {
@@ -28,7 +30,8 @@ METRIC_LABELS: dict[str, str] = {
     "dv_singular_top5": "direction variance (top-5 singular)",
     "ccbh_final": "CCBH (last pair)",
     "imbh_to_full": "IMBH to full-rank",
-    "hessian_top_eigenvalue": "Hessian top eigenvalue",
+    "hessian_max_eigenvalue": "Hessian largest eigenvalue",
+    "hessian_min_eigenvalue": "Hessian most negative eigenvalue",
     "hessian_trace": "Hessian trace",
     "effective_rank_w": "effective rank of W",
     "stable_rank_w": "stable rank of W",
@@ -47,11 +50,12 @@ METRIC_LABELS: dict[str, str] = {
 GEOMETRY_TABLES: list[tuple[str, list[str], str]] = [
     ("Loss landscape, barriers and curvature",
      ["es_random", "dv_random", "es_singular_top1", "es_singular_top5", "dv_singular_top5", "ccbh_final", "imbh_to_full",
-      "hessian_top_eigenvalue", "hessian_trace"],
+      "hessian_max_eigenvalue", "hessian_min_eigenvalue", "hessian_trace"],
      "Expected sharpness and direction variance of 1-D profiles (singular: the study's grid, centre index len // 2); "
      "IMBH to full-rank: to the full-rank run of the same seed; the full-rank row shows the seed baseline (the barrier "
      "between full-rank runs of different seeds: mean [min, max] over the seed pairs) instead of its barrier with "
-     "itself; Hessian: power iteration and Hutchinson on Hessian-vector products of the probe loss."),
+     "itself; Hessian: the largest and the smallest (most negative) algebraic eigenvalue by Lanczos and the trace by "
+     "Hutchinson, on Hessian-vector products of the probe loss (docs/metrics.md); † where an estimate did not converge."),
     ("Spectra",
      ["effective_rank_w", "stable_rank_w", "numerical_rank_ratio_w", "sv_ratio_w", "effective_rank_w_merged",
       "effective_rank_dw", "update_ratio_pooled"],
@@ -93,10 +97,10 @@ def results_table(runs: pd.DataFrame, preset: str) -> tuple[pd.DataFrame, pd.Dat
             "val loss": format_mean_std(row["val_loss_mean"], row["val_loss_std"], row["val_loss_n"]),
             "val ppl": format_mean_std(row["val_ppl_mean"], row["val_ppl_std"], row["val_ppl_n"]),
             "downstream acc [%]": format_mean_std(*accuracy, digits=3),
-            "params [M]": _cell(row["params"] / 1e6),
-            "trainable [M]": _cell(row["trainable_params"] / 1e6),
-            "optimizer state [MiB]": _cell(row["optimizer_state_bytes"] / MIB),
-            "est. memory [MiB]": _cell(row["estimated_memory_bytes"] / MIB),
+            "params [M]": format_cell(row["params"] / 1e6),
+            "trainable [M]": format_cell(row["trainable_params"] / 1e6),
+            "optimizer state [MiB]": format_cell(row["optimizer_state_bytes"] / MIB),
+            "est. memory [MiB]": format_cell(row["estimated_memory_bytes"] / MIB),
             "tokens/s": format_mean_std(row["tokens_per_sec_mean"], row["tokens_per_sec_std"],
                                         row["tokens_per_sec_n"], digits=3),
             "failed runs (reason)": row["failed_runs"] or "",
@@ -104,12 +108,11 @@ def results_table(runs: pd.DataFrame, preset: str) -> tuple[pd.DataFrame, pd.Dat
     return pd.DataFrame(rows), pd.DataFrame(shown)
 
 
-def _reasons(group: pd.DataFrame) -> dict[str, str]:
-    """``{feature: reason}`` of the features marked not applicable for any run of ``group``."""
+def _reasons(group: pd.DataFrame, column: str = "not_applicable") -> dict[str, str]:
+    """``{feature: reason}`` of the features listed in ``column`` for any run of ``group``."""
     reasons: dict[str, str] = {}
-    for text in group.get("not_applicable", pd.Series(dtype=str)).fillna("").astype(str):
-        for part in filter(None, (p.strip() for p in text.split(";"))):
-            feature, _, reason = part.partition(": ")
+    for text in group.get(column, pd.Series(dtype=str)):
+        for feature, reason in parse_reasons(text).items():
             reasons.setdefault(feature, reason)
     return reasons
 
@@ -137,6 +140,12 @@ def geometry_table(features: pd.DataFrame, preset: str, columns: list[str] | Non
                 notes.append(f"{method}, {METRIC_LABELS[column]}: not applicable — {reasons[column]}")
             else:
                 row[METRIC_LABELS[column]] = format_mean_std(*mean_std(values))
+                unconverged = [parse_reasons(text).get(column) for text in group.get("unconverged", [])]
+                flagged = [reason for reason in unconverged if reason]
+                if flagged and finite(values).any():
+                    row[METRIC_LABELS[column]] += f" {UNCONVERGED_MARK}"
+                    notes.append(f"{method}, {METRIC_LABELS[column]}: {UNCONVERGED_MARK} {len(flagged)} of {len(group)} "
+                                 f"runs did not converge — {flagged[0]}; shown, never tested or stated as a finding")
         rows.append(row)
     return pd.DataFrame(rows), notes
 
@@ -178,7 +187,7 @@ def baseline_display(final_table: pd.DataFrame, measure: str, reference_cell: st
     return pd.DataFrame(shown)
 
 
-def _predictor_display(predictor: pd.DataFrame) -> pd.DataFrame:
+def predictor_display(predictor: pd.DataFrame) -> pd.DataFrame:
     shown = pd.DataFrame({"feature set": predictor.get("feature_set")})
     for score, label in (("r2_in_sample", "in-sample R²"), ("loso_pearson", "LOSO r"), ("lomo_pearson", "LOMO r")):
         if score not in predictor.columns:

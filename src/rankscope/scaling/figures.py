@@ -14,7 +14,7 @@ import pandas as pd
 
 from rankscope.report.collect import sorted_methods
 from rankscope.report.figures import STYLE, FigureResult, method_color
-from rankscope.report.figures.base import _new_figure, _save
+from rankscope.report.figures.base import save_figure, sized_figure
 from rankscope.scaling.optimal import loss, optimal_params
 
 
@@ -31,7 +31,7 @@ def fig_isoflop(table: pd.DataFrame, laws: dict[str, dict], optimal: dict, out_d
     cmap = mpl.colormaps["viridis"]
     columns = min(3, len(methods))
     rows = math.ceil(len(methods) / columns)
-    figure = _new_figure(4.2 * columns + 1.2, 3.4 * rows)
+    figure = sized_figure(4.2 * columns + 1.2, 3.4 * rows)
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
     n_all = table["params"].to_numpy(float)
     grid = np.logspace(math.log10(n_all.min() / 3), math.log10(n_all.max() * 3), 200)
@@ -61,12 +61,12 @@ def fig_isoflop(table: pd.DataFrame, laws: dict[str, dict], optimal: dict, out_d
     caption = ("Lines: the fitted L(N, D) along C = F(N)·D for four budgets spanning the measured runs "
                "(F: the method's training FLOPs per token); circles: each profile's minimum N*(C). Squares: "
                "the runs, coloured by their compute.")
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))
 
 
 def fig_loss_vs_compute(table: pd.DataFrame, front: pd.DataFrame, out_dir: Path) -> FigureResult:
     name, title = "loss_vs_compute", "Loss against training compute, with the compute-optimal frontiers"
-    figure = _new_figure(9, 4.6)
+    figure = sized_figure(9, 4.6)
     ax = figure.subplots()
     for method in sorted_methods(table["method"].unique()):
         color = method_color(method)
@@ -86,12 +86,12 @@ def fig_loss_vs_compute(table: pd.DataFrame, front: pd.DataFrame, out_dir: Path)
     figure.suptitle(title)
     caption = ("Points: runs. Lines: the predicted loss of the compute-optimal (N*, D*) at each budget, "
                "dashed beyond the measured compute; bands: bootstrap interval of that prediction.")
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))
 
 
 def fig_frontier(front: pd.DataFrame, out_dir: Path) -> FigureResult:
     name, title = "compute_optimal", "Compute-optimal model size and its inference cost"
-    figure = _new_figure(11, 4)
+    figure = sized_figure(11, 4)
     size_ax, cost_ax = figure.subplots(1, 2)
     for method in sorted_methods(front["method"].unique()):
         line = front[front["method"] == method]
@@ -106,7 +106,7 @@ def fig_frontier(front: pd.DataFrame, out_dir: Path) -> FigureResult:
     figure.legend(*size_ax.get_legend_handles_labels(), loc="outside right upper", frameon=False, title="method")
     figure.suptitle(title)
     caption = "N*(C) from each method's fitted law; right: forward FLOPs per token of that model (its inference cost)."
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))
 
 
 def render(table: pd.DataFrame, laws: dict[str, dict], optimal: dict, front: pd.DataFrame, out_dir: Path) -> list[FigureResult]:

@@ -1,7 +1,14 @@
 """Stage `hessian`: sharpness from the Hessian of the probe loss with respect to the perturbed
-parameters (the landscape's space and scope): its top eigenvalue (power iteration) and its trace
-(Hutchinson), next to expected sharpness. See :mod:`rankscope.analysis.hessian` for the
-estimators and their sources.
+parameters (the landscape's space and scope): its largest and smallest algebraic eigenvalues
+(Lanczos) and its trace (Hutchinson), next to expected sharpness. See
+:mod:`rankscope.analysis.hessian` for the estimators and their sources.
+
+Rows `max_eigenvalue`, `min_eigenvalue` and `trace`, each with `converged` and, when it is False,
+the reason: a Lanczos estimate whose relative residual is above ``hessian_tolerance`` after
+``hessian_iterations`` HVPs, a trace whose standard error is above
+``hessian_trace_max_relative_se`` of its value. The value is kept either way (an unconverged
+largest Ritz value is still a lower bound of λ_max); only converged rows are findings
+(:mod:`rankscope.analysis.features` lists the others in ``unconverged``).
 
 Each Hessian-vector product costs about two forward-and-backward passes over the probe set, so
 the family runs at the last step only unless ``hessian_every_checkpoint``; the seconds each
@@ -23,6 +30,8 @@ from rankscope.analysis.stages.base import Stage
 from rankscope.analysis.store import KEY_COLUMNS, Item, TableSpec
 from rankscope.models import token_losses
 
+METRICS = ("max_eigenvalue", "min_eigenvalue", "trace")
+
 
 def _batch_mean_loss(model, batch):
     return token_losses(model, batch).mean()
@@ -43,8 +52,11 @@ class HessianStage(Stage):
     @classmethod
     def describe(cls, run, context) -> dict[str, Any]:
         s = context.settings
-        return {"hessian": {"iterations": s.hessian_iterations, "tolerance": s.hessian_tolerance, "samples": s.hessian_samples,
-                            "vectors": "seeded Gaussian start (power iteration), Rademacher (trace)", "seed": s.direction_seed}}
+        return {"hessian": {"method": "Lanczos (full reorthogonalization): largest and smallest algebraic eigenvalue; "
+                                      "Hutchinson trace",
+                            "iterations": s.hessian_iterations, "tolerance": s.hessian_tolerance, "samples": s.hessian_samples,
+                            "trace_max_relative_se": s.hessian_trace_max_relative_se,
+                            "vectors": "seeded Gaussian start (Lanczos), Rademacher (trace)", "seed": s.direction_seed}}
 
     def compute(self, item: Item) -> dict[str, Any]:
         s = self.settings
@@ -55,7 +67,7 @@ class HessianStage(Stage):
         head = {"scope": scope}
         try:
             started = time.perf_counter()
-            top = hess.top_eigenvalue(hvp, like, s.hessian_iterations, s.hessian_tolerance, s.direction_seed)
+            extremes = hess.extreme_eigenvalues(hvp, like, s.hessian_iterations, s.hessian_tolerance, s.direction_seed)
             middle = time.perf_counter()
             trace = hess.hutchinson_trace(hvp, like, s.hessian_samples, s.direction_seed)
             finished = time.perf_counter()
@@ -63,16 +75,24 @@ class HessianStage(Stage):
             reason = f"no Hessian-vector product for this model: {str(exc).splitlines()[0]}"
             nan = math.nan
             rows = [{**head, "metric": m, "value": nan, "standard_error": nan, "hvps": 0, "converged": False,
-                     "applicable": False, "reason": reason} for m in ("top_eigenvalue", "trace")]
+                     "applicable": False, "reason": reason} for m in METRICS]
             return {"rows": rows, "arrays": {}, "notes": {"space_used": note}}
         finally:
             model.zero_grad(set_to_none=True)
         self.progress.advance(1.0)
+        trace_reason = hess.trace_unreadable(trace, s.hessian_trace_max_relative_se)
         rows = [
-            {**head, "metric": "top_eigenvalue", "value": top.value, "standard_error": math.nan, "hvps": top.iterations,
-             "converged": top.converged, "applicable": True, "reason": ""},
+            {**head, "metric": metric, "value": estimate.value, "standard_error": math.nan, "hvps": estimate.hvps,
+             "converged": estimate.converged, "applicable": True, "reason": estimate.reason}
+            for metric, estimate in (("max_eigenvalue", extremes.largest), ("min_eigenvalue", extremes.smallest))
+        ] + [
             {**head, "metric": "trace", "value": trace.value, "standard_error": trace.standard_error, "hvps": trace.samples,
-             "converged": True, "applicable": True, "reason": ""},
+             "converged": not trace_reason, "applicable": True, "reason": trace_reason},
         ]
-        timing = {"top_eigenvalue_seconds": middle - started, "trace_seconds": finished - middle}
-        return {"rows": rows, "arrays": {}, "notes": {"space_used": note, **timing}}
+        # Both extremes share one Krylov space: its HVPs are the larger of the two counts.
+        lanczos_hvps = max(extremes.largest.hvps, extremes.smallest.hvps)
+        notes = {"space_used": note, "lanczos_seconds": middle - started, "lanczos_hvps": lanczos_hvps,
+                 "trace_seconds": finished - middle, "seconds_per_hvp": (finished - started) / (lanczos_hvps + trace.samples),
+                 "max_eigenvalue_relative_residual": extremes.largest.residual,
+                 "min_eigenvalue_relative_residual": extremes.smallest.residual}
+        return {"rows": rows, "arrays": {}, "notes": notes}

@@ -1,5 +1,6 @@
 """The study's figures, one module per figure family (training, landscape, 2-D landscape,
-interpolation, spectral, similarity, downstream), all drawn with the conventions of :mod:`.base`.
+interpolation, spectral, similarity, downstream), all drawn with the conventions of :mod:`.base`
+and the sizes, fonts, colours and legend placement of :mod:`.style`.
 
 :func:`render_all` draws every figure of a study; a figure that fails on unexpected data becomes
 a skipped line in the report, never a crash of the whole report.
@@ -13,24 +14,30 @@ from pathlib import Path
 
 from rankscope.report.baseline import SeedBaselines
 from rankscope.report.collect import Study
+from rankscope.report.figures import style
 from rankscope.report.figures.base import (
     METHOD_COLORS,
     STYLE,
     FigureResult,
-    _pick_checkpoints,  # noqa: F401 - kept importable from here
     method_color,
     palette,
+    pick_checkpoints,  # noqa: F401 - kept importable from here
 )
 from rankscope.report.figures.downstream import fig_downstream, fig_predictor
+from rankscope.report.figures.interpolation import (
+    fig_ccbh,
+    fig_imbh,
+    fig_imbh_to_full,
+    imbh_matrix,
+)
 from rankscope.report.figures.intruder import fig_intruder
-from rankscope.report.figures.interpolation import fig_ccbh, fig_imbh, fig_imbh_to_full, imbh_matrix
-from rankscope.report.figures.landscape2d import fig_landscape2d
 from rankscope.report.figures.landscape import (
     ProfileCache,
     fig_landscape_random,
     fig_landscape_singular,
     landscape_direction_sets,
 )
+from rankscope.report.figures.landscape2d import fig_landscape2d
 from rankscope.report.figures.similarity import fig_similarity
 from rankscope.report.figures.spectral import fig_spectral
 from rankscope.report.figures.training import fig_training_curves, fig_val_ppl
@@ -43,7 +50,7 @@ def _guarded(function: Callable, name: str, title: str, *args, **kwargs) -> list
     of the whole report (the study may still be running and writing files)."""
     try:
         result = function(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - reported in the report and the log
+    except Exception as exc:
         log.warning("figure %s failed: %s", name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return [FigureResult(name, title, skipped=f"could not be drawn: {type(exc).__name__}: {exc}")]
     return result if isinstance(result, list) else [result]
@@ -81,7 +88,7 @@ def render_all(study: Study, out_dir: Path, baselines: SeedBaselines | None = No
     """Every figure, grouped by preset ('' for study-wide figures)."""
     import matplotlib as mpl
 
-    with mpl.rc_context(STYLE):
+    with mpl.rc_context(style.RC):
         profiles = ProfileCache(study)
         baselines = baselines or SeedBaselines(study)
         grouped = {preset: render_preset_figures(study, preset, out_dir, profiles, baselines) for preset in study.presets()}
@@ -90,8 +97,8 @@ def render_all(study: Study, out_dir: Path, baselines: SeedBaselines | None = No
 
 
 __all__ = [
-    "METHOD_COLORS", "FigureResult", "ProfileCache", "fig_ccbh", "fig_downstream", "fig_imbh", "fig_imbh_to_full",
+    "METHOD_COLORS", "STYLE", "FigureResult", "ProfileCache", "fig_ccbh", "fig_downstream", "fig_imbh", "fig_imbh_to_full",
     "fig_intruder", "fig_landscape2d", "fig_landscape_random", "fig_landscape_singular", "fig_predictor", "fig_similarity", "fig_spectral",
     "fig_training_curves", "fig_val_ppl", "imbh_matrix", "method_color", "palette", "render_all",
-    "render_preset_figures",
+    "render_preset_figures", "style",
 ]

@@ -10,14 +10,14 @@ import pandas as pd
 from matplotlib.patches import Patch
 
 from rankscope.report.collect import Study, finite, sorted_methods
+from rankscope.report.figures import style
 from rankscope.report.figures.base import (
     SCORE_COLORS,
     SCORE_LABELS,
     FigureResult,
-    _method_legend,
-    _new_figure,
-    _save,
     method_color,
+    method_legend,
+    save_figure,
 )
 
 
@@ -31,7 +31,7 @@ def fig_downstream(study: Study, preset: str, out_dir: Path, **_) -> FigureResul
     tasks = sorted(set(rows["task"]) - {"mean"}) + ["mean"]
     methods = sorted_methods(rows["method"].unique())
     width = 0.8 / len(methods)
-    figure = _new_figure(max(6.0, 0.35 * len(tasks) * len(methods) + 2.5), 4.2)
+    figure = style.new_figure(style.PANEL_HEIGHT + style.FOOTER_HEIGHT + 0.4)
     ax = figure.subplots()
     for offset, method in enumerate(methods):
         stats = rows[rows["method"] == method].groupby("task")["acc"].agg(["mean", "std", "count"]).reindex(tasks)
@@ -46,11 +46,11 @@ def fig_downstream(study: Study, preset: str, out_dir: Path, **_) -> FigureResul
     ax.set_xlabel("task")
     ax.set_ylim(0, min(100, max(10.0, float(rows["acc"].max()) * 100 * 1.15)))
     ax.set_title(title)
-    _method_legend(figure, methods)
+    method_legend(figure, methods)
     caption = "Accuracy of the final checkpoint per task; 'mean' is the mean over tasks." + (
         " Error bars: ± 1 std over seeds." if rows.groupby("method")["seed"].nunique().max() >= 2 else
         " One seed per method: no error bars.")
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))
 
 
 def fig_predictor(study: Study, out_dir: Path, **_) -> FigureResult:
@@ -63,7 +63,7 @@ def fig_predictor(study: Study, out_dir: Path, **_) -> FigureResult:
         return FigureResult(name, title, skipped="predictor.csv lacks feature_set or score columns")
     sets = table["feature_set"].astype(str).tolist()
     width = 0.8 / len(scores)
-    figure = _new_figure(max(6.5, 2.2 * len(sets) + 2.5), 4.3)
+    figure = style.new_figure(style.PANEL_HEIGHT + style.FOOTER_HEIGHT)
     ax = figure.subplots()
     plotted = []
     for offset, score in enumerate(scores):
@@ -78,10 +78,11 @@ def fig_predictor(study: Study, out_dir: Path, **_) -> FigureResult:
             # The number sits beyond the error bar, so the two never overlap.
             reach = abs(error) if np.isfinite(error) else 0.0
             ax.text(position, value + (reach + 0.03 if value >= 0 else -reach - 0.03), f"{value:.2f}", ha="center",
-                    va="bottom" if value >= 0 else "top", fontsize=7.5)
+                    va="bottom" if value >= 0 else "top", fontsize=style.FONT["annotation"])
             plotted += [value - reach, value + reach]
         for position in positions[~drawn]:
-            ax.text(position, 0.02, "n/a", ha="center", va="bottom", fontsize=8, color="#555555", rotation=90)
+            ax.text(position, 0.02, "n/a", ha="center", va="bottom", fontsize=style.FONT["annotation"], color="#555555",
+                    rotation=90)
     ax.set_ylim(min([-0.05] + [v - 0.15 for v in plotted]), max([1.05] + [v + 0.15 for v in plotted]))
     ax.axhline(0.0, color="#777777", linewidth=0.7)
     ax.set_xticks(range(len(sets)), sets)
@@ -91,9 +92,9 @@ def fig_predictor(study: Study, out_dir: Path, **_) -> FigureResult:
     ax.grid(axis="x", visible=False)
     # Handles built by hand: a score that is n/a everywhere draws no bar, yet keeps its legend colour.
     handles = [Patch(facecolor=SCORE_COLORS[s], label=SCORE_LABELS[s]) for s in scores]
-    figure.legend(handles=handles, loc="outside right upper", frameon=False, title="score")
+    style.legend(figure, handles, title="score")
     caption = ("Ridge regression on standardized features (METRICS.md §5). LOSO / LOMO: Pearson r of "
                "leave-one-scale-out / leave-one-method-out predictions; n/a: not computable (see the table notes).")
     if any(f"{s}_std" in table.columns for s in scores):
         caption += " Error bars: ± 1 std of the score over seed replicates."
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))

@@ -11,20 +11,28 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from rankscope.report.collect import Study, load_profiles, sorted_methods
+from rankscope.report.figures import style
 from rankscope.report.figures.base import (
     FigureResult,
-    _mean_band,
-    _method_legend,
-    _new_figure,
-    _no_data,
-    _pick_checkpoints,
-    _preset_runs,
-    _save,
-    _seed_note,
-    _step_axis,
-    _step_label,
-    _table,
+    draw_rows,
+    mean_band,
+    method_legend,
+    method_rows,
+    no_data,
+    pick_checkpoints,
+    preset_runs,
+    preset_table,
+    reference_legend,
+    rows_height,
+    save_figure,
+    seed_note,
+    single_valued,
+    step_axis,
+    step_label,
 )
+
+SMALL_MULTIPLES_NOTE = (" One row per method, full rank (near-black) in every panel, axes shared per column; profiles "
+                        "at the last checkpoint only (the summaries give the trend over steps).")
 
 
 class ProfileCache:
@@ -67,7 +75,7 @@ def _collect_profiles(study: Study, preset: str, direction_set: str, scope: str,
     """Long table: method, seed, step, k, alpha, value — each run's profile averaged over its
     directions (or over the first k singular directions)."""
     rows = []
-    for run in _preset_runs(study, preset).itertuples(index=False):
+    for run in preset_runs(study, preset).itertuples(index=False):
         arrays = profiles.get(run.run)
         alphas = arrays.get(f"alphas/{direction_set}")
         if alphas is None:
@@ -90,11 +98,11 @@ def _draw_profile_row(axes, profile_table: pd.DataFrame, checkpoints: Sequence[i
     for column, (ax, step) in enumerate(zip(axes, checkpoints)):
         at_step = profile_table[profile_table["step"] == step]
         if at_step.empty:
-            _no_data(ax, f"no profile at step {_step_label(step)}")
+            no_data(ax, f"no profile at step {step_label(step)}")
         else:
-            _mean_band(ax, at_step, "alpha", "value", methods)
+            mean_band(ax, at_step, "alpha", "value", methods)
             ax.axvline(0.0, color="#999999", linewidth=0.6, zorder=1)
-        ax.set_title(f"step {_step_label(step)}")
+        ax.set_title(f"step {step_label(step)}")
         ax.set_xlabel("α (step along direction)")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
@@ -102,27 +110,61 @@ def _draw_profile_row(axes, profile_table: pd.DataFrame, checkpoints: Sequence[i
             ax.set_ylabel(f"{row_label}\nL(θ+αd) − L(θ) [nats]")
 
 
-def _summary_vs_step(ax, landscape: pd.DataFrame, direction_set: str, scope: str, metric: str, methods: Sequence[str],
-                     k_max: int | None, ylabel: str) -> None:
+def _summary_rows(landscape: pd.DataFrame, direction_set: str, scope: str, metric: str, k_max: int | None) -> pd.DataFrame:
     rows = landscape[(landscape["direction_set"] == direction_set) & (landscape["metric"] == metric)]
     if "scope" in rows.columns:
         rows = rows[rows["scope"].astype(str) == scope]
     if k_max is not None and "k_max" in rows.columns:
         rows = rows[pd.to_numeric(rows["k_max"], errors="coerce") == k_max]
+    return rows
+
+
+ONE_STEP = "one checkpoint per run: no trend over steps to draw"
+
+
+def _summary_vs_step(ax, landscape: pd.DataFrame, direction_set: str, scope: str, metric: str, methods: Sequence[str],
+                     k_max: int | None, ylabel: str) -> None:
+    rows = _summary_rows(landscape, direction_set, scope, metric, k_max)
     if rows.empty:
-        _no_data(ax, f"no {metric.replace('_', ' ')} rows")
+        no_data(ax, f"no {metric.replace('_', ' ')} rows")
         return
-    _mean_band(ax, rows, "step", "value", methods, marker="o")
-    _step_axis(ax)
+    if single_valued(rows, "step"):
+        no_data(ax, ONE_STEP)
+        return
+    mean_band(ax, rows, "step", "value", methods, marker="o")
+    step_axis(ax)
     ax.set_ylabel(ylabel)
+
+
+def _summary_rows_draw(rows: pd.DataFrame):
+    """A small-multiples panel drawer of one summary metric vs step."""
+    def draw(ax, drawn_methods, method):
+        if rows.empty or single_valued(rows, "step"):
+            return False
+        return bool(mean_band(ax, rows, "step", "value", drawn_methods, marker="o", on_top=method))
+    return draw
+
+
+def _profile_draw(curves: pd.DataFrame):
+    def draw(ax, drawn_methods, method):
+        if curves.empty:
+            return False
+        ax.axvline(0.0, color="#999999", linewidth=0.6, zorder=1)
+        return bool(mean_band(ax, curves, "alpha", "value", drawn_methods, on_top=method))
+    return draw
+
+
+def _alpha_axis(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
 
 
 def fig_landscape_random(study: Study, preset: str, out_dir: Path, profiles: ProfileCache,
                          direction_set: str = "random", **_) -> FigureResult:
     name = f"landscape_{direction_set}_{preset}"
     title = f"1-D loss landscape along {direction_set.replace('_', ' ')} directions ({preset})"
-    landscape = _table(study, "landscape", preset)
-    runs = _preset_runs(study, preset)["run"].tolist()
+    landscape = preset_table(study, "landscape", preset)
+    runs = preset_runs(study, preset)["run"].tolist()
     scope = _landscape_scope(landscape, profiles, runs, direction_set)
     curves = _collect_profiles(study, preset, direction_set, scope, profiles, [None])
     has_summary = landscape is not None and (landscape["direction_set"] == direction_set).any()
@@ -130,32 +172,61 @@ def fig_landscape_random(study: Study, preset: str, out_dir: Path, profiles: Pro
         return FigureResult(name, title, skipped=f"no {direction_set} landscape profiles or rows for preset {preset}")
     methods = sorted_methods(set(curves["method"]) | (set(landscape.loc[landscape["direction_set"] == direction_set, "method"])
                                                      if has_summary else set()))
-    checkpoints = _pick_checkpoints(curves["step"].unique()) if not curves.empty else []
-    figure = _new_figure(3.0 * max(len(checkpoints), 3) + 1.6, 7.2)
-    top, bottom = figure.subfigures(2, 1, height_ratios=[1.0, 1.05])
-    if checkpoints:
-        axes = np.atleast_1d(top.subplots(1, len(checkpoints), sharey=True))
-        _draw_profile_row(axes, curves, checkpoints, methods, "mean over directions")
-        top.suptitle(f"profile averaged over directions, at {len(checkpoints)} checkpoints", fontsize=10)
+    checkpoints = pick_checkpoints(curves["step"].unique()) if not curves.empty else []
+    if style.use_small_multiples(methods):
+        figure = _random_rows(curves, landscape if has_summary else None, direction_set, scope, methods)
+        layout = SMALL_MULTIPLES_NOTE
+        where = {"profile": "Left", "steps": "the last checkpoint", "summary": "Middle and right"}
     else:
-        _no_data(top.subplots(), "no landscape_profiles.npz for these runs")
-    es_ax, dv_ax = bottom.subplots(1, 2)
-    if has_summary:
-        _summary_vs_step(es_ax, landscape, direction_set, scope, "expected_sharpness", methods, None,
-                         "expected sharpness [nats]")
-        _summary_vs_step(dv_ax, landscape, direction_set, scope, "direction_variance", methods, None,
-                         "direction variance [nats²]")
-    else:
-        _no_data(es_ax, "no landscape.csv rows")
-        _no_data(dv_ax, "no landscape.csv rows")
-    es_ax.set_title("expected sharpness vs step")
-    dv_ax.set_title("direction variance vs step")
-    _method_legend(figure, methods)
+        figure = style.new_figure(2 * style.PANEL_HEIGHT + style.HEADER_HEIGHT + style.FOOTER_HEIGHT)
+        top, bottom = figure.subfigures(2, 1, height_ratios=[1.0, 1.05])
+        if checkpoints:
+            axes = np.atleast_1d(top.subplots(1, len(checkpoints), sharey=True))
+            _draw_profile_row(axes, curves, checkpoints, methods, "mean over directions")
+            top.suptitle(f"profile averaged over directions, at {len(checkpoints)} checkpoints",
+                         fontsize=style.FONT["panel_title"])
+        else:
+            no_data(top.subplots(), "no landscape_profiles.npz for these runs")
+        es_ax, dv_ax = bottom.subplots(1, 2)
+        if has_summary:
+            _summary_vs_step(es_ax, landscape, direction_set, scope, "expected_sharpness", methods, None,
+                             "expected sharpness [nats]")
+            _summary_vs_step(dv_ax, landscape, direction_set, scope, "direction_variance", methods, None,
+                             "direction variance [nats²]")
+        else:
+            no_data(es_ax, "no landscape.csv rows")
+            no_data(dv_ax, "no landscape.csv rows")
+        es_ax.set_title("expected sharpness vs step")
+        dv_ax.set_title("direction variance vs step")
+        method_legend(figure, methods)
+        layout = ""
+        where = {"profile": "Top", "steps": "up to five checkpoints", "summary": "Bottom"}
     figure.suptitle(f"{title} — parameter scope: {scope}")
-    caption = (f"Top: L(θ+αd) − L(θ) averaged over the {direction_set} directions at up to five checkpoints "
-               f"(each method perturbs its own native parameters). Bottom: expected sharpness and direction "
-               f"variance vs step (METRICS.md §1).") + _seed_note(curves if not curves.empty else landscape)
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    caption = (f"{where['profile']}: L(θ+αd) − L(θ) averaged over the {direction_set} directions at {where['steps']} "
+               f"(each method perturbs its own native parameters). {where['summary']}: expected sharpness and direction "
+               f"variance vs step (METRICS.md §1).") + layout + seed_note(curves if not curves.empty else landscape)
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))
+
+
+def _random_rows(curves: pd.DataFrame, landscape: pd.DataFrame | None, direction_set: str, scope: str, methods):
+    """Small multiples of the random-direction figure: per method, its profile at the last
+    checkpoint, expected sharpness and direction variance vs step, each next to full rank's."""
+    last = int(curves["step"].max()) if not curves.empty else None
+    figure = style.new_figure(rows_height(methods))
+    titles = [f"L(θ+αd) − L(θ) [nats], step {step_label(last) if last is not None else '–'}",
+              "expected sharpness [nats]", "direction variance [nats²]"]
+    rows, axes = method_rows(figure, methods, titles, ["α (step along direction)", "training step", "training step"])
+    draw_rows(axes[:, 0], rows, methods, _profile_draw(curves[curves["step"] == last] if last is not None else curves))
+    for column, metric in ((1, "expected_sharpness"), (2, "direction_variance")):
+        summary = (_summary_rows(landscape, direction_set, scope, metric, None) if landscape is not None
+                   else pd.DataFrame(columns=["method", "step", "value"]))
+        draw_rows(axes[:, column], rows, methods, _summary_rows_draw(summary))
+        if single_valued(summary, "step") and not summary.empty:
+            axes[0, column].set_title(f"{titles[column]}\n({ONE_STEP})")
+        step_axis(axes[-1, column])
+    _alpha_axis(axes[-1, 0])
+    style.legend(figure, reference_legend(methods))
+    return figure
 
 
 def _singular_k_values(landscape: pd.DataFrame | None, direction_set: str) -> list[int]:
@@ -171,8 +242,8 @@ def fig_landscape_singular(study: Study, preset: str, out_dir: Path, profiles: P
                            direction_set: str = "singular", **_) -> list[FigureResult]:
     """Two figures: the profile grid (rows: top-K, columns: checkpoints) and the summaries per K."""
     label = direction_set.replace("_", " ")
-    landscape = _table(study, "landscape", preset)
-    runs = _preset_runs(study, preset)["run"].tolist()
+    landscape = preset_table(study, "landscape", preset)
+    runs = preset_runs(study, preset)["run"].tolist()
     scope = _landscape_scope(landscape, profiles, runs, direction_set)
     k_values = _singular_k_values(landscape, direction_set)
     curves = _collect_profiles(study, preset, direction_set, scope, profiles, k_values)
@@ -186,55 +257,91 @@ def fig_landscape_singular(study: Study, preset: str, out_dir: Path, profiles: P
     if curves.empty:
         results.append(FigureResult(name, title, skipped=f"no {direction_set} profiles in landscape_profiles.npz for preset {preset}"))
     else:
-        checkpoints = _pick_checkpoints(curves["step"].unique())
+        checkpoints = pick_checkpoints(curves["step"].unique())
         shown_k = [k for k in k_values if (curves["k"] == k).any()]
-        figure = _new_figure(3.0 * max(len(checkpoints), 3) + 1.6, 2.5 * len(shown_k) + 0.8)
-        axes = np.atleast_2d(figure.subplots(len(shown_k), len(checkpoints), sharey="row", squeeze=False))
-        for row, k in enumerate(shown_k):
-            _draw_profile_row(axes[row], curves[curves["k"] == k], checkpoints, methods, f"top-{k}")
-            if row < len(shown_k) - 1:
-                for ax in axes[row]:
-                    ax.set_xlabel("")
-        _method_legend(figure, methods)
-        figure.suptitle(f"{title} — parameter scope: {scope}")
-        caption = (f"Row K: L(θ+α·d_k) − L(θ) averaged over the singular directions d_k = σ_k u_k v_kᵀ, k ≤ K, "
-                   f"at up to five checkpoints.") + _seed_note(curves)
-        results.append(FigureResult(name, title, caption, _save(figure, out_dir, name)))
+        if style.use_small_multiples(methods):
+            last = int(curves["step"].max())
+            figure = style.new_figure(rows_height(methods))
+            rows, axes = method_rows(figure, methods, [f"top-{k}: L(θ+αd) − L(θ) [nats]" for k in shown_k],
+                                     "α (step along direction)")
+            for column, k in enumerate(shown_k):
+                at_last = curves[(curves["k"] == k) & (curves["step"] == last)]
+                draw_rows(axes[:, column], rows, methods, _profile_draw(at_last))
+                _alpha_axis(axes[-1, column])
+            style.legend(figure, reference_legend(methods))
+            figure.suptitle(f"{title} at step {step_label(last)} — parameter scope: {scope}")
+            caption = (f"Column K: L(θ+α·d_k) − L(θ) averaged over the singular directions d_k = σ_k u_k v_kᵀ, k ≤ K, "
+                       f"at the last checkpoint (step {step_label(last)}).") + SMALL_MULTIPLES_NOTE + seed_note(curves)
+        else:
+            figure = style.new_figure(style.PANEL_HEIGHT * 0.8 * len(shown_k) + style.HEADER_HEIGHT + style.FOOTER_HEIGHT)
+            axes = np.atleast_2d(figure.subplots(len(shown_k), len(checkpoints), sharey="row", squeeze=False))
+            for row, k in enumerate(shown_k):
+                _draw_profile_row(axes[row], curves[curves["k"] == k], checkpoints, methods, f"top-{k}")
+                if row < len(shown_k) - 1:
+                    for ax in axes[row]:
+                        ax.set_xlabel("")
+            method_legend(figure, methods)
+            figure.suptitle(f"{title} — parameter scope: {scope}")
+            caption = ("Row K: L(θ+α·d_k) − L(θ) averaged over the singular directions d_k = σ_k u_k v_kᵀ, k ≤ K, "
+                       "at up to five checkpoints.") + seed_note(curves)
+        results.append(FigureResult(name, title, caption, save_figure(figure, out_dir, name)))
 
     name = f"landscape_{direction_set}_summary_{preset}"
     title = f"Sharpness and direction variance along top-K {label} directions ({preset})"
     if not has_summary:
         results.append(FigureResult(name, title, skipped=f"no {direction_set} rows in landscape.csv for preset {preset}"))
         return results
-    figure = _new_figure(3.1 * len(k_values) + 1.6, 5.8)
-    axes = np.atleast_2d(figure.subplots(2, len(k_values), squeeze=False))
-    for column, k in enumerate(k_values):
-        _summary_vs_step(axes[0, column], landscape, direction_set, scope, "expected_sharpness", methods, k,
-                         "expected sharpness [nats]" if column == 0 else "")
-        axes[0, column].set_title(f"top-{k}: expected sharpness")
-        axes[0, column].set_xlabel("")
-        if k == 1:
-            _no_data(axes[1, column], "direction variance is 0 for K = 1")
-        else:
-            # The y label goes on the first panel of the row that has axes (K = 1 has none).
-            first = column == 0 or (column == 1 and k_values[0] == 1)
-            _summary_vs_step(axes[1, column], landscape, direction_set, scope, "direction_variance", methods, k,
-                             "direction variance [nats²]" if first else "")
-        axes[1, column].set_title(f"top-{k}: direction variance")
-    _method_legend(figure, methods)
+    rows_of = {(metric, k): _summary_rows(landscape, direction_set, scope, metric, k)
+               for metric in ("expected_sharpness", "direction_variance") for k in k_values}
+    summary_rows = landscape[landscape["direction_set"] == direction_set]
+    if single_valued(summary_rows, "step"):
+        results.append(FigureResult(name, title, skipped=f"one checkpoint per run in landscape.csv ({direction_set}): "
+                                                          "no trend over steps to draw; the values are in the geometry table"))
+        return results
+    if style.use_small_multiples(methods):
+        # Direction variance over one direction (K = 1) is 0 by definition: no column for it.
+        columns = [("expected_sharpness", k) for k in k_values] + [("direction_variance", k) for k in k_values if k != 1]
+        figure = style.new_figure(rows_height(methods))
+        titles = [f"top-{k}: {'expected sharpness [nats]' if metric == 'expected_sharpness' else 'direction variance [nats²]'}"
+                  for metric, k in columns]
+        rows, axes = method_rows(figure, methods, titles, "training step")
+        for column, key in enumerate(columns):
+            draw_rows(axes[:, column], rows, methods, _summary_rows_draw(rows_of[key]))
+            step_axis(axes[-1, column])
+        style.legend(figure, reference_legend(methods))
+        layout = " One row per method, full rank (near-black) in every panel, axes shared per column."
+        where = "Expected sharpness (first columns) and across-component direction variance (last columns, none for K = 1)"
+    else:
+        figure = style.new_figure(2 * style.PANEL_HEIGHT * 0.85 + style.HEADER_HEIGHT + style.FOOTER_HEIGHT)
+        axes = np.atleast_2d(figure.subplots(2, len(k_values), squeeze=False))
+        for column, k in enumerate(k_values):
+            _summary_vs_step(axes[0, column], landscape, direction_set, scope, "expected_sharpness", methods, k,
+                             "expected sharpness [nats]" if column == 0 else "")
+            axes[0, column].set_title(f"top-{k}: expected sharpness")
+            axes[0, column].set_xlabel("")
+            if k == 1:
+                no_data(axes[1, column], "direction variance is 0 for K = 1")
+            else:
+                # The y label goes on the first panel of the row that has axes (K = 1 has none).
+                first = column == 0 or (column == 1 and k_values[0] == 1)
+                _summary_vs_step(axes[1, column], landscape, direction_set, scope, "direction_variance", methods, k,
+                                 "direction variance [nats²]" if first else "")
+            axes[1, column].set_title(f"top-{k}: direction variance")
+        method_legend(figure, methods)
+        layout = ""
+        where = "Expected sharpness (top row) and across-component direction variance (bottom row)"
     figure.suptitle(f"{title} — parameter scope: {scope}")
-    caption = "Expected sharpness (top row) and across-component direction variance (bottom row) vs step, per K." \
-        + _seed_note(landscape[landscape["direction_set"] == direction_set])
-    results.append(FigureResult(name, title, caption, _save(figure, out_dir, name)))
+    caption = f"{where} vs step, per K." + layout + seed_note(summary_rows)
+    results.append(FigureResult(name, title, caption, save_figure(figure, out_dir, name)))
     return results
 
 
 def landscape_direction_sets(study: Study, preset: str, profiles: ProfileCache) -> list[str]:
     sets: set[str] = set()
-    table = _table(study, "landscape", preset)
+    table = preset_table(study, "landscape", preset)
     if table is not None:
         sets |= set(table["direction_set"].dropna().astype(str))
-    for run in _preset_runs(study, preset)["run"]:
+    for run in preset_runs(study, preset)["run"]:
         sets |= {key.split("/")[1] for key in profiles.get(run) if key.startswith("alphas/")}
     order = ["random", "random_filter", "singular", "singular_unweighted", "trajectory_pca"]
     return sorted(sets, key=lambda s: (order.index(s) if s in order else len(order), s))

@@ -6,18 +6,28 @@ from pathlib import Path
 
 import numpy as np
 
-from rankscope.report.collect import Study, finite, is_control, method_label, sorted_methods
+from rankscope.report.collect import (
+    Study,
+    finite,
+    is_control,
+    method_label,
+    sorted_methods,
+)
+from rankscope.report.figures import style
 from rankscope.report.figures.base import (
     FigureResult,
-    _mean_band,
-    _method_legend,
-    _new_figure,
-    _no_data,
-    _preset_runs,
-    _save,
-    _seed_note,
-    _step_axis,
+    draw_rows,
+    mean_band,
     method_color,
+    method_legend,
+    method_rows,
+    no_data,
+    preset_runs,
+    reference_legend,
+    rows_height,
+    save_figure,
+    seed_note,
+    step_axis,
 )
 
 
@@ -27,24 +37,50 @@ def fig_training_curves(study: Study, preset: str, out_dir: Path, **_) -> Figure
     if log_rows.empty or not finite(log_rows["loss"]).any():
         return FigureResult(name, title, skipped=f"no metrics.jsonl with training loss for preset {preset}")
     methods = sorted_methods(log_rows["method"].unique())
-    figure = _new_figure(11, 4)
-    train_ax, val_ax = figure.subplots(1, 2)
-    drawn = _mean_band(train_ax, log_rows[finite(log_rows["loss"])], "step", "loss", methods)
-    train_ax.set_ylabel("training loss [nats/token]")
-    train_ax.set_title("training loss (logged steps)")
-    _step_axis(train_ax)
     val_rows = log_rows[finite(log_rows["val_loss"])]
-    if val_rows.empty:
-        _no_data(val_ax, "no validation evaluations logged")
+    train_rows = log_rows[finite(log_rows["loss"])]
+    if style.use_small_multiples(methods):
+        figure = _training_rows(train_rows, val_rows, methods)
+        layout = " One row per method; full rank (near-black) in every panel, axes shared per column."
     else:
-        _mean_band(val_ax, val_rows, "step", "val_loss", methods, marker="o")
-        _step_axis(val_ax)
-        val_ax.set_ylabel("validation loss [nats/token]")
-    val_ax.set_title("validation loss (exact, token-weighted)")
-    _method_legend(figure, drawn)
+        figure = style.new_figure(style.PANEL_HEIGHT + style.FOOTER_HEIGHT)
+        train_ax, val_ax = figure.subplots(1, 2)
+        drawn = mean_band(train_ax, train_rows, "step", "loss", methods)
+        train_ax.set_ylabel("training loss [nats/token]")
+        train_ax.set_title("training loss (logged steps)")
+        step_axis(train_ax)
+        if val_rows.empty:
+            no_data(val_ax, "no validation evaluations logged")
+        else:
+            mean_band(val_ax, val_rows, "step", "val_loss", methods, marker="o")
+            step_axis(val_ax)
+            val_ax.set_ylabel("validation loss [nats/token]")
+        val_ax.set_title("validation loss (exact, token-weighted)")
+        method_legend(figure, drawn)
+        layout = ""
     figure.suptitle(title)
-    caption = "Loss curves from each run's metrics.jsonl." + _control_note(methods) + _seed_note(log_rows)
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    caption = "Loss curves from each run's metrics.jsonl." + layout + _control_note(methods) + seed_note(log_rows)
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))
+
+
+def _training_rows(train_rows, val_rows, methods):
+    """Small multiples: per method, its training loss and validation loss next to full rank's."""
+    figure = style.new_figure(rows_height(methods))
+    rows, axes = method_rows(figure, methods, ["training loss [nats/token] (logged steps)",
+                                               "validation loss [nats/token] (exact, token-weighted)"])
+
+    def train(ax, drawn_methods, method):
+        return bool(mean_band(ax, train_rows, "step", "loss", drawn_methods, on_top=method))
+
+    def validation(ax, drawn_methods, method):
+        return bool(mean_band(ax, val_rows, "step", "val_loss", drawn_methods, marker="o", on_top=method))
+
+    draw_rows(axes[:, 0], rows, methods, train)
+    draw_rows(axes[:, 1], rows, methods, validation)
+    for ax in axes[-1]:
+        step_axis(ax)
+    style.legend(figure, reference_legend(methods))
+    return figure
 
 
 def _control_note(methods) -> str:
@@ -57,12 +93,12 @@ def _control_note(methods) -> str:
 
 def fig_val_ppl(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
     name, title = f"val_ppl_{preset}", f"Validation perplexity per seed ({preset})"
-    runs = _preset_runs(study, preset)
+    runs = preset_runs(study, preset)
     runs = runs[finite(runs["val_ppl"])]
     if runs.empty:
         return FigureResult(name, title, skipped=f"no run of preset {preset} has a validation perplexity")
     methods = sorted_methods(runs["method"].unique())
-    figure = _new_figure(max(4.5, 1.0 + 0.9 * len(methods)), 3.8)
+    figure = style.new_figure(style.PANEL_HEIGHT + 0.6)
     ax = figure.subplots()
     for index, method in enumerate(methods):
         values = runs.loc[runs["method"] == method, "val_ppl"].astype(float).to_numpy()
@@ -81,4 +117,4 @@ def fig_val_ppl(study: Study, preset: str, out_dir: Path, **_) -> FigureResult:
     ax.set_title(title)
     caption = ("Dots: individual seeds; diamond: mean, error bar ± 1 std over seeds (where ≥ 2 seeds). "
                "Perplexity is exp of the exact token-weighted mean next-token loss on the validation set.")
-    return FigureResult(name, title, caption, _save(figure, out_dir, name))
+    return FigureResult(name, title, caption, save_figure(figure, out_dir, name))

@@ -15,8 +15,20 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from rankscope.report.collect import method_label, sorted_methods, sorted_presets
-from rankscope.report.figures.base import FigureResult, _method_legend, _new_figure, _save, line_style, method_color
+from rankscope.report.collect import (
+    REFERENCE_METHOD,
+    method_label,
+    sorted_methods,
+    sorted_presets,
+)
+from rankscope.report.figures import style
+from rankscope.report.figures.base import (
+    FigureResult,
+    line_style,
+    method_color,
+    method_legend,
+    save_figure,
+)
 
 LR_KEY = "optim.lr"
 
@@ -85,9 +97,7 @@ def tuning_curves(frame: pd.DataFrame, row: dict, seeds: list[int],
 def fig_tuning(study_dir: Path, out_dir: Path) -> list[FigureResult]:
     import matplotlib as mpl
 
-    from rankscope.report.figures.base import STYLE
-
-    with mpl.rc_context(STYLE):
+    with mpl.rc_context(style.RC):
         return _fig_tuning(study_dir, out_dir)
 
 
@@ -108,38 +118,93 @@ def _fig_tuning(study_dir: Path, out_dir: Path) -> list[FigureResult]:
         if frame.empty:
             results.append(FigureResult(name, title, skipped="tune/results.csv has no runs"))
             continue
-        figure = _new_figure(8, 4.5)
-        ax = figure.subplots()
         curves = {m: tuning_curves(frame, here[m], chosen.get("seeds", [0]), dense_keys) for m in sorted_methods(here)}
         finite_scores = [c.loc[~c["diverged"], "score"] for per_method in curves.values() for _, c in per_method]
         top = max((s.max() for s in finite_scores if len(s)), default=-math.inf)
-        drawn, dense_handles = [], []
-        for method, per_method in curves.items():
-            values = here[method].get("values") or {}
-            key = x_key(here[method])
-            chosen_dense = values.get(dense_key(here[method], dense_keys))
-            for index, (dense_value, curve) in enumerate(per_method):
-                if curve.empty:
-                    continue
-                is_chosen = dense_value is None or (chosen_dense is not None and math.isclose(dense_value, chosen_dense))
-                marker = "o" if dense_value is None else DENSE_MARKERS[index % len(DENSE_MARKERS)]
-                _draw_curve(ax, curve, method, marker, alpha=1.0 if is_chosen else 0.45, top=top,
-                            chosen_x=values.get(key) if is_chosen else None)
-                if dense_value is not None:
-                    label = f"{method_label(method)}, dense lr {dense_value:g}" + (" (chosen)" if is_chosen else "")
-                    dense_handles.append(Line2D([], [], color=method_color(method), marker=marker,
-                                                alpha=1.0 if is_chosen else 0.45, label=label))
-            if any(not curve.empty for _, curve in per_method):
-                drawn.append(method)
-        ax.set_xscale("log")
         keys = {x_key(c) for c in here.values()}
-        ax.set_xlabel("learning rate" if keys == {LR_KEY} else " / ".join(sorted(k for k in keys if k)))
-        ax.set_ylabel(f"{chosen.get('metric', 'val_loss')} (mean over seeds {chosen.get('seeds')})")
-        ax.set_title(title)
-        _method_legend(figure, drawn, dense_handles)
-        _save(figure, out_dir, name)
-        results.append(FigureResult(name, title, _caption(dense_handles, here), out_dir / f"{name}.png"))
+        xlabel = "learning rate" if keys == {LR_KEY} else " / ".join(sorted(k for k in keys if k))
+        ylabel = f"{chosen.get('metric', 'val_loss')} (mean over seeds {chosen.get('seeds')})"
+        if style.use_small_multiples(curves):
+            figure, dense_handles = _tuning_grid(curves, here, dense_keys, top, xlabel, ylabel)
+        else:
+            figure = style.new_figure(style.PANEL_HEIGHT + style.FOOTER_HEIGHT + 0.6)
+            ax = figure.subplots()
+            drawn, dense_handles = [], []
+            for method, per_method in curves.items():
+                if _draw_method(ax, method, per_method, here[method], dense_keys, top, dense_handles):
+                    drawn.append(method)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            method_legend(figure, drawn, dense_handles)
+        figure.suptitle(title)
+        save_figure(figure, out_dir, name)
+        caption = _caption(dense_handles, here)
+        if style.use_small_multiples(curves):
+            caption += (" One panel per method, axes shared; full rank's curve at its chosen dense lr in near-black in "
+                        "every panel.")
+        results.append(FigureResult(name, title, caption, out_dir / f"{name}.png"))
     return results
+
+
+def _draw_method(ax, method: str, per_method, cell: dict, dense_keys: list[str], top: float,
+                 dense_handles: list, alpha_scale: float = 1.0, chosen_only: bool = False) -> bool:
+    """One method's lr curves (one per dense lr for a stage-1 cell; `chosen_only`: only the chosen
+    one); the dense-lr legend entries go to `dense_handles`. Returns whether anything was drawn."""
+    values = cell.get("values") or {}
+    key = x_key(cell)
+    chosen_dense = values.get(dense_key(cell, dense_keys))
+    drawn = False
+    for index, (dense_value, curve) in enumerate(per_method):
+        if curve.empty:
+            continue
+        is_chosen = dense_value is None or (chosen_dense is not None and math.isclose(dense_value, chosen_dense))
+        if chosen_only and not is_chosen:
+            continue
+        marker = "o" if dense_value is None else DENSE_MARKERS[index % len(DENSE_MARKERS)]
+        alpha = (1.0 if is_chosen else 0.45) * alpha_scale
+        _draw_curve(ax, curve, method, marker, alpha=alpha, top=top, chosen_x=values.get(key) if is_chosen else None)
+        if dense_value is not None and not chosen_only:
+            label = f"{method_label(method)}, dense lr {dense_value:g}" + (" (chosen)" if is_chosen else "")
+            dense_handles.append(Line2D([], [], color=method_color(method), marker=marker, alpha=alpha, label=label))
+        drawn = True
+    return drawn
+
+
+def _tuning_grid(curves: dict, cells: dict, dense_keys: list[str], top: float, xlabel: str, ylabel: str):
+    """Small multiples: one panel per method (full rank's with all its dense-lr curves), full
+    rank's chosen curve behind every other panel; x (log lr) and y shared."""
+    methods = list(curves)
+    columns = style.panel_columns(len(methods), min_width=style.GRID_PANEL)
+    rows = -(-len(methods) // columns)
+    figure = style.new_figure(style.HEADER_HEIGHT + style.FOOTER_HEIGHT + rows * style.GRID_PANEL_HEIGHT)
+    axes = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+    dense_handles: list = []
+    for index, ax in enumerate(axes.flat):
+        if index >= len(methods):
+            ax.set_visible(False)
+            continue
+        method = methods[index]
+        if method != REFERENCE_METHOD and REFERENCE_METHOD in curves:
+            _draw_method(ax, REFERENCE_METHOD, curves[REFERENCE_METHOD], cells[REFERENCE_METHOD], dense_keys, top, [],
+                         alpha_scale=0.8, chosen_only=True)
+        if not _draw_method(ax, method, curves[method], cells[method], dense_keys, top, dense_handles):
+            ax.text(0.5, 0.5, "no finished run", ha="center", va="center", transform=ax.transAxes, color="#777777",
+                    fontsize=style.FONT["annotation"])
+        ax.set_title(method_label(method), color=method_color(method))
+        ax.set_xscale("log")
+    for column in range(columns):
+        lowest = axes[(len(methods) - 1 - column) // columns, column]
+        lowest.xaxis.set_tick_params(labelbottom=True)
+        lowest.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel if ax is axes[rows // 2, 0] else "")
+    handles = [Line2D([], [], color=style.REFERENCE_COLOR, marker="o", label="full rank (chosen dense lr), every panel"),
+               Line2D([], [], color="#555555", marker="*", markersize=11, markeredgecolor="black", linestyle="",
+                      label="chosen value"),
+               Line2D([], [], color="#555555", marker="x", linestyle="", label="diverged (drawn at the top)")]
+    style.legend(figure, handles + dense_handles)
+    return figure, dense_handles
 
 
 def _draw_curve(ax, curve: pd.DataFrame, method: str, marker: str, alpha: float, top: float,
