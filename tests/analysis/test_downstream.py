@@ -263,14 +263,14 @@ class AnswerKeyLM(LM):
 
 
 def test_label_wiring_answer_key_scores_one(monkeypatch, model, tokenizer):
-    monkeypatch.setattr(downstream, "RankscopeLM", lambda *args, **kwargs: AnswerKeyLM())
+    monkeypatch.setattr(downstream.lm, "RankscopeLM", lambda *args, **kwargs: AnswerKeyLM())
     result = evaluate_model(model, tokenizer, tasks=["rankscope_local"], limit=20)
     assert set(result["tasks"]) == set(LOCAL_TASKS)
     for row in result["tasks"].values():
         assert row["acc"] == 1.0 and row["acc_norm"] == 1.0 and row["n"] == 20
     assert result["mean_acc"] == 1.0
 
-    monkeypatch.setattr(downstream, "RankscopeLM", lambda *args, **kwargs: AnswerKeyLM(always_first=True))
+    monkeypatch.setattr(downstream.lm, "RankscopeLM", lambda *args, **kwargs: AnswerKeyLM(always_first=True))
     result = evaluate_model(model, tokenizer, tasks=["rs_word"], limit=40)
     first_is_right = sum(row["label"] == 0 for row in _rows("rs_word")[:40]) / 40
     assert result["tasks"]["rs_word"]["acc"] == pytest.approx(first_is_right)

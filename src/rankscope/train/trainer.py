@@ -206,58 +206,94 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
             write_json(initial_path, initial_val)
         initial = initial_val
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- one step, in named parts -----------------------------------------------------------------
     tokens_per_step = t.batch_size * cfg.data.seq_len
+    skipped = 0
+
+    def set_lrs(update: int) -> None:
+        multiplier = method.lr_multiplier(update, optim_settings)  # 1-based update index
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+
+    def forward_backward(batch: torch.Tensor) -> torch.Tensor:
+        """The step's mean loss over its micro-batches (and processes); gradients accumulated."""
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        n_micro = batch.shape[0] // micro
+        for index in range(n_micro):
+            micro_batch = batch[index * micro : (index + 1) * micro]
+            # Gradients are synchronised only on the last micro-batch of the step.
+            sync = nullcontext() if (index == n_micro - 1 or not dist_info.enabled) else train_model.no_sync()
+            with sync, autocast_context(device, t.precision):
+                loss = token_losses(forward_model, micro_batch).mean()
+                (loss / n_micro).backward()
+            loss_sum += loss.detach().double()
+        return all_reduce_sum(loss_sum / n_micro, dist_info) / dist_info.world_size
+
+    def clip_gradients() -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad],
+            optim_settings.grad_clip if optim_settings.grad_clip > 0 else float("inf"),
+        )
+
+    def update_or_skip(update: int, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Apply the update when loss and gradients are finite; otherwise stop or skip (train.nonfinite)."""
+        nonlocal skipped
+        if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm)):
+            method.before_update(update, model, optimizer)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return True
+        last_good = ckpt.list_checkpoints(run_dir)
+        where = f"step_{last_good[-1].step:06d}" if last_good else "none yet"
+        if t.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {update} (loss {float(step_loss):.4g}); "
+                f"stopped without saving it (last good checkpoint: {where}); lower optim.lr or set train.nonfinite=skip"
+            )
+        skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", update, skipped)
+        return False
+
+    def log_step(done: int, record: dict[str, Any]) -> None:
+        if dist_info.is_main and (done % t.log_every == 0 or "val_loss" in record or done == t.steps
+                                  or "dynamics" in record or "spike" in record):
+            append_metrics(metrics_path, record)
+            if writer is not None:
+                for key in ("loss", "lr", "grad_norm", "val_loss"):
+                    if key in record:
+                        writer.add_scalar(f"train/{key}", record[key], done)
+
+    def checkpoint_then_periodic_work(done: int, applied: bool, val: dict | None) -> None:
+        if done in checkpoint_steps:
+            save(done, val, after_step_pending=applied)
+        if applied:
+            # After the checkpoint, so it holds what the update produced (ReLoRA's adapters
+            # before their merge, as the official code saves them); resume replays it.
+            method.after_step(done, model, optimizer)
+
+    def stop_if_requested(done: int, val: dict | None) -> None:
+        if done < t.steps and stop_requested(dist_info, device):  # preemption: see train/preemption.py
+            if done not in checkpoint_steps:
+                save(done, val, after_step_pending=False, preemption=True)
+            raise RunPreempted(run_dir, done)
+
+    # -- the loop ----------------------------------------------------------------------------
     started = time.perf_counter()
     train_time = 0.0
-    skipped = 0
     last_val: dict | None = None
     progress = ProgressLog(total=t.steps, start=start_step, enabled=dist_info.is_main, log_every=t.log_every)
     model.train()
     with progress:
         for step in range(start_step, t.steps):
-            step_start = time.perf_counter()
-            multiplier = method.lr_multiplier(step + 1, optim_settings)  # 1-based update index
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * multiplier
-
-            batch = stream.next_batch().to(device)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            n_micro = batch.shape[0] // micro
-            for index in range(n_micro):
-                micro_batch = batch[index * micro : (index + 1) * micro]
-                # Gradients are synchronised only on the last micro-batch of the step.
-                sync = nullcontext() if (index == n_micro - 1 or not dist_info.enabled) else train_model.no_sync()
-                with sync, autocast_context(device, t.precision):
-                    loss = token_losses(forward_model, micro_batch).mean()
-                    (loss / n_micro).backward()
-                loss_sum += loss.detach().double()
-            step_loss = all_reduce_sum(loss_sum / n_micro, dist_info) / dist_info.world_size
-            dynamics.before_update(step + 1, step_loss)
-
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad],
-                optim_settings.grad_clip if optim_settings.grad_clip > 0 else float("inf"),
-            )
-            finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
-            if not finite:
-                last_good = ckpt.list_checkpoints(run_dir)
-                where = f"step_{last_good[-1].step:06d}" if last_good else "none yet"
-                if t.nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at step {step + 1} (loss {float(step_loss):.4g}); "
-                        f"stopped without saving it (last good checkpoint: {where}); lower optim.lr or set train.nonfinite=skip"
-                    )
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step + 1, skipped)
-            else:
-                method.before_update(step + 1, model, optimizer)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
             done = step + 1
-            measured = dynamics.after_update(done, applied=finite)  # its cost counts in step_time
+            step_start = time.perf_counter()
+            set_lrs(done)
+            step_loss = forward_backward(stream.next_batch().to(device))
+            dynamics.before_update(done, step_loss)
+            grad_norm = clip_gradients()
+            applied = update_or_skip(done, step_loss, grad_norm)
+            measured = dynamics.after_update(done, applied=applied)  # its cost counts in step_time
             step_time = time.perf_counter() - step_start
             train_time += step_time
             record: dict[str, Any] = {
@@ -268,24 +304,10 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 last_val = evaluate()
                 record.update(val_loss=last_val["loss"], val_ppl=last_val["ppl"])
-            if dist_info.is_main and (done % t.log_every == 0 or "val_loss" in record or done == t.steps
-                                     or "dynamics" in record or "spike" in record):
-                append_metrics(metrics_path, record)
-                if writer is not None:
-                    for key in ("loss", "lr", "grad_norm", "val_loss"):
-                        if key in record:
-                            writer.add_scalar(f"train/{key}", record[key], done)
+            log_step(done, record)
             progress.update(done, record, tokens_per_step / step_time)
-            if done in checkpoint_steps:
-                save(done, last_val, after_step_pending=finite)
-            if finite:
-                # After the checkpoint, so it holds what the update produced (ReLoRA's adapters
-                # before their merge, as the official code saves them); resume replays it.
-                method.after_step(done, model, optimizer)
-            if done < t.steps and stop_requested(dist_info, device):  # preemption: see train/preemption.py
-                if done not in checkpoint_steps:
-                    save(done, last_val, after_step_pending=False, preemption=True)
-                raise RunPreempted(run_dir, done)
+            checkpoint_then_periodic_work(done, applied, last_val)
+            stop_if_requested(done, last_val)
 
     wall_time = time.perf_counter() - started
     final_val = last_val if last_val is not None else evaluate()
