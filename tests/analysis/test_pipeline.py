@@ -508,3 +508,20 @@ def test_intruder_rows_against_self_seed_reference_and_init(analysed):
     assert set(lora["pairing"]) == {"same-seed", "init"} and lora["applicable"].all()
     similarities = lora[lora["metric"].str.startswith("similarity_")]["value"]
     assert ((similarities >= 0) & (similarities <= 1 + 1e-9)).all()
+
+
+def test_singular_k_max_means_the_same_in_a_study_file_and_on_the_command_line(tmp_path):
+    """One rule (analysis.settings.trim_default_ks): k_max alone trims the default Ks; explicit Ks
+    beyond it are an error, from a study file and from `rankscope analyze` alike."""
+    from rankscope.analysis.settings import trim_default_ks
+    from rankscope.cli import main
+    from rankscope.study.spec import settings_from_mapping
+
+    assert settings_from_mapping({"singular_k_max": 6}).singular_ks == (1, 5)
+    assert settings_from_mapping({"singular_k_max": 3}).singular_ks == (1,)
+    assert trim_default_ks({"singular_k_max": 6, "singular_ks": (1, 2)})["singular_ks"] == (1, 2)
+    with pytest.raises(AnalysisError, match="exceed singular_k_max=2"):
+        settings_from_mapping({"singular_k_max": 2, "singular_ks": [1, 5]})
+    # The command line refuses the same explicit Ks before touching any run (exit 2: a usage error).
+    assert main(["analyze", str(tmp_path), "--reference", str(tmp_path), "--singular-k-max", "2",
+                 "--set", "singular_ks=[1,5]"]) == 2

@@ -40,6 +40,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+
+def trim_default_ks(fields: dict) -> dict:
+    """One rule for the CLI and study files: a `singular_k_max` given without `singular_ks` keeps
+    the default Ks up to it (or K = k_max alone); Ks given explicitly must fit (validate says so)."""
+    if fields.get("singular_k_max") is not None and "singular_ks" not in fields:
+        k_max = int(fields["singular_k_max"])
+        default = AnalysisSettings.__dataclass_fields__["singular_ks"].default
+        fields = {**fields, "singular_ks": tuple(k for k in default if k <= k_max) or (k_max,)}
+    return fields
+
 @dataclass
 class AnalysisSettings:
     # Which families, and which checkpoint steps (None = every checkpoint of every run).

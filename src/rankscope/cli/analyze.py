@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_field_option(parser, "--space", *SETTINGS, "space", "landscape parameters: the method's own (native) or merged "
                      "dense weights", choices=spaces)
     add_field_option(parser, "--singular-k-max", *SETTINGS, "singular_k_max",
-                     "singular directions k = 1..K (trims singular_ks to k <= K)")
+                     "singular directions k = 1..K (the default Ks are trimmed to k <= K, as in a study file; explicit Ks must fit)")
     add_field_option(parser, "--direction-seed", *SETTINGS, "direction_seed", "seed of the random directions")
     parser.add_argument("--no-mask-padding", dest="mask_padding", action="store_false", default=None,
                         help="do not mask padding in similarity (as the study's code)")
@@ -81,7 +81,7 @@ FIELD_OPTIONS = ("probe_size", "directions", "grid_points", "filter_normalized",
 
 def run(args: argparse.Namespace) -> int:
     from rankscope.analysis.pipeline import analyze_runs
-    from rankscope.analysis.settings import AnalysisSettings
+    from rankscope.analysis.settings import AnalysisSettings, trim_default_ks
     from rankscope.config import dataclass_from_dict, parse_override
 
     fields = {name: getattr(args, name) for name in FIELD_OPTIONS if getattr(args, name) is not None}
@@ -91,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
         fields["steps"] = int_list(args.steps, "--checkpoint-steps")
     if args.scope:
         fields["scopes"] = ("all", "blocks") if args.scope == "both" else tuple(args.scope.split(","))
-    fields.update(parse_override(text) for text in args.set)
-    settings = dataclass_from_dict(AnalysisSettings, fields, "analysis")
-    settings.__post_init__()
     if args.singular_k_max is not None:
-        settings.singular_k_max = args.singular_k_max
-        settings.singular_ks = tuple(k for k in settings.singular_ks if k <= args.singular_k_max) or (args.singular_k_max,)
+        fields["singular_k_max"] = args.singular_k_max
+    fields.update(parse_override(text) for text in args.set)
+    settings = dataclass_from_dict(AnalysisSettings, trim_default_ks(fields), "analysis")
+    settings.__post_init__()
+    settings.validate()
     baselines = [part.strip() for text in args.baseline_references for part in text.split(",") if part.strip()]
     outputs = analyze_runs(args.run_dirs, args.reference, settings, baseline_references=baselines)
     for run_dir, path in outputs.items():

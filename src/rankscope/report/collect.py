@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from rankscope.errors import RankscopeError
+from rankscope.io import read_json
 
 log = logging.getLogger("rankscope.report")
 
@@ -64,13 +65,9 @@ class Study:
 
 
 def _read_json(path: Path, notes: list[str]) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        notes.append(f"{path}: unreadable JSON ({exc}); ignored")
-        return None
+    """A study file for the report: a report of a study still being written must build, so a
+    damaged file is left out and said so in the report's Missing data (never read as absent)."""
+    return read_json(path, on_damage="none", notes=notes, fix="left out of this report")
 
 
 def _read_yaml(path: Path, notes: list[str]) -> Any:

@@ -303,9 +303,9 @@ def analysis_settings(spec: StudySpec):
 
 def settings_from_mapping(mapping: dict[str, Any]):
     """AnalysisSettings from the study file's `analysis:` mapping, validated."""
-    from rankscope.analysis.settings import AnalysisSettings
+    from rankscope.analysis.settings import AnalysisSettings, trim_default_ks
 
-    settings = dataclass_from_dict(AnalysisSettings, dict(mapping), "analysis")
+    settings = dataclass_from_dict(AnalysisSettings, trim_default_ks(dict(mapping)), "analysis")
     settings.__post_init__()
     settings.validate()
     return settings
