@@ -67,7 +67,7 @@ def _table(frame: pd.DataFrame, chosen: dict, preset: str) -> str:
 
 def _tuning_regime(frame: pd.DataFrame, folder: Path, preset: str) -> dict:
     """The regime the preset's runs were tuned in (one for all of them, or the script refuses)."""
-    from rankscope.study.regime import regime_of
+    from rankscope.study.regime_record import regime_of
 
     regimes = []
     for run in frame.loc[frame["preset"].astype(str) == preset, "run"]:

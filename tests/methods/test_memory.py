@@ -12,7 +12,7 @@ from rankscope import methods
 from rankscope.cli import main
 from rankscope.errors import ConfigError, RankscopeError
 from rankscope.methods.base import ResolvedOptim
-from rankscope.methods.memory import account_memory
+from rankscope.methods.memory_accounting import account_memory
 from rankscope.methods.memory_table import (
     PUBLISHED_LORO_TABLE1,
     materialize_optimizer_state,

@@ -307,7 +307,7 @@ def test_offloaded_candidates_stay_in_host_memory_and_follow_the_dtype():
 
 
 def test_the_memory_account_counts_the_candidates_as_buffers():
-    from rankscope.methods.memory import account_memory
+    from rankscope.methods.memory_accounting import account_memory
 
     method, model, optimizer = _built()
     cfg = method.model_config

@@ -56,7 +56,7 @@ def test_a_method_without_a_tuned_entry_runs_on_its_literature_lr_labelled_liter
     from rankscope.report.regime import LITERATURE as REPORT_LITERATURE
     from rankscope.report.regime import lr_choice
     from rankscope.study import plan_runs, study_from_dict
-    from rankscope.study.regime import write_regime
+    from rankscope.study.regime_record import write_regime
 
     with throwaway_method() as cls:
         for preset in ("tiny", "20m"):

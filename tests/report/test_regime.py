@@ -125,7 +125,7 @@ def _role_study(tmp_path, regime: dict | None, own: dict | None = None):
 
 
 def _recorded(method: str, lr: float, dense: float | None, source: str) -> dict:
-    """A regime.json run entry as rankscope.study.regime writes it."""
+    """A regime.json run entry as rankscope.study.regime_record writes it."""
     roles = {"blocks": {"lr": lr, "weight_decay": 0.0}}
     roles.update({role: {"lr": dense if dense is not None else lr, "weight_decay": 0.0} for role in ("embed", "head", "norm")})
     return {"method": method, "preset": "tiny", "seed": 0, "control": method == "frozen", "lr": lr,

@@ -23,8 +23,8 @@ from scipy import stats
 
 from rankscope.report import ReportError, build_report, load_study
 from rankscope.report.baseline import SeedBaselines
-from rankscope.report.features import run_features
 from rankscope.report.figures import METHOD_COLORS, imbh_matrix, method_color, palette
+from rankscope.report.run_features import run_features
 from rankscope.report.stats import compare_methods, format_number, mean_std
 
 STEPS = [20, 60, 100]  # three checkpoints keep the figures quick to draw (the study picks up to five)

@@ -158,7 +158,7 @@ def test_the_demo_trains_in_the_regime_its_lrs_were_tuned_in():
     assert len(shared) == 1 and len(set(next(iter(shared)))) == 1, shared
     # The shipped lrs are claimed as tuned for the demo's runs (same regime), not for demo-quick's.
     from rankscope.config import config_to_dict
-    from rankscope.study.regime import shipped_budget
+    from rankscope.study.regime_record import shipped_budget
 
     assert all(shipped_budget("tiny", config_to_dict(run.config)) for run in plan_runs(demo))
     quick = load_study(STUDIES_DIR / "demo-quick.yaml")

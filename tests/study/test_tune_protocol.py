@@ -119,7 +119,7 @@ def test_the_shipped_dense_lrs_count_as_tuned_only_in_their_regime_for_methods_a
                                                                                                 in_shipped_regime):
     from rankscope.demo import demo_study_file
     from rankscope.study import load_study, plan_runs
-    from rankscope.study.regime import OTHER_REGIME, write_regime
+    from rankscope.study.regime_record import OTHER_REGIME, write_regime
 
     # The demo is the regime tiny was tuned in; the small test study (6 steps) is another one.
     spec = load_study(demo_study_file(quick=False)) if in_shipped_regime else _spec({})

@@ -49,7 +49,7 @@ from rankscope.bench.common import (
 )
 from rankscope.bench.flops import lookup_peak_tflops, mfu, model_flops
 from rankscope.errors import ConfigError
-from rankscope.methods.memory import account_memory
+from rankscope.methods.memory_accounting import account_memory
 
 log = logging.getLogger("rankscope.bench")
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from rankscope.errors import ConfigError
 from rankscope.methods.base import Method, ResolvedOptim, check_param_groups
-from rankscope.methods.memory import account_memory
+from rankscope.methods.memory_accounting import account_memory
 from rankscope.models import build_model, get_preset
 
 GB = 1e9

@@ -16,13 +16,13 @@ from rankscope.report.baseline import FINAL_MEASURES, MEASURE_LABELS, SPREAD, Se
 from rankscope.report.collect import REFERENCE_METHOD, Study, load_study
 from rankscope.report.document import Document, render_html, render_markdown
 from rankscope.report.dynamics import dynamics_section
-from rankscope.report.features import converged_only, run_features
 from rankscope.report.figures import FigureResult, render_all
 from rankscope.report.figures.significance import fig_significance_map
 from rankscope.report.findings import ScaleEvidence, findings
 from rankscope.report.informativeness import study_verdicts, verdict_table
 from rankscope.report.intruder import intruder_section
 from rankscope.report.regime import baseline_row, regime_display, regime_glance, regime_lines, study_regime
+from rankscope.report.run_features import converged_only, run_features
 from rankscope.report.significance import (
     comparison_display,
     family_statement,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rankscope.config import REFERENCE_METHOD
 from rankscope.errors import RankscopeError
 from rankscope.io import read_json
 
@@ -28,7 +29,6 @@ log = logging.getLogger("rankscope.report")
 
 KEY_COLUMNS = ["run", "method", "preset", "seed", "step"]
 ANALYSIS_FAMILIES = ("landscape", "interpolation", "spectral", "similarity", "intruder", "landscape2d", "hessian")
-REFERENCE_METHOD = "full"
 CONTROL_SUFFIX = " (control)"
 
 # Run folders are named <method>-<preset>-s<seed>; used when config.yaml is missing (a run that

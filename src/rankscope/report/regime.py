@@ -5,7 +5,7 @@ perplexities; each downstream task's chance level.
 
 Where each number comes from:
 - steps, tokens, params: each run's summary.json; the (block) lr and its provenance: the study's
-  regime.json (`rankscope.study.regime`: set by the run, chosen by the study's tune stage, a
+  regime.json (`rankscope.study.regime_record`: set by the run, chosen by the study's tune stage, a
   shipped tuned default, or the literature's) and, for runs without one, the run's config.yaml
   `optim.lr` when it set it, else its method's default for the preset
   (`rankscope.methods.tuned.optim_defaults_for`).
@@ -40,7 +40,7 @@ LITERATURE, SET_BY_RUN, UNKNOWN = "literature default", "set by the run", "unkno
 TUNED_IN_STUDY = "tuned in this study"
 # Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses about 20 tokens per parameter.
 COMPUTE_OPTIMAL_TOKENS_PER_PARAM = 20
-# regime.json's lr_source (rankscope.study.regime) in the report's words.
+# regime.json's lr_source (rankscope.study.regime_record) in the report's words.
 RECORDED_SOURCES = {"literature": LITERATURE, "run": SET_BY_RUN}
 
 # Choices per example in lm-eval's built-in tasks of the study's suite (their task YAMLs:
@@ -115,7 +115,7 @@ def lr_choice(config: dict, method: str, preset: str, recorded: dict | None = No
     the method's defaults (literature, or rankscope's shipped tuned defaults for tiny / 20m)."""
     from rankscope import methods
     from rankscope.methods.tuned import TUNED_HERE, default_kinds, optim_defaults_for
-    from rankscope.study.regime import OTHER_REGIME, shipped_budget
+    from rankscope.study.regime_record import OTHER_REGIME, shipped_budget
 
     own = (config.get("optim") or {}).get("lr")
     if recorded and recorded.get("lr") is not None and (own is None or float(own) == float(recorded["lr"])):
@@ -209,7 +209,7 @@ def chance_levels(tasks: list[str]) -> tuple[pd.DataFrame, list[str]]:
 
 def _regime_file(study: Study) -> dict:
     """The study's regime.json ({} for run folders reported without a study, or unreadable)."""
-    from rankscope.study.regime import REGIME_FILE
+    from rankscope.study.regime_record import REGIME_FILE
 
     path = study.study_dir / REGIME_FILE
     try:

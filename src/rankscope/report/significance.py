@@ -47,7 +47,7 @@ def study_comparison(study: Study, labels: dict[str, str], features: pd.DataFram
     metric of the report's tables (the keys of `labels`), over the runs that finished training (a
     run with a summary.json counts even if a later stage failed; the results table's rule)."""
     from rankscope.report.baseline import FINAL_MEASURES
-    from rankscope.report.features import run_features
+    from rankscope.report.run_features import run_features
 
     features = run_features(study) if features is None else features
     # val ppl is exp(val loss) run by run: testing both would ask one question twice. Distances to

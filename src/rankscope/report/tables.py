@@ -12,7 +12,7 @@ import pandas as pd
 
 from rankscope.report.collect import REFERENCE_METHOD, finite, is_control, load_study, method_label, sorted_methods
 from rankscope.report.document import format_cell
-from rankscope.report.features import parse_reasons
+from rankscope.report.run_features import parse_reasons
 from rankscope.report.stats import format_mean_std, format_number, mean_std
 
 MIB = 1024.0 ** 2

@@ -26,7 +26,7 @@ from rankscope.study.jobs import AnalyzeJob, EvalJob, Job, TrainJob
 from rankscope.study.launch import Launcher, LaunchOptions
 from rankscope.study.launch.factory import make_launcher
 from rankscope.study.predict import run_predict_stage
-from rankscope.study.regime import REGIME_FILE, write_regime
+from rankscope.study.regime_record import REGIME_FILE, write_regime
 from rankscope.study.spec import (
     REFERENCE_METHOD,
     STAGES,

@@ -20,7 +20,7 @@ from rankscope.config import RunConfig
 from rankscope.data import TrainStream, check_vocab, prepare_data
 from rankscope.data.prepare import resolve_cache_dir
 from rankscope.errors import ConfigError, NonFiniteLossError  # noqa: F401 - NonFiniteLossError re-exported
-from rankscope.methods.memory import account_memory
+from rankscope.methods.memory_accounting import account_memory
 from rankscope.models import token_losses
 from rankscope.optim.roles import group_record
 from rankscope.train import checkpoint as ckpt

@@ -76,7 +76,7 @@ def train_path(config: GpuCheckConfig, method: str, precision: str, compiled: bo
         summarize,
         train_step,
     )
-    from rankscope.methods.memory import account_memory
+    from rankscope.methods.memory_accounting import account_memory
 
     baseline = _start_peak(device)
     run = build_method_run(config.preset, method, config.batch_size, config.seq_len, config.model_overrides,
