@@ -85,6 +85,10 @@ class OptimConfig:
     warmup_ratio: float = 0.1  # linear warmup over this fraction of train.steps (unless warmup_steps is set)
     warmup_steps: int | None = None  # linear warmup steps; None = warmup_ratio x train.steps
     min_lr_ratio: float = 0.1  # the cosine decay ends at min_lr_ratio x lr
+    # dtype of the optimizer's moment/projector state: "fp32" (default, every method: Adam's second
+    # moment cannot decay in bf16, since v * 0.999 rounds back to v) or "param" (the parameter's
+    # dtype, i.e. bf16 under train.precision=bf16-pure: the papers' bf16 harness, bit for bit).
+    state_dtype: str = "fp32"
 
 
 @dataclass
@@ -96,6 +100,13 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16-autocast | bf16-pure (the literature's protocol)
     compile: bool = False  # torch.compile the model
+    # Recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute).
+    activation_checkpointing: bool = False
+    # On CUDA, let fp32 matmuls use TensorFloat-32 (torch.set_float32_matmul_precision("high")).
+    tf32: bool = True
+    # Data parallelism over processes (torchrun): "ddp" replicates the model; "fsdp" shards it (FSDP2).
+    parallel: str = "ddp"
+    dist_timeout_min: float = 60.0  # process-group timeout: how long ranks wait for rank 0's checkpoint or measurement
     eval_every: int = 100  # steps between validation losses; 0 = only at the end
     eval_batch_size: int = 16  # sequences per validation forward pass
     log_every: int = 10  # steps between lines of metrics.jsonl
@@ -131,11 +142,14 @@ class RunConfig:
 CHOICES = {
     "train.precision": ("fp32", "bf16-autocast", "bf16-pure"),
     "train.nonfinite": ("stop", "skip"),
+    "train.parallel": ("ddp", "fsdp"),
+    "optim.state_dtype": ("fp32", "param"),
 }
 
 POSITIVE = {
     "data.vocab_size", "data.seq_len", "data.val_sequences", "data.probe_sequences",
     "train.steps", "train.batch_size", "train.eval_batch_size", "train.log_every",
+    "train.dist_timeout_min",
 }
 
 
