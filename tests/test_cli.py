@@ -185,7 +185,7 @@ def test_config_keys_of_a_method_and_of_analysis(capsys):
 
 def test_what_the_help_reads_from_the_source_matches_the_imported_dataclasses():
     from rankscope import config
-    from rankscope.analysis.downstream import DEFAULT_TASKS
+    from rankscope.analysis.downstream import DEFAULT_TASKS, HUB_TASKS
     from rankscope.analysis.settings import CHOICES, FAMILIES, AnalysisSettings
     from rankscope.cli._common import RUN_CONFIG_SECTIONS, launchers, presets
     from rankscope.cli._fields import dataclass_fields, module_constant
@@ -209,7 +209,8 @@ def test_what_the_help_reads_from_the_source_matches_the_imported_dataclasses():
     assert module_constant("rankscope.study.spec", "STAGES") == STAGES
     assert module_constant("rankscope.analysis.settings", "FAMILIES") == FAMILIES
     assert module_constant("rankscope.analysis.settings", "CHOICES") == CHOICES
-    assert module_constant("rankscope.analysis.downstream", "DEFAULT_TASKS") == DEFAULT_TASKS
+    assert module_constant("rankscope.analysis.downstream.tasks", "DEFAULT_TASKS") == DEFAULT_TASKS == EvalSpec().tasks
+    assert module_constant("rankscope.analysis.downstream.tasks", "HUB_TASKS") == HUB_TASKS
 
 
 def test_train_flags_default_to_the_config_dataclasses():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ from rankscope.analysis.downstream import (
     available_tasks,
     evaluate_model,
     load_local_task_dataset,
+    offline,
+    settle_hub_mode,
 )
 from rankscope.data.tokenizer import train_bpe
 from rankscope.errors import RankscopeError
@@ -320,9 +323,75 @@ def test_builtin_task_found_in_the_cache_is_available(offline_empty_cache):
     assert "aps/super_glue" in unavailable["copa"]
 
 
-def test_default_tasks_are_the_study_suite(offline_empty_cache):
-    available, unavailable = available_tasks(None)
-    assert sorted(available + list(unavailable)) == sorted(downstream.DEFAULT_TASKS)
+def test_default_tasks_are_the_local_set_as_in_a_study_and_the_hub_group_is_the_study_suite(offline_empty_cache):
+    from rankscope.study.spec import EvalSpec
+
+    assert available_tasks(None) == (LOCAL_TASKS, {})
+    assert EvalSpec().tasks == downstream.DEFAULT_TASKS == ["rankscope_local"]
+    available, unavailable = available_tasks(["rankscope_hub"])
+    assert available == [] and list(unavailable) == downstream.HUB_TASKS
+    assert downstream.HUB_TASKS == ["piqa", "copa", "mrpc", "rte", "mnli", "arc_easy", "blimp", "sst2"]
+
+
+# --------------------------------------------------------------------------- offline mode
+
+def _clear_offline_env(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_settle_hub_mode_asks_nothing_for_local_tasks(monkeypatch):
+    _clear_offline_env(monkeypatch)
+    monkeypatch.setattr(offline, "_hub_reachable", lambda: pytest.fail("no connection attempt for local tasks"))
+    assert settle_hub_mode(["rankscope_local"]) is False and settle_hub_mode(None) is False
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_settle_hub_mode_keeps_online_mode_when_the_hub_answers(monkeypatch):
+    _clear_offline_env(monkeypatch)
+    monkeypatch.setattr(offline, "_hub_reachable", lambda: True)
+    assert settle_hub_mode(["piqa"]) is False
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_settle_hub_mode_respects_an_offline_setting(monkeypatch):
+    _clear_offline_env(monkeypatch)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(offline, "_hub_reachable", lambda: pytest.fail("offline by setting: no connection attempt"))
+    assert settle_hub_mode(["piqa"]) is True
+
+
+def test_settle_hub_mode_sets_offline_before_the_libraries_load_without_patching_them():
+    """In a fresh interpreter with an unreachable endpoint: HF_HUB_OFFLINE=1 is set before
+    `datasets` and `huggingface_hub` are imported, so both read it at import (their own offline
+    mode), and no module constant is written by rankscope."""
+    script = (
+        "import os, sys\n"
+        "from rankscope.analysis.downstream import settle_hub_mode\n"
+        "assert 'datasets' not in sys.modules and 'huggingface_hub' not in sys.modules\n"
+        "assert settle_hub_mode(['piqa']) is True\n"
+        "assert os.environ['HF_HUB_OFFLINE'] == '1'\n"
+        "import datasets.config, huggingface_hub\n"
+        "assert datasets.config.HF_HUB_OFFLINE is True and huggingface_hub.is_offline_mode() is True\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "https://127.0.0.1:1"  # port 443 on localhost: refused at once
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_settle_hub_mode_says_when_the_libraries_were_loaded_online(monkeypatch, caplog):
+    import huggingface_hub
+
+    _clear_offline_env(monkeypatch)
+    monkeypatch.setattr(offline, "_hub_reachable", lambda: False)
+    if huggingface_hub.is_offline_mode():
+        pytest.skip("huggingface_hub was imported in offline mode in this process")
+    with caplog.at_level("WARNING", logger="rankscope.analysis.downstream"):
+        assert settle_hub_mode(["piqa"]) is False
+    assert "set HF_HUB_OFFLINE=1" in caplog.text
+    assert "HF_HUB_OFFLINE" not in os.environ
 
 
 def test_unknown_task_name_raises_with_suggestion():

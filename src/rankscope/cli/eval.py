@@ -13,11 +13,14 @@ SPEC = ("rankscope.study.spec", "EvalSpec")  # a study's eval: block; its defaul
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    default_tasks = constant("rankscope.analysis.downstream", "DEFAULT_TASKS", ())
+    default_tasks = constant("rankscope.analysis.downstream.tasks", "DEFAULT_TASKS", ())
+    hub_tasks = constant("rankscope.analysis.downstream.tasks", "HUB_TASKS", ())
     parser.add_argument("run_dir")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--tasks", help="comma-separated tasks; rankscope_local works offline (default: "
-                        f"{','.join(default_tasks)}, which need the Hugging Face hub; a study's default is rankscope_local)")
+    parser.add_argument("--tasks", help="comma-separated lm-eval tasks or groups (default: "
+                        f"{','.join(default_tasks)}, as in a study's eval: block; it runs offline). "
+                        f"rankscope_hub = the study's suite ({','.join(hub_tasks)}), which needs the "
+                        "Hugging Face hub or its local cache")
     add_field_option(parser, "--limit", *SPEC, "limit", "items per task, 0 = all")
     add_field_option(parser, "--batch-size", *SPEC, "batch_size", "sequences per forward pass",
                      aliases=("--batch_size",))
@@ -26,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rankscope.analysis.downstream import expand_task_names
+    from rankscope.analysis.downstream import expand_task_names, settle_hub_mode
     from rankscope.config import check_device_name
     from rankscope.study import evaluate_run
     from rankscope.study.spec import EvalSpec
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     check_device_name(device, "--device")
     read_run_config(args.run_dir)  # not a run: say so before indexing lm-eval's tasks (seconds)
     tasks = args.tasks.split(",") if args.tasks else None
+    settle_hub_mode(tasks)  # before lm-eval's task index imports the Hugging Face libraries
     expand_task_names(tasks)
     result = evaluate_run(Path(args.run_dir), args.step, tasks, limit, batch_size, device)
     for name, row in result["tasks"].items():

@@ -211,11 +211,12 @@ class EvalJob(Job):
 
 def evaluate_run(run_dir: Path, step: int | None, tasks: list[str], limit: int, batch_size: int, device: str) -> dict:
     """Downstream accuracy of one checkpoint, written to RUN_DIR/eval/step_XXXXXX.json."""
-    from rankscope.analysis.downstream import evaluate_model
+    from rankscope.analysis.downstream import evaluate_model, settle_hub_mode
     from rankscope.data import prepare_data
     from rankscope.train import load_run_model
     from rankscope.train.setup import resolve_device
 
+    settle_hub_mode(tasks)  # before the tokenizer or lm-eval import the Hugging Face libraries
     loaded = load_run_model(run_dir, step, device=resolve_device(device))
     tokenizer = prepare_data(loaded.config.data).tokenizer
     result = evaluate_model(

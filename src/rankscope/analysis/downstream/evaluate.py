@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from rankscope.analysis.downstream import lm as lm_module
-from rankscope.analysis.downstream.offline import available_tasks, hub_offline, network_available
-from rankscope.analysis.downstream.tasks import LOCAL_TASKS, manager_for, quiet_lm_eval
+from rankscope.analysis.downstream.offline import available_tasks, settle_hub_mode
+from rankscope.analysis.downstream.tasks import manager_for, quiet_lm_eval
 from rankscope.errors import DownstreamError, did_you_mean  # noqa: F401 - DownstreamError re-exported
 
 log = logging.getLogger("rankscope.analysis.downstream")
@@ -51,6 +51,7 @@ def evaluate_model(
          "evaluated": [names], "unavailable": {name: reason},
          "num_fewshot": 0, "limit": limit, "seed": seed}
     """
+    settle_hub_mode(tasks)  # before lm-eval imports datasets and huggingface_hub
     from lm_eval import simple_evaluate
 
     available, unavailable = available_tasks(tasks)
@@ -61,8 +62,7 @@ def evaluate_model(
         raise DownstreamError(f"none of the requested tasks can run here: {first}")
     manager = manager_for(available)
     lm = lm_module.RankscopeLM(model, tokenizer, batch_size=batch_size, device=device, max_length=max_length)
-    needs_hub = any(name not in LOCAL_TASKS for name in available)
-    with quiet_lm_eval(not verbose), hub_offline(needs_hub and not network_available()):
+    with quiet_lm_eval(not verbose):
         output = simple_evaluate(
             model=lm,
             tasks=list(available),

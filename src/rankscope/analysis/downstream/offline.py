@@ -1,14 +1,14 @@
 """What can run here: whether a task's data sets are in the local Hugging Face caches, whether
-the hub is reachable, and reading the caches without trying the network when it is not."""
+the hub is reachable, and offline mode (set before the libraries load) when it is not."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,6 +17,7 @@ from rankscope.analysis.downstream.tasks import (
     LOCAL_TASKS,
     expand_task_names,
     manager_for,
+    needs_hub,
     task_datasets,
 )
 from rankscope.errors import DownstreamError, did_you_mean  # noqa: F401 - DownstreamError re-exported
@@ -99,32 +100,37 @@ def available_tasks(tasks: Sequence[str] | str | None = None) -> tuple[list[str]
     return available, unavailable
 
 
+# The libraries that read HF_HUB_OFFLINE once, when they are first imported.
+_HUB_LIBRARIES = ("huggingface_hub", "datasets")
 
 
-@contextlib.contextmanager
-def hub_offline(active: bool) -> Iterator[None]:
-    """Make `datasets` / `huggingface_hub` read their caches without trying the network.
+def settle_hub_mode(tasks: Sequence[str] | str | None = None) -> bool:
+    """Put this process in the Hugging Face libraries' offline mode when the hub is unreachable,
+    the way they document it: HF_HUB_OFFLINE=1 in the environment before they are imported.
 
-    Without network, a cached data set can still fail to load while the libraries try to reach
-    the hub. Both libraries read HF_HUB_OFFLINE once, at import, into these module constants
-    (`huggingface_hub.is_offline_mode()` reports it) and consult the constants at call time; no
-    public call switches offline mode at run time, so they are set for the duration and restored.
+    Offline mode makes `datasets` read a cached data set without first trying the network (which
+    fails or waits for time-outs without it). Call it before anything imports `huggingface_hub`
+    or `datasets` (lm-eval and transformers do); the CLI's eval command and the study's eval jobs
+    do, first thing. Returns whether the process is in offline mode. Where the libraries were
+    imported already in online mode, the mode cannot change any more (they offer no switch at
+    run time): it says so once and the libraries fall back to their caches after a failed lookup.
+    Only local tasks requested: nothing to decide (no connection attempt).
     """
-    if not active:
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
+    if not needs_hub(tasks):
+        return False
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("HF_DATASETS_OFFLINE")):
+        return True
+    if _hub_reachable():
+        return False
+    loaded = [name for name in _HUB_LIBRARIES if name in sys.modules]
+    if not loaded:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        log.info("the Hugging Face hub is unreachable: reading data sets from the local cache (HF_HUB_OFFLINE=1)")
+        return True
+    import huggingface_hub
 
-    targets = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
-               (huggingface_hub.constants, "HF_HUB_OFFLINE")]
-    saved = [(module, name, getattr(module, name)) for module, name in targets if hasattr(module, name)]
-    for module, name, _ in saved:
-        setattr(module, name, True)
-    try:
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
-
-
+    if huggingface_hub.is_offline_mode():
+        return True
+    log.warning("the Hugging Face hub is unreachable, but %s was imported in online mode; set HF_HUB_OFFLINE=1 "
+                "to read cached data sets without network lookups", loaded[0])
+    return False

@@ -15,9 +15,17 @@ from rankscope.errors import DownstreamError, did_you_mean  # noqa: F401 - Downs
 
 log = logging.getLogger("rankscope.analysis.downstream")
 
-DEFAULT_TASKS: list[str] = ["piqa", "copa", "mrpc", "rte", "mnli", "arc_easy", "blimp", "sst2"]
+# The study's zero-shot suite (../shared/seeds): lm-eval tasks whose data come from the Hugging
+# Face hub (or its local cache). Requested as a whole by the group name HUB_GROUP.
+HUB_TASKS: list[str] = ["piqa", "copa", "mrpc", "rte", "mnli", "arc_easy", "blimp", "sst2"]
+HUB_GROUP = "rankscope_hub"
+# The offline set shipped with the package, requested as a whole by LOCAL_GROUP.
 LOCAL_TASKS: list[str] = ["rs_cloze", "rs_word", "rs_speaker"]
 LOCAL_GROUP = "rankscope_local"
+# What `rankscope eval` and a study's eval stage run when no tasks are given: one default for both
+# (study.spec.EvalSpec spells the same list), the set that runs on any machine.
+DEFAULT_TASKS: list[str] = ["rankscope_local"]  # a literal: the CLI reads it from the source
+GROUPS: dict[str, list[str]] = {LOCAL_GROUP: LOCAL_TASKS, HUB_GROUP: HUB_TASKS}
 LOCAL_TASKS_DIR: Path = Path(__file__).resolve().parents[2] / "data" / "tasks"
 
 # Where the study's built-in tasks live inside lm-eval's own task folder. Indexing only these
@@ -61,8 +69,18 @@ def load_local_task_dataset(**kwargs: Any):
 
 
 
+def needs_hub(tasks: Sequence[str] | str | None) -> bool:
+    """Whether any of the requested names (before expansion) is read from the Hugging Face hub."""
+    if tasks is None:
+        tasks = DEFAULT_TASKS
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    return any(name not in LOCAL_TASKS and name != LOCAL_GROUP for name in tasks)
+
+
 def expand_task_names(tasks: Sequence[str] | str | None) -> list[str]:
-    """The requested names with `rankscope_local` expanded, duplicates dropped, order kept.
+    """The requested names with the groups (`rankscope_local`, `rankscope_hub`) expanded,
+    duplicates dropped, order kept.
 
     An unknown name is a DownstreamError, so callers can check a task list before any work (a
     study does, before training). Names in rankscope's own namespace (`rs_`, `rankscope`) are
@@ -75,19 +93,19 @@ def expand_task_names(tasks: Sequence[str] | str | None) -> list[str]:
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     names: list[str] = []
     for name in tasks:
-        for expanded in (LOCAL_TASKS if name == LOCAL_GROUP else [name]):
+        for expanded in GROUPS.get(name, [name]):
             if expanded not in names:
                 names.append(expanded)
     if not names:
         raise DownstreamError("no tasks given; use e.g. tasks=['rankscope_local']")
     for name in names:
         if name.startswith(("rs_", "rankscope")) and name not in LOCAL_TASKS:
-            raise DownstreamError(f"unknown local task {name!r}{did_you_mean(name, LOCAL_TASKS + [LOCAL_GROUP])}")
+            raise DownstreamError(f"unknown local task {name!r}{did_you_mean(name, LOCAL_TASKS + list(GROUPS))}")
     if any(name not in LOCAL_TASKS for name in names):
         index = manager_for(names).task_index
         unknown = [n for n in names if n not in index]
         if unknown:
-            hint = did_you_mean(unknown[0], LOCAL_TASKS + [LOCAL_GROUP] + DEFAULT_TASKS)
+            hint = did_you_mean(unknown[0], LOCAL_TASKS + list(GROUPS) + HUB_TASKS)
             raise DownstreamError(f"unknown lm-eval task {unknown[0]!r}{hint}")
     return names
 
