@@ -58,7 +58,8 @@ FLAGS = (
                                          "gpu": "comma-separated methods to train, or all",
                                          "all": "comma-separated methods or all (full is always included; the "
                                                 "optimizer benchmark has its own fixed set)"}),
-    Flag("--device", "device", "str", {b: None for b in (*CONFIGS, "all")}),
+    Flag("--device", "device", "str", {**{b: None for b in (*CONFIGS, "all")},
+                                       "gpu": "cuda or cuda:N; cpu runs the same paths at tiny shapes"}),
     Flag("--repeats", "repeats", "int", {"train": None, "infer": None, "optimizer": None, "analysis": None,
                                          "all": None}),
     Flag("--seed", "seed", "int", {b: None for b in (*CONFIGS, "all")}),
@@ -92,10 +93,15 @@ FLAGS = (
     Flag("--svd-niter", "svd_niter", "int", {"optimizer": "subspace iterations of the randomized refresh"}),
     Flag("--probe-sequences", "probe_sequences", "int", {"analysis": "probe-set size in sequences",
                                                          "gpu": "probe-set size in sequences"}),
-    Flag("--budget-s", "budget_s", "float", {"gpu": "time budget in seconds; paths that would start later count as "
-                                                    "failed"}),
+    Flag("--budget-s", "budget_s", "float", {"gpu": "time budget in seconds; a path still running then is killed, "
+                                                    "and the paths after it count as out of time"}),
+    Flag("--limit", "limits_s", "model", {"gpu": "watchdog limit of one kind of path, e.g. --limit compile=90 "
+                                                 "(repeatable; kinds: see rankscope.bench.gpu.PATH_LIMITS_S)"},
+         "KIND=SECONDS"),
+    Flag("--ddp-processes", "ddp_processes", "int", {"gpu": "processes of the DDP path (default: every visible "
+                                                            "GPU; skipped below two)"}),
     Flag("--compile-methods", "compile_methods", "names",
-         {"gpu": "methods also trained with torch.compile ('' for none)"}),
+         {"gpu": "methods compiled and compared with eager, first ('' for none)"}),
     Flag("--precisions", "precisions", "names", {"gpu": "comma-separated training precisions"}),
     Flag("--infer-preset", "infer_preset", "str", {"gpu": "preset of the dense vs factorized inference"}),
 )
@@ -192,17 +198,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _gpu_check(options: dict, out: str) -> int:
-    """Exit 0 when every path passed (or there is no CUDA device to check), 1 when any failed."""
+    """Exit 0 when every path passed (or there is no CUDA device to check), 1 when any failed.
+    `--device cpu` runs the same paths at tiny shapes (what the tests run)."""
     import torch
 
-    from rankscope.bench import make_config
-    from rankscope.bench.gpu import run_gpu_check
+    from rankscope.bench.gpu import config_for, run_gpu_check
 
-    config = make_config("gpu", options)
+    config = config_for(options)
     config.validate()
-    if not config.device.startswith("cuda"):
-        raise RankscopeError(f"bench gpu checks CUDA devices; use --device cuda or cuda:N, not {config.device!r}")
-    if not torch.cuda.is_available():
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"bench gpu: no CUDA device here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
               "the arguments are valid, nothing else to check")
         return 0

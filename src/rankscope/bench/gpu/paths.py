@@ -1,23 +1,27 @@
-"""The paths of the GPU check, each a function returning its metrics (or raising): train,
-infer, landscape, the real trainer with a checkpoint resume, DDP under torchrun."""
+"""The measuring paths of the GPU check, each a function of a `Context` returning its metrics (or
+raising): environment, compile, train, optimizer state, dynamics memory, 1B memory, projector
+refresh, throughput, process group, inference and a landscape point. The paths that go through
+`rankscope.train` are in trainer_paths.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import json
+import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
-import signal
-import subprocess
-import sys
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rankscope.bench.common import (
+    environment,
     geometric_mean,
     median,
     synchronize,
@@ -28,6 +32,7 @@ from rankscope.errors import RankscopeError
 
 log = logging.getLogger("rankscope.bench")
 
+
 @dataclass
 class PathResult:
     path: str
@@ -36,6 +41,22 @@ class PathResult:
     seconds: float
     error: str | None
     metrics: dict[str, Any]
+
+
+@dataclass
+class Context:
+    """What every path gets: the settings, the device, a work folder shared by the paths of one
+    check (the synthetic corpus and its token cache live there), and the device's bf16 peak."""
+
+    config: GpuCheckConfig
+    device: torch.device
+    work: Path
+    peak_tflops: float | None
+    limit_s: float  # the watchdog's limit for the running path (a path with a child process uses it)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
 
 
 def free_device(device: torch.device) -> None:
@@ -60,61 +81,490 @@ def _peak_since(device: torch.device, baseline: int) -> int | None:
     return torch.cuda.max_memory_allocated(device) - baseline
 
 
-def _require_finite(values: list[float], what: str) -> None:
+def require_finite(values: list[float], what: str) -> None:
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         raise RankscopeError(f"{what} is not finite at step {bad[0]} (of {len(values)})")
 
 
-def train_path(config: GpuCheckConfig, method: str, precision: str, compiled: bool,
-               device: torch.device, peak_tflops: float | None) -> dict[str, Any]:
-    """A few dozen trainer steps of one method: throughput, MFU, peak memory vs the formula."""
+def require_finite_weights(model: torch.nn.Module, what: str) -> None:
+    with torch.no_grad():
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise RankscopeError(f"{what}: non-finite weights, e.g. {bad[0]}")
+
+
+def state_dtypes(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The dtypes of the optimizer's floating-point state tensors (moments, projectors; scalar step
+    counters left out), e.g. ["float32"]."""
+    found = {str(t.dtype).removeprefix("torch.") for state in optimizer.state.values() for t in state.values()
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0}
+    return sorted(found)
+
+
+def device_peak_tflops(config: GpuCheckConfig, device: torch.device) -> float | None:
+    from rankscope.bench.flops import lookup_peak_tflops
+
+    if config.peak_tflops is not None or device.type != "cuda":
+        return config.peak_tflops
+    return lookup_peak_tflops(torch.cuda.get_device_name(device))
+
+
+def run_config(preset: str, method: str, batch_size: int, seq_len: int, model_overrides: dict[str, Any],
+               method_overrides: dict[str, Any] | None = None, **sections: dict[str, Any]):
+    """A RunConfig as `bench.train.build_config` makes it, plus `optim`/`train` keys (e.g. optim=
+    {"state_dtype": "fp32"})."""
+    from rankscope.bench.train import build_config
+    from rankscope.config import build_config as build_run_config
+    from rankscope.config import config_to_dict
+
+    tree = config_to_dict(build_config(preset, method, batch_size, seq_len, model_overrides, method_overrides))
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    return build_run_config(tree)
+
+
+def method_run(cfg, device: torch.device, precision: str, seed: int, on_device: bool = False):
+    """A `bench.train.MethodRun` (model, optimizer, step counter) built as the trainer builds it,
+    from a RunConfig; `on_device` creates the weights on the device (a 1B model in seconds)."""
+    from rankscope.bench.train import MethodRun, build_for_training
+    from rankscope.models import get_preset
+    from rankscope.train.setup import resolve_model_config
+
+    vocab = int(cfg.model.overrides.get("vocab_size", get_preset(cfg.model.preset).vocab_size))
+    model_config = resolve_model_config(cfg, vocab)
+    model, method, optimizer, optim = build_for_training(cfg, model_config, seed, precision, device, on_device)
+    model.train()
+    return MethodRun(cfg.method.name, cfg, model_config, model, model, method, optimizer, optim, precision, device)
+
+
+def _package_version(name: str) -> str | None:
+    # Read from the installed metadata: importing triton only to print its version costs seconds.
+    if importlib.util.find_spec(name) is None:
+        return None
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _nccl_version() -> str | None:
+    if not torch.distributed.is_available() or not torch.distributed.is_nccl_available():
+        return None
+    try:
+        version = torch.cuda.nccl.version()
+    except Exception:  # a build without NCCL bindings
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+
+
+def environment_path(ctx: Context) -> dict[str, Any]:
+    """Versions the numbers depend on, the device and its bf16 peak (for MFU). Touching the device
+    here makes a broken CUDA setup fail this path, not the first training path."""
+    device = ctx.device
+    if device.type == "cuda":
+        torch.ones(1, device=device).add_(1).item()
+    info = environment(device)
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    return {
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "nccl": _nccl_version(), "triton": _package_version("triton"),
+        "python": info["python"], "platform": info["platform"], "cpu_count": info["cpu_count"],
+        "torch_threads": info["torch_threads"], "load_average_1min": info["load_average_1min"],
+        # What fp32 matmuls run as in this process (the trainer may set "high" for TF32 on CUDA).
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "device_name": props.name if props else "cpu",
+        "device_count": torch.cuda.device_count() if device.type == "cuda" else 0,
+        "capability": f"{props.major}.{props.minor}" if props else None,
+        "total_memory_bytes": props.total_memory if props else None,
+        "peak_bf16_tflops": ctx.peak_tflops,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# training steps: compile, train, throughput
+
+
+def _train_steps(run, batches: list[torch.Tensor], steps: int) -> tuple[list[float], list[dict[str, float]]]:
+    from rankscope.bench.train import train_step
+
+    losses, samples = [], []
+    for index in range(steps):
+        sample = train_step(run, batches[index % len(batches)])
+        losses.append(sample.pop("loss"))
+        samples.append(sample)
+    return [float(loss) for loss in losses], samples
+
+
+def compile_path(ctx: Context, method: str) -> dict[str, Any]:
+    """The same steps eager, then under torch.compile from the same weights on the same batches:
+    compile time, graphs compiled (one expected), graph breaks, and the compiled losses next to the
+    eager ones (bf16-autocast), at the preset's width and `compile_layers` blocks."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from rankscope.bench.train import build_method_run, random_batches
+
+    config, device, precision = ctx.config, ctx.device, "bf16-autocast"
+    overrides = dict(config.model_overrides)
+    if config.compile_layers is not None:
+        overrides["num_layers"] = config.compile_layers
+
+    def build():
+        return build_method_run(config.preset, method, config.batch_size, config.seq_len, overrides, device,
+                                precision, config.seed, period=None)
+
+    run = build()
+    batches = random_batches(run.model_config.vocab_size, config.batch_size, config.seq_len, config.compile_steps,
+                             config.seed, device)
+    eager_losses, _ = _train_steps(run, batches, config.compile_steps)
+    del run
+    free_device(device)
+    torch._dynamo.reset()
+    counters.clear()
+    run = build()
+    run.forward_model = torch.compile(run.model, backend=config.compile_backend)
+    compiled_losses, samples = _train_steps(run, batches, config.compile_steps)
+    require_finite(compiled_losses, f"compiled {method} training loss")
+    require_finite_weights(run.model, f"compiled {method}")
+    differences = [abs(c - e) / max(abs(e), 1e-8) for c, e in zip(compiled_losses, eager_losses)]
+    worst = max(range(len(differences)), key=differences.__getitem__)
+    if differences[worst] > config.compile_loss_rtol:
+        raise RankscopeError(f"compiled {method} loss {compiled_losses[worst]:.5f} differs from eager "
+                             f"{eager_losses[worst]:.5f} at step {worst} (relative {differences[worst]:.2e} > "
+                             f"{config.compile_loss_rtol:g})")
+    step_s = median(s["total"] for s in samples[1:]) if len(samples) > 1 else samples[0]["total"]
+    return {
+        "method": method, "precision": precision, "backend": config.compile_backend,
+        "layers": run.model_config.num_layers, "steps": config.compile_steps,
+        "compile_s": samples[0]["total"], "step_s": step_s,
+        "tokens_per_s": config.batch_size * config.seq_len / step_s,
+        # One graph when the model compiles once; two meant a recompile (#10 of the GPU audit).
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "eager_losses": eager_losses, "compiled_losses": compiled_losses, "max_loss_rel_diff": differences[worst],
+    }
+
+
+def train_path(ctx: Context, method: str, precision: str) -> dict[str, Any]:
+    """A few trainer steps of one method with its periodic work every `period` steps: finite
+    loss and weights, throughput, MFU, peak memory and the dtypes of the optimizer state."""
     from rankscope.bench.flops import mfu, model_flops
-    from rankscope.bench.train import (
-        build_method_run,
-        random_batches,
-        summarize,
-        train_step,
-    )
+    from rankscope.bench.train import build_method_run, random_batches, summarize
     from rankscope.methods.memory_accounting import account_memory
 
+    config, device = ctx.config, ctx.device
     baseline = _start_peak(device)
     run = build_method_run(config.preset, method, config.batch_size, config.seq_len, config.model_overrides,
                            device, precision, config.seed, period=config.period)
-    if compiled:
-        run.forward_model = torch.compile(run.model, backend=config.compile_backend)
     batches = random_batches(run.model_config.vocab_size, config.batch_size, config.seq_len, 4, config.seed, device)
-    losses = []
-    for index in range(config.steps):
-        sample = train_step(run, batches[index % len(batches)])
-        losses.append(sample.pop("loss"))
-        if index >= config.warmup_steps:
-            run.samples.append(sample)
+    losses, samples = _train_steps(run, batches, config.steps)
+    run.samples.extend(samples[config.warmup_steps:])
     peak = _peak_since(device, baseline)
-    losses = [float(loss) for loss in losses]
-    _require_finite(losses, f"{method} {precision} training loss")
-    with torch.no_grad():
-        bad = [n for n, p in run.model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise RankscopeError(f"{method} {precision}: non-finite weights after {config.steps} steps, e.g. {bad[0]}")
+    require_finite(losses, f"{method} {precision} training loss")
+    require_finite_weights(run.model, f"{method} {precision} after {config.steps} steps")
 
     tokens_per_step = config.batch_size * config.seq_len
     summary = summarize(run, tokens_per_step)
     memory = account_memory(run.model, run.optimizer)
     flops = model_flops(run.model, config.batch_size, config.seq_len).training_per_token
-    formula = memory["estimated_memory_bytes"]
     return {
-        "method": method, "precision": precision, "compiled": compiled, "steps": config.steps,
+        "method": method, "precision": precision, "steps": config.steps,
         "tokens_per_step": tokens_per_step, "step_s": summary["step_s"], "tokens_per_s": summary["tokens_per_s"],
         "model_flops_per_token": flops,
-        "mfu": mfu(flops, summary["tokens_per_s"], peak_tflops) if peak_tflops else None,
+        "mfu": mfu(flops, summary["tokens_per_s"], ctx.peak_tflops) if ctx.peak_tflops else None,
         "period_setting": summary["period_setting"], "period": summary["period_timed"],
         "periodic_extra_s": summary["periodic_extra_s"],
-        "peak_cuda_bytes": peak, "formula_bytes": formula,
-        "peak_over_formula": peak / formula if peak is not None else None,
+        # The memory table offers no training estimate (grads, activations) to set this against.
+        "peak_cuda_bytes": peak,
         "weights_and_state_bytes": memory["param_bytes"] + memory["optimizer_state_bytes"],
+        "state_dtypes": state_dtypes(run.optimizer),
         "loss_first": losses[0], "loss_last": losses[-1], "total_params": memory["total_params"],
     }
+
+
+def throughput_path(ctx: Context, preset: str, method: str) -> dict[str, Any]:
+    """Steady-state tokens/s and MFU of one method at one preset (its own periods: no periodic
+    work is forced into the few steps timed)."""
+    from rankscope.bench.flops import mfu, model_flops
+    from rankscope.bench.train import build_method_run, random_batches
+
+    config, device, precision = ctx.config, ctx.device, ctx.config.throughput_precision
+    batch_size, seq_len = config.throughput_batch_size, config.seq_len
+    baseline = _start_peak(device)
+    run = build_method_run(preset, method, batch_size, seq_len, config.model_overrides, device, precision,
+                           config.seed, period=None)
+    batches = random_batches(run.model_config.vocab_size, batch_size, seq_len, 2, config.seed, device)
+    losses, samples = _train_steps(run, batches, config.throughput_steps)
+    peak = _peak_since(device, baseline)
+    require_finite(losses, f"{method} {preset} training loss")
+    step_s = median(s["total"] for s in samples[3:])
+    flops = model_flops(run.model, batch_size, seq_len).training_per_token
+    tokens_per_s = batch_size * seq_len / step_s
+    return {
+        "preset": preset, "method": method, "precision": precision, "batch_size": batch_size, "seq_len": seq_len,
+        "steps": config.throughput_steps, "step_s": step_s, "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": flops, "mfu": mfu(flops, tokens_per_s, ctx.peak_tflops) if ctx.peak_tflops else None,
+        "peak_cuda_bytes": peak, "total_params": sum(p.numel() for p in run.model.parameters()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state under bf16-pure
+
+
+def bf16_second_moment_ratchet(steps: int, device: torch.device) -> dict[str, float]:
+    """torch AdamW's exp_avg_sq on a bf16 and an fp32 parameter, after a tenth of the steps at
+    gradient 1 and the rest at 0.01. In fp32 it decays by beta2 = 0.999 per step; in bf16 it
+    cannot (v * 0.999 rounds back to v: the change is below bf16's half-ulp of 2^-9), so it stays
+    where the large gradients left it, and later updates shrink by sqrt(v_bf16 / v_fp32)."""
+    second_moment = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        param = torch.zeros(256, device=device, dtype=dtype, requires_grad=True)
+        optimizer = torch.optim.AdamW([param], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+        for step in range(steps):
+            param.grad = torch.full_like(param, 1.0 if step < max(1, steps // 10) else 0.01)
+            optimizer.step()
+        second_moment[dtype] = float(optimizer.state[param]["exp_avg_sq"].float().mean())
+    return {"bf16": second_moment[torch.bfloat16], "fp32": second_moment[torch.float32]}
+
+
+def optimizer_state_path(ctx: Context) -> dict[str, Any]:
+    """Under bf16-pure with optim.state_dtype=fp32 every floating optimizer state tensor of each of
+    `state_methods` must be fp32 after two steps; then the bf16 second-moment ratchet that this
+    setting avoids, on the device's own kernels (recorded, not asserted)."""
+    from rankscope.bench.train import random_batches
+
+    config, device = ctx.config, ctx.device
+    found = {}
+    for method in config.state_methods:
+        cfg = run_config(config.preset, method, config.batch_size, config.seq_len, config.model_overrides,
+                         optim={"state_dtype": "fp32"})
+        run = method_run(cfg, device, "bf16-pure", config.seed)
+        batches = random_batches(run.model_config.vocab_size, config.batch_size, config.seq_len, 2, config.seed, device)
+        losses, _ = _train_steps(run, batches, 2)
+        require_finite(losses, f"{method} bf16-pure training loss")
+        found[method] = state_dtypes(run.optimizer)
+        del run
+        free_device(device)
+    wrong = {method: dtypes for method, dtypes in found.items() if dtypes != ["float32"]}
+    if wrong:
+        method, dtypes = next(iter(wrong.items()))
+        raise RankscopeError(f"optim.state_dtype=fp32 under bf16-pure, but {method}'s optimizer state holds "
+                             f"{', '.join(dtypes)} tensors ({len(wrong)} of {len(found)} methods)")
+    ratchet = bf16_second_moment_ratchet(config.ratchet_steps, device)
+    return {"precision": "bf16-pure", "state_dtype": "fp32", "state_dtypes": found,
+            "ratchet_steps": config.ratchet_steps, "ratchet_bf16_exp_avg_sq": ratchet["bf16"],
+            "ratchet_fp32_exp_avg_sq": ratchet["fp32"], "ratchet_ratio": ratchet["bf16"] / ratchet["fp32"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the dynamics measurement's memory
+
+
+def dynamics_path(ctx: Context, method: str) -> dict[str, Any]:
+    """The trainer's dynamics monitor (train.dynamics_every=2) on the device: the peak allocation
+    of a measured step's update window (clipping, optimizer step, periodic work, measurement)
+    against a plain step's, as a multiple of the targeted weights' fp32 size: the factor that
+    decides whether a dynamics step fits at 1B or 7B (#5 of the GPU audit: 3.3x under bf16-pure)."""
+    from rankscope.bench.train import random_batches, train_step
+    from rankscope.models import iter_target_linears
+    from rankscope.train.dynamics import DynamicsMonitor
+
+    config, device, precision, every = ctx.config, ctx.device, "bf16-pure", 2
+
+    class WindowPeaks(DynamicsMonitor):
+        """The monitor, with the peak allocation between its two calls recorded per step."""
+
+        def before_update(self, step, loss):
+            self.base = _start_peak(device)
+            super().before_update(step, loss)
+
+        def after_update(self, step, applied=True):
+            record = super().after_update(step, applied)
+            self.peaks[step] = _peak_since(device, self.base)
+            self.records[step] = record
+            return record
+
+    cfg = run_config(config.preset, method, config.batch_size, config.seq_len, config.model_overrides,
+                     train={"dynamics_every": every})
+    run = method_run(cfg, device, precision, config.seed)
+    monitor = WindowPeaks(run.model, run.optimizer, cfg.train, seed=config.seed)
+    monitor.peaks, monitor.records = {}, {}
+    batches = random_batches(run.model_config.vocab_size, config.batch_size, config.seq_len, 2, config.seed, device)
+    for index in range(2 * every):  # steps 1..4: 2 and 4 measure; 3 (plain) and 4 compare, both steady
+        loss = float(train_step(run, batches[index % 2], monitor)["loss"])
+        require_finite([loss], f"{method} loss with dynamics on")
+    measured = sorted(step for step, record in monitor.records.items() if "dynamics" in record)
+    if measured != [every, 2 * every]:
+        raise RankscopeError(f"dynamics_every={every}: measurements at steps {measured}, expected [{every}, {2 * every}]")
+    rows = monitor.records[2 * every]["dynamics"]["matrices"].values()
+    norms = [value for row in rows for value in row.values() if value is not None]
+    if not norms:
+        raise RankscopeError(f"{method}: the dynamics measurement holds no spectral norm")
+    require_finite(norms, f"{method} measured spectral norms")
+    targeted = sum(module.out_features * module.in_features * 4 if hasattr(module, "out_features")
+                   else module.weight.numel() * 4 for _, _, _, module in iter_target_linears(run.model))
+    plain, with_dynamics = monitor.peaks[2 * every - 1], monitor.peaks[2 * every]
+    extra = with_dynamics - plain if plain is not None else None
+    return {"preset": config.preset, "method": method, "precision": precision, "dynamics_every": every,
+            "measured_steps": measured, "targeted_fp32_bytes": targeted, "plain_step_peak_bytes": plain,
+            "measured_step_peak_bytes": with_dynamics, "extra_bytes": extra,
+            "extra_over_targeted_fp32": extra / targeted if extra is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory at 1B, projector refresh
+
+
+class SavedForBackward:
+    """Bytes of the tensors autograd keeps for the backward pass (each storage once, parameters
+    left out): the activation memory that activation checkpointing trades for recomputation."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self.skip and pointer not in self.seen:
+            self.seen.add(pointer)
+            self.bytes += storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def memory_path(ctx: Context, method: str) -> dict[str, Any]:
+    """One bf16-pure training step (forward, backward, optimizer step) at micro-batch 1 of the
+    memory preset built on the device, without and with train.activation_checkpointing: the peak
+    allocation and the activations kept for backward. Checkpointing must keep fewer."""
+    from rankscope import methods
+    from rankscope.models import token_losses
+
+    config, device, precision = ctx.config, ctx.device, "bf16-pure"
+    seq_len, results = config.memory_seq_len, {}
+    for checkpointing in (False, True):
+        free_device(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        method_overrides = {}
+        if "svd" in {f.name for f in dataclasses.fields(methods.get(method).Settings)}:
+            # GaLore's first step refreshes every projector: randomized at 1B takes milliseconds
+            # per matrix instead of a second, and the state it leaves has the same size.
+            method_overrides["svd"] = "randomized"
+        cfg = run_config(config.memory_preset, method, 1, seq_len, config.infer_model_overrides, method_overrides,
+                         train={"activation_checkpointing": checkpointing})
+        run = method_run(cfg, device, precision, config.seed, on_device=True)
+        run.model.activation_checkpointing = checkpointing  # as the trainer sets it from the config
+        tokens = torch.randint(0, run.model_config.vocab_size, (1, seq_len),
+                               generator=torch.Generator().manual_seed(config.seed)).to(device)
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        saved = SavedForBackward(run.model)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            loss = token_losses(run.model, tokens).mean()
+        loss.backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        require_finite([float(loss.detach())], f"{method} loss at {config.memory_preset}")
+        results[checkpointing] = {
+            "peak": torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None,
+            "activations": saved.bytes, "params": sum(p.numel() for p in run.model.parameters()),
+            "weights_and_state": sum(p.numel() * p.element_size() for p in run.model.parameters())
+            + sum(t.numel() * t.element_size() for s in run.optimizer.state.values() for t in s.values()
+                  if isinstance(t, torch.Tensor)),
+        }
+        del run, loss, tokens
+    plain, checkpointed = results[False], results[True]
+    if checkpointed["activations"] >= plain["activations"]:
+        raise RankscopeError(f"train.activation_checkpointing=true kept {checkpointed['activations']:,} bytes of "
+                             f"activations for backward, not fewer than without it ({plain['activations']:,})")
+    return {"preset": config.memory_preset, "method": method, "precision": precision, "seq_len": seq_len,
+            "micro_batch": 1, "total_params": plain["params"], "weights_and_state_bytes": plain["weights_and_state"],
+            "peak_bytes": plain["peak"], "peak_bytes_checkpointed": checkpointed["peak"],
+            "activation_bytes": plain["activations"], "activation_bytes_checkpointed": checkpointed["activations"]}
+
+
+def projector_path(ctx: Context) -> dict[str, Any]:
+    """One GaLore projector refresh (rankscope.optim.projector.compute_projection) of a 1B MLP
+    gradient in fp32, from the exact SVD and from the randomized one, each timed after a warm-up
+    on a small matrix (the solver's first call sets up its handles); both must be orthonormal."""
+    from rankscope.optim.projector import compute_projection, projection_side
+
+    config, device = ctx.config, ctx.device
+    rows, cols = config.projector_shape
+    rank, oversample, niter = config.projector_rank, 8, 2
+    generator = torch.Generator().manual_seed(config.seed)
+    gradient = torch.randn(rows, cols, generator=generator).to(device)
+    side = projection_side(gradient.shape, "std")
+    seconds = {}
+    for svd in ("exact", "randomized"):
+        compute_projection(gradient[: 2 * rank, : 2 * rank], rank, side, svd, oversample, niter)
+        synchronize(device)
+        started = time.perf_counter()
+        projection = compute_projection(gradient, rank, side, svd, oversample, niter, seed=config.seed)
+        synchronize(device)
+        seconds[svd] = time.perf_counter() - started
+        for name, basis in projection.items():
+            gram = basis.mT @ basis if name == "proj_left" else basis @ basis.mT
+            error = float((gram - torch.eye(rank, device=device)).abs().max())
+            if not math.isfinite(error) or error > 1e-3:
+                raise RankscopeError(f"{svd} SVD gave a {name} that is not orthonormal (max |PᵀP - I| = {error:.3g})")
+    return {"shape": [rows, cols], "rank": rank, "exact_s": seconds["exact"], "randomized_s": seconds["randomized"],
+            "svd_oversample": oversample, "svd_niter": niter,
+            "exact_over_randomized": seconds["exact"] / seconds["randomized"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# process group, inference, landscape
+
+
+def process_group_path(ctx: Context) -> dict[str, Any]:
+    """A process group of world size 1 (NCCL on CUDA, gloo on the CPU) through a file store (no
+    network): init, an all_reduce whose sum must equal its input, a barrier, destroy."""
+    import torch.distributed as dist
+
+    device = ctx.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = dist.FileStore(str(ctx.work / f"process-group-{os.getpid()}-{time.monotonic_ns()}"), 1)
+    seconds = {}
+    started = time.perf_counter()
+    try:
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=ctx.limit_s),
+                                device_id=device if device.type == "cuda" else None)
+        seconds["init"] = time.perf_counter() - started
+        values = torch.arange(8, dtype=torch.float32, device=device)
+        reduced = values.clone()
+        started = time.perf_counter()
+        dist.all_reduce(reduced)
+        synchronize(device)
+        seconds["all_reduce"] = time.perf_counter() - started
+        if not torch.equal(reduced, values):
+            raise RankscopeError(f"all_reduce over one process changed the values: {reduced.tolist()}")
+        started = time.perf_counter()
+        dist.barrier()
+        seconds["barrier"] = time.perf_counter() - started
+        started = time.perf_counter()
+        dist.destroy_process_group()
+        seconds["destroy"] = time.perf_counter() - started
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {"backend": backend, "world_size": 1, "nccl": _nccl_version() if backend == "nccl" else None,
+            "init_s": seconds["init"], "all_reduce_s": seconds["all_reduce"], "barrier_s": seconds["barrier"],
+            "destroy_s": seconds["destroy"]}
 
 
 def build_on_device(preset: str, method: str, overrides: dict[str, Any], device: torch.device,
@@ -134,11 +584,12 @@ def build_on_device(preset: str, method: str, overrides: dict[str, Any], device:
     return model
 
 
-def infer_path(config: GpuCheckConfig, device: torch.device) -> dict[str, Any]:
+def infer_path(ctx: Context) -> dict[str, Any]:
     """Dense vs factorized forward latency at the inference preset, bf16."""
+    config, device = ctx.config, ctx.device
     dense_name, factorized_name = config.infer_methods
-    dtype = torch.bfloat16
-    models = {name: build_on_device(config.infer_preset, name, config.infer_model_overrides, device, dtype, config.seed)
+    models = {name: build_on_device(config.infer_preset, name, config.infer_model_overrides, device, torch.bfloat16,
+                                    config.seed)
               for name in config.infer_methods}
     vocab = models[dense_name].config.vocab_size
     generator = torch.Generator().manual_seed(config.seed)
@@ -161,10 +612,11 @@ def infer_path(config: GpuCheckConfig, device: torch.device) -> dict[str, Any]:
             "published_speedup": LORO_PUBLISHED_SPEEDUP}
 
 
-def landscape_path(config: GpuCheckConfig, method: str, device: torch.device) -> dict[str, Any]:
+def landscape_path(ctx: Context, method: str) -> dict[str, Any]:
     """One landscape / interpolation point against one plain forward over the probe set."""
-    from rankscope.analysis.pipeline import measure_point_cost
+    from rankscope.analysis.cost import measure_point_cost
 
+    config, device = ctx.config, ctx.device
     model = build_on_device(config.preset, method, config.model_overrides, device, torch.float32, config.seed)
     probe = torch.randint(0, model.config.vocab_size, (config.probe_sequences, config.seq_len),
                           generator=torch.Generator().manual_seed(config.seed))
@@ -175,97 +627,3 @@ def landscape_path(config: GpuCheckConfig, method: str, device: torch.device) ->
             "landscape_over_forward": cost["landscape_point_s"] / cost["forward_s"],
             "interpolation_point_s": cost["interpolation_point_s"],
             "interpolation_over_forward": cost["interpolation_point_s"] / cost["forward_s"]}
-
-
-def trainer_overrides(config: GpuCheckConfig, steps: int, checkpoint_steps: list[int]) -> list[str]:
-    """The `--set` overrides shared by the trainer and DDP paths (embedded corpus, same data
-    config, so the DDP processes find the token shards the trainer path prepared)."""
-    return [f"model.overrides={json.dumps(config.model_overrides)}", f"data.seq_len={config.seq_len}",
-            "data.val_sequences=32", "data.probe_sequences=16", f"train.checkpoint_steps={checkpoint_steps}",
-            f"train.eval_every={steps}", "train.log_every=5"]
-
-
-def trainer_fields(config: GpuCheckConfig, method: str, steps: int, device: str, precision: str,
-                   batch_size: int) -> dict[str, Any]:
-    """The run-config keys that trainer_run_args passes as `rankscope train` flags."""
-    return {"model.preset": config.preset, "method.name": method, "train.steps": steps, "train.device": device,
-            "train.precision": precision, "train.batch_size": batch_size, "train.seed": config.seed}
-
-
-# The `rankscope train` flag of each key in trainer_fields.
-TRAIN_FLAGS = {"model.preset": "--preset", "method.name": "--method", "train.steps": "--steps",
-               "train.device": "--device", "train.precision": "--precision", "train.batch_size": "--batch-size",
-               "train.seed": "--seed"}
-
-
-def trainer_run_args(config: GpuCheckConfig, method: str, steps: int, device: str, precision: str,
-                     checkpoint_steps: list[int], batch_size: int) -> list[str]:
-    """`rankscope train` options shared by the trainer and DDP paths (the DDP path runs the CLI)."""
-    args = []
-    for key, value in trainer_fields(config, method, steps, device, precision, batch_size).items():
-        args += [TRAIN_FLAGS[key], str(value)]
-    for item in trainer_overrides(config, steps, checkpoint_steps):
-        args += ["--set", item]
-    return args
-
-
-def trainer_path(config: GpuCheckConfig, device: torch.device, work: Path) -> dict[str, Any]:
-    """The real trainer on the device, then a resume as after a preemption: the checkpoints after
-    the half-way one are removed and the same command continues from there to the end."""
-    import shutil
-
-    from rankscope.config import build_config
-    from rankscope.train import checkpoint as ckpt
-    from rankscope.train import train
-
-    half, steps, precision = config.trainer_steps // 2, config.trainer_steps, "bf16-pure"
-    run_dir = work / "trainer"
-    # The config `rankscope train` builds from trainer_run_args (the DDP path passes those to the CLI).
-    cfg = build_config({}, trainer_overrides(config, steps, [half, steps]), **trainer_fields(
-        config, config.trainer_method, steps, str(device), precision, config.batch_size))
-    uninterrupted = train(cfg, run_dir)
-    for info in ckpt.list_checkpoints(run_dir):
-        if info.step > half:
-            shutil.rmtree(info.path)
-    (run_dir / "summary.json").unlink()
-    resumed = train(cfg, run_dir)
-    _require_finite([uninterrupted["val_loss"], resumed["val_loss"]], "trainer validation loss")
-    if resumed["steps"] != steps:
-        raise RankscopeError(f"the resumed run stopped at step {resumed['steps']}, not {steps}")
-    return {"method": config.trainer_method, "precision": precision, "steps": steps, "checkpoint_step": half,
-            "val_loss": uninterrupted["val_loss"], "resumed_val_loss": resumed["val_loss"]}
-
-
-def ddp_path(config: GpuCheckConfig, device: torch.device, processes: int, work: Path,
-             timeout_s: float) -> dict[str, Any]:
-    """`torchrun` with one process per GPU running `rankscope train` (DistributedDataParallel)."""
-    run_dir = work / "ddp"
-    device_arg = "cuda" if device.type == "cuda" else "cpu"
-    precision = "bf16-autocast" if device.type == "cuda" else "fp32"
-    batch_size = processes * max(1, config.batch_size // processes)  # the global batch splits evenly
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "rankscope", "train",
-               *trainer_run_args(config, config.ddp_method, config.ddp_steps, device_arg, precision,
-                                 [config.ddp_steps], batch_size),
-               "--out", str(run_dir)]
-    env = dict(os.environ)
-    source = str(Path(__file__).resolve().parents[2])  # this checkout's code in the children too
-    env["PYTHONPATH"] = source + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
-    # Its own process group, so that a timeout ends torchrun and every worker it started.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise RankscopeError(f"torchrun did not finish within the {timeout_s:.0f}s left of the budget") from None
-    if process.returncode != 0:
-        tail = output.strip().splitlines()[-3:]
-        raise RankscopeError(f"torchrun exited with {process.returncode}: {' | '.join(tail)}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    _require_finite([summary["val_loss"]], "DDP validation loss")
-    return {"method": config.ddp_method, "world_size": processes, "steps": summary["steps"],
-            "val_loss": summary["val_loss"], "returncode": process.returncode}
-
