@@ -87,6 +87,39 @@ def test_train_bench_writes_records_for_each_method(tmp_path):
     assert result.files["png"].exists()
 
 
+def test_train_bench_keeps_one_methods_model_alive_at_a_time(monkeypatch):
+    """At 1B every method resident at once does not fit one GPU: each (method, repeat) is built,
+    timed and freed before the next build, and the repeats still rotate the methods' order."""
+    import gc
+    import weakref
+
+    from rankscope.bench import train as bench_train
+
+    built, alive_at_build = [], []
+    real_build = bench_train.build_method_run
+
+    def counting_build(preset, method_name, *args, **kwargs):
+        # No gc.collect here: a model kept only by a reference cycle would still hold its GPU
+        # memory until the collector runs, so the benchmark must have collected it itself.
+        alive_at_build.append(sum(ref() is not None for _, ref in built))
+        run = real_build(preset, method_name, *args, **kwargs)
+        built.append((method_name, weakref.ref(run.model)))
+        return run
+
+    monkeypatch.setattr(bench_train, "build_method_run", counting_build)
+    result = run_benchmark("train", {
+        "methods": "galore,loro", "batch_size": 2, "seq_len": 16, "steps": 2, "warmup_steps": 1, "repeats": 2,
+        "period": 2, "model_overrides": ONE_LAYER, "memory": False,
+    }, show=False)
+    gc.collect()
+    assert alive_at_build == [0] * 6
+    # Interleaved: repeat 0 in order full, galore, loro; repeat 1 rotated.
+    assert [name for name, _ in built] == ["full", "galore", "loro", "galore", "loro", "full"]
+    assert all(ref() is None for _, ref in built)
+    for record in result.records:  # both repeats' samples were kept, and the tensors were accounted
+        assert record["timed_steps"] == 4 and record["optimizer_state_bytes"] > 0
+
+
 def test_infer_bench_grid_and_summary(tmp_path):
     run_benchmark("infer", {"methods": "lowrank", "batch_sizes": [1, 2], "seq_lens": [8], "iters": 1,
                             "warmup": 1, "repeats": 1, "model_overrides": ONE_LAYER}, out_dir=tmp_path, show=False)
@@ -273,13 +306,36 @@ def test_layer_flops_match_torch_flop_counter(kind, tokens):
 def test_mfu_formula_and_peak_lookup():
     # 6e9 FLOPs per token at 1e5 tokens/s on a 989.5 TFLOP/s device.
     assert mfu(6e9, 1e5, 989.5) == pytest.approx(6e14 / 989.5e12)
-    assert lookup_peak_tflops("NVIDIA H100 80GB HBM3") == 989.5
-    assert lookup_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert lookup_peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
-    assert lookup_peak_tflops("NVIDIA L40S") == 362.0 and lookup_peak_tflops("NVIDIA L4") == 121.0
-    assert lookup_peak_tflops("Tesla T4") is None
     with pytest.raises(ConfigError):
         mfu(1.0, 1.0, 0.0)
+
+
+# torch.cuda.get_device_name() strings of real cards -> dense bf16 peak (None: not in the table).
+DEVICE_PEAKS = [
+    ("NVIDIA H100 80GB HBM3", 989.5),
+    ("NVIDIA H100 PCIe", 756.5),
+    ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA H200", 989.5),
+    ("NVIDIA H200 NVL", 835.5),
+    ("NVIDIA GH200 480GB", 989.5),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-SXM4-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA L40", 181.05),   # not the L4's 121 (a substring match took "L4" for it)
+    ("NVIDIA L40S", 362.05),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA A10G", 70.0),    # not the A10's 125
+    ("NVIDIA GeForce RTX 4090", 165.2),
+    ("NVIDIA GeForce RTX 3090", None),
+    ("Tesla T4", None),
+    ("NVIDIA A40", None),     # neither an A4 nor an A100
+]
+
+
+@pytest.mark.parametrize("name,peak", DEVICE_PEAKS, ids=[name for name, _ in DEVICE_PEAKS])
+def test_peak_lookup_matches_whole_model_names(name, peak):
+    assert lookup_peak_tflops(name) == peak
 
 
 # ---------------------------------------------------------------------------------------------

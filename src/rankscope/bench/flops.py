@@ -19,6 +19,7 @@ so a new layer class is counted correctly without touching this file.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -171,29 +172,42 @@ def model_flops(model: nn.Module, batch_size: int, seq_len: int) -> ModelFlops:
 # ---------------------------------------------------------------------------------------------
 # MFU
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets; the first
-# matching substring of torch.cuda.get_device_name() wins, so specific names come first.
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets (which print
+# the 2:4-sparsity figure first: dense is half of it). A device name matches a pattern when the
+# pattern's words appear in it as whole, consecutive words (see `model_tokens`), so "L4" is not an
+# "L40" and "A10" not an "A10G"; the first match wins, so a variant ("H100 NVL") precedes its family.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("GH200", 989.5),
-    ("H200", 989.5),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.5),
-    ("H800", 989.5),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
+    ("GH200", 989.5),      # GH200 data sheet: FP16/BF16 Tensor Core 1,979 TFLOPS with sparsity
+    ("H200 NVL", 835.5),   # H200 data sheet, H200 NVL: BF16 Tensor Core 1,671 TFLOPS with sparsity
+    ("H200", 989.5),       # H200 data sheet, H200 SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity
+    ("H100 NVL", 835.5),   # H100 data sheet, H100 NVL: BF16 Tensor Core 1,671 TFLOPS with sparsity
+    ("H100 PCIe", 756.5),  # H100 data sheet, H100 PCIe: BF16 Tensor Core 1,513 TFLOPS with sparsity
+    ("H100", 989.5),       # H100 data sheet, H100 SXM: BF16 Tensor Core 1,979 TFLOPS with sparsity
+    ("H800", 989.5),       # the H100 SXM's compute
+    ("B200", 2250.0),      # HGX B200: FP16/BF16 4.5 PFLOPS per GPU with sparsity
+    ("A100", 312.0),       # A100 data sheet: BF16 Tensor Core 312 TFLOPS (624 with sparsity), SXM and PCIe
+    ("A800", 312.0),       # the A100's compute
+    ("L40S", 362.05),      # L40S data sheet: BF16 Tensor Core 362.05 | 733 TFLOPS with sparsity
+    ("L40", 181.05),       # L40 data sheet: BF16 Tensor Core 181.05 | 362.1 TFLOPS with sparsity
+    ("L4", 121.0),         # L4 data sheet: BF16 Tensor Core 242 TFLOPS with sparsity
+    ("A10G", 70.0),        # AWS-only part, no NVIDIA data sheet: ~70 dense, as third-party spec tables give it
+    ("A10", 125.0),        # A10 data sheet: BF16 Tensor Core 125 TF | 250 TF with sparsity
+    ("RTX 4090", 165.2),   # Ada whitepaper, GeForce RTX 4090: BF16 Tensor with FP32 accumulate 165.2 | 330.4
 )
 
 
+def model_tokens(name: str) -> list[str]:
+    """The words of a device or pattern name, lowercased: runs of letters and digits
+    ("NVIDIA A100-SXM4-80GB" -> nvidia, a100, sxm4, 80gb)."""
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
 def lookup_peak_tflops(device_name: str) -> float | None:
-    """The bf16 peak of a known GPU by name, or None."""
-    lowered = device_name.lower()
+    """The dense bf16 peak of a known GPU by its name (torch.cuda.get_device_name), or None."""
+    words = model_tokens(device_name)
     for pattern, tflops in PEAK_BF16_TFLOPS:
-        if pattern.lower() in lowered:
+        wanted = model_tokens(pattern)
+        if any(words[start:start + len(wanted)] == wanted for start in range(len(words))):
             return tflops
     return None
 

@@ -17,11 +17,20 @@ Per method, on the same preset, batch and (random) tokens:
 
 The tokens are random ids: the cost of a step does not depend on their values, and the
 benchmark then needs no corpus or tokenizer.
+
+One method's model and optimizer exist at a time: each (method, repeat) builds the method afresh
+(the same seed, so the same start), warms it up, times it and frees it before the next is built.
+Keeping every method resident would let the repeats continue where they stopped, but at 1B that is
+10-21 GB per method, so all of them would not fit on one GPU. Rebuilding costs the build and the
+warm-up steps once per repeat (untimed; with `--compile` a fresh compilation each time), and keeps
+the interleaving: the repeats still rotate the order of the methods (`run_alternating`), so drift
+in the machine's speed is shared among them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -157,7 +166,7 @@ def shortened_period_overrides(cfg, period: int) -> dict[str, Any]:
 
 @dataclass
 class MethodRun:
-    """A method's model, optimizer and step counter, kept alive across repeats."""
+    """A method's model, optimizer and step counter, alive for one repeat of the benchmark."""
 
     name: str
     cfg: Any
@@ -177,6 +186,24 @@ class MethodRun:
     monitor: Any = None  # a DynamicsMonitor measuring at every step, for the dynamics timing
 
 
+def build_for_training(cfg, model_config, seed: int, precision: str, device: torch.device,
+                       on_device: bool = False) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer, Any]:
+    """The run's model (in the precision's dtype, on `device`), method, optimizer and resolved
+    optimizer settings, as the trainer builds them. `on_device` creates the weights on the device."""
+    from rankscope.train.setup import build_run_model, build_run_optimizer, resolve_optim
+
+    with torch.device(device) if on_device else contextlib.nullcontext():
+        model, method = build_run_model(cfg, model_config, seed=seed)
+    if precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    model.to(device)
+    optim = resolve_optim(cfg, type(method))
+    optimizer = build_run_optimizer(method, model, optim)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return model, method, optimizer, optim
+
+
 def build_method_run(
     preset: str, method_name: str, batch_size: int, seq_len: int, model_overrides: dict[str, Any],
     device: torch.device, precision: str, seed: int, period: int | None, compile_model: bool = False,
@@ -184,13 +211,7 @@ def build_method_run(
     """Build the method's parameterized model and optimizer as the trainer does."""
     from rankscope import methods
     from rankscope.models import get_preset
-    from rankscope.train.setup import (
-        build_method,
-        build_run_model,
-        build_run_optimizer,
-        resolve_model_config,
-        resolve_optim,
-    )
+    from rankscope.train.setup import build_method, resolve_model_config
 
     cfg = build_config(preset, method_name, batch_size, seq_len, model_overrides)
     vocab = int(model_overrides.get("vocab_size", get_preset(preset).vocab_size))
@@ -208,18 +229,36 @@ def build_method_run(
             note = f"periodic work not timed: {method_name} rejects {own_period[0]}={period} ({exc})"
             log.warning(note)
     model_config = resolve_model_config(cfg, vocab)
-    model, method = build_run_model(cfg, model_config, seed=seed)
-    if precision == "bf16-pure":
-        model.to(torch.bfloat16)
-    model.to(device)
-    optim = resolve_optim(cfg, type(method))
-    optimizer = build_run_optimizer(method, model, optim)
-    for group in optimizer.param_groups:
-        group.setdefault("base_lr", group["lr"])
+    model, method, optimizer, optim = build_for_training(cfg, model_config, seed, precision, device)
     forward_model = torch.compile(model) if compile_model else model
     model.train()
     return MethodRun(method_name, cfg, model_config, model, forward_model, method, optimizer, optim,
                      precision, device, period_info, note)
+
+
+@dataclass
+class MethodTimings:
+    """What a method's repeats leave behind once its model is freed: the timed samples and the
+    period they were taken at (`summarize` reads it as it reads a MethodRun)."""
+
+    name: str
+    period: tuple[str, int, int] | None = None
+    period_note: str = ""
+    samples: list[dict[str, float]] = field(default_factory=list)
+    dynamics_samples: list[dict[str, float]] = field(default_factory=list)
+
+    def add(self, run: MethodRun) -> None:
+        self.period, self.period_note = run.period, run.period_note
+        self.samples += run.samples
+        self.dynamics_samples += run.dynamics_samples
+
+
+def release_memory(device: torch.device) -> None:
+    """Return a freed run's memory: collect reference cycles, and hand cached CUDA blocks back so
+    that the next method starts from the same free memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int,
@@ -370,7 +409,7 @@ def measure_cuda_memory(config: TrainBenchConfig, names: list[str], device: torc
 # the benchmark
 
 
-def summarize(run: MethodRun, tokens_per_step: int) -> dict[str, Any]:
+def summarize(run: MethodRun | MethodTimings, tokens_per_step: int) -> dict[str, Any]:
     period = run.period[1] if run.period else None
     steady, periodic, phase = split_periodic(run.samples, period)
     step_s = median(s["total"] for s in steady)
@@ -407,7 +446,7 @@ def summarize(run: MethodRun, tokens_per_step: int) -> dict[str, Any]:
     return record
 
 
-def dynamics_overhead(run: MethodRun, step_s: float) -> dict[str, Any]:
+def dynamics_overhead(run: MethodRun | MethodTimings, step_s: float) -> dict[str, Any]:
     """Extra seconds of a step that measures the dynamics, and that extra at the default period
     as a fraction of a plain step (what `train.dynamics_every` costs a run)."""
     from rankscope.config import TrainConfig
@@ -468,25 +507,30 @@ def run_train_bench(config: TrainBenchConfig, out_dir=None, show: bool = True) -
         else:
             memory, idle_rss = measure_cpu_memory(config, names, precision)
 
-    runs = {
-        name: build_method_run(config.preset, name, config.batch_size, config.seq_len, config.model_overrides,
-                               device, precision, config.seed, config.period, config.compile)
-        for name in names
-    }
-    if config.dynamics:
-        from rankscope.config import TrainConfig
-        from rankscope.train.dynamics import DynamicsMonitor
-
-        for run in runs.values():
-            run.monitor = DynamicsMonitor(run.model, run.optimizer, TrainConfig(dynamics_every=1), seed=config.seed)
-    vocab = runs[names[0]].model_config.vocab_size
-    batches = random_batches(vocab, config.batch_size, config.seq_len, 4, config.seed, device)
+    timings = {name: MethodTimings(name) for name in names}
+    # Read off each method's tensors before they are freed: parameters, optimizer state, FLOPs.
+    accounting: dict[str, dict[str, Any]] = {}
+    batches: list[torch.Tensor] = []
 
     def measure(name: str, repeat: int) -> None:
-        run = runs[name]
-        if repeat == 0:
-            for index in range(config.warmup_steps):
-                train_step(run, batches[index % len(batches)])
+        # Built for this repeat and freed at its end: one method's model is alive at a time.
+        if config.compile:
+            # Every build compiles the same forward code again; without a reset, methods x repeats
+            # builds would pass dynamo's recompile limit and fall back to eager. Compiling happens in
+            # the untimed warm-up steps.
+            torch._dynamo.reset()
+        run = build_method_run(config.preset, name, config.batch_size, config.seq_len, config.model_overrides,
+                               device, precision, config.seed, config.period, config.compile)
+        if config.dynamics:
+            from rankscope.config import TrainConfig
+            from rankscope.train.dynamics import DynamicsMonitor
+
+            run.monitor = DynamicsMonitor(run.model, run.optimizer, TrainConfig(dynamics_every=1), seed=config.seed)
+        if not batches:  # every method of a preset has the same vocabulary
+            batches.extend(random_batches(run.model_config.vocab_size, config.batch_size, config.seq_len, 4,
+                                          config.seed, device))
+        for index in range(config.warmup_steps):
+            train_step(run, batches[index % len(batches)])
         for index in range(config.steps):
             run.samples.append(train_step(run, batches[index % len(batches)]))
         if run.monitor is not None:  # the same steps with a dynamics measurement at each
@@ -495,7 +539,14 @@ def run_train_bench(config: TrainBenchConfig, out_dir=None, show: bool = True) -
                 # measurements are a period apart, so this bounds their cost from above.
                 run.monitor.vectors.clear()
                 run.dynamics_samples.append(train_step(run, batches[index % len(batches)], run.monitor))
+        timings[name].add(run)
+        if name not in accounting:
+            flops = model_flops(run.model, config.batch_size, config.seq_len)
+            accounting[name] = {**account_memory(run.model, run.optimizer, config.preset),
+                                "model_flops_per_token": flops.training_per_token}
         log.info("bench train: %s repeat %d done", name, repeat + 1)
+        del run
+        release_memory(device)
 
     run_alternating(names, config.repeats, measure)
 
@@ -507,13 +558,11 @@ def run_train_bench(config: TrainBenchConfig, out_dir=None, show: bool = True) -
 
     records = []
     for name in names:
-        run = runs[name]
-        record = summarize(run, tokens_per_step)
-        record.update(account_memory(run.model, run.optimizer, config.preset))
-        flops = model_flops(run.model, config.batch_size, config.seq_len)
-        record["model_flops_per_token"] = flops.training_per_token
-        record["achieved_tflops"] = flops.training_per_token * record["tokens_per_s"] / 1e12
-        record["mfu"] = mfu(flops.training_per_token, record["tokens_per_s"], peak_tflops) if peak_tflops else None
+        record = summarize(timings[name], tokens_per_step)
+        record.update(accounting[name])
+        flops_per_token = record["model_flops_per_token"]
+        record["achieved_tflops"] = flops_per_token * record["tokens_per_s"] / 1e12
+        record["mfu"] = mfu(flops_per_token, record["tokens_per_s"], peak_tflops) if peak_tflops else None
         if name in memory:
             peak = memory[name].get("peak_cuda_bytes", memory[name].get("peak_rss_bytes"))
             record["peak_memory_bytes"] = peak

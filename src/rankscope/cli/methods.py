@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measured", action="store_true",
                         help="--memory from real tensors on the CPU (slow and memory-hungry at 350m+, with progress) "
                         "instead of shapes on the meta device (seconds at any preset, same counts)")
+    training = parser.add_argument_group("--memory's training estimate (per GPU, bf16-pure)")
+    training.add_argument("--micro-batch", type=int, default=None,
+                          help="sequences per forward pass (default: a run's default, train.batch_size)")
+    training.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.seq_len's)")
+    training.add_argument("--gpus", type=int, default=8, help="GPUs FSDP shards over (default 8)")
+    training.add_argument("--state-dtype", default=None, help="optim.state_dtype: fp32 or param (default fp32)")
     add_threads_option(parser)
 
 
@@ -26,13 +32,26 @@ def run(args: argparse.Namespace) -> int:
     from rankscope.models import get_preset
 
     if args.memory:
-        from rankscope.methods.memory_table import memory_table, print_memory_table
+        from rankscope.config import DataConfig, OptimConfig, TrainConfig
+        from rankscope.methods.memory_table import (
+            memory_table,
+            print_memory_table,
+            print_training_memory_table,
+            training_memory_table,
+        )
 
         names = methods.names() if args.methods == "all" else args.methods.split(",")
         mode = "measured" if args.measured else "shapes"
         rows = memory_table(args.preset, names, mode=mode,
                             progress=(lambda line: print(line, file=sys.stderr, flush=True)) if args.measured else None)
         print_memory_table(rows, args.preset, mode)
+        available = [row["method"] for row in rows if "error" not in row]
+        train_defaults = TrainConfig()
+        print_training_memory_table(training_memory_table(
+            args.preset, available,
+            micro_batch=args.micro_batch or train_defaults.micro_batch_size or train_defaults.batch_size,
+            seq_len=args.seq_len or DataConfig().seq_len, gpus=args.gpus,
+            state_dtype=args.state_dtype or OptimConfig().state_dtype))
         return 0
     from rich.console import Console
     from rich.table import Table
