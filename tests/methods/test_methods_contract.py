@@ -29,7 +29,7 @@ from rankscope.models import get_preset
 from rankscope.nn import ParameterizedLinear
 from rankscope.train import load_run_model
 from rankscope.train import trainer as trainer_module
-from rankscope.train.setup import build_run_model, resolve_optim
+from rankscope.train.setup import build_run_model, build_training_model, resolve_optim
 from rankscope.train.trainer import train
 
 ALL_METHODS = methods.names()
@@ -140,13 +140,13 @@ def trained(request, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(f"contract-{name}") / "run"
     captured = {}
 
-    def capture(cfg, model_cfg, seed=None):
-        model, method = build_run_model(cfg, model_cfg, seed)
+    def capture(*args, **kwargs):
+        model, method = build_training_model(*args, **kwargs)
         captured["model"] = model
         return model, method
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module, "build_run_model", capture)
+        patch.setattr(trainer_module, "build_training_model", capture)
         summary = train(_config(name, "train.steps=50", *SMALL_BATCH), run_dir)
     return name, run_dir, summary, captured["model"]
 

@@ -111,17 +111,52 @@ def test_rope_scores_depend_only_on_relative_position():
     torch.testing.assert_close(rq[5] @ rk[2], rq[30] @ rk[27], rtol=1e-4, atol=1e-5)
 
 
-def test_rope_cache_grows_and_is_not_saved(model):
+def test_rope_tables_are_fixed_fp32_and_not_saved(model):
+    """The tables are computed once for max_seq_len, stay fp32 through model.to(bf16) and a
+    meta-device build materialised with to_empty, and are never part of a checkpoint."""
     assert not any("rotary" in key or "cached" in key for key in model.state_dict())
+    reference = RotaryEmbedding(model.config.head_dim, model.config.rope_theta, model.config.max_seq_len)
+    assert model.rotary.cos_cached.shape == (model.config.max_seq_len, model.config.head_dim)
+    tables = model.rotary.cos_cached
     with torch.no_grad():
         model(torch.randint(0, 97, (1, 4)))
-        assert model.rotary.cos_cached.shape[0] == 4
-        ids = torch.randint(0, 97, (1, 20))
-        grown = model(ids)
-        assert model.rotary.cos_cached.shape[0] == 20
-        fresh = build_model(model.config)
-        fresh.load_state_dict(model.state_dict())
-        torch.testing.assert_close(fresh(ids), grown)
+        model(torch.randint(0, 97, (1, 20)))
+    assert model.rotary.cos_cached is tables  # a forward never rebuilds them
+    model.to(torch.bfloat16)
+    assert model.rotary.cos_cached.dtype == torch.float32
+    assert torch.equal(model.rotary.cos_cached, reference.cos_cached)
+    assert torch.equal(model.rotary.sin_cached, reference.sin_cached)
+    with torch.device("meta"):
+        skeleton = build_model(model.config)
+    skeleton.to_empty(device="cpu")
+    assert torch.equal(skeleton.rotary.cos_cached, reference.cos_cached)
+    assert torch.equal(skeleton.rotary.sin_cached, reference.sin_cached)
+
+
+def test_rope_beyond_max_seq_len_matches_the_reference():
+    torch.manual_seed(6)
+    rotary = RotaryEmbedding(head_dim=8, theta=500.0, max_seq_len=4)
+    x = torch.randn(1, 2, 7, 8, dtype=torch.float64)
+    cos, sin = rotary(7, x.device, torch.float64)
+    torch.testing.assert_close(apply_rotary(x, cos, sin), reference_rope(x, 500.0), rtol=1e-5, atol=1e-6)
+    assert rotary.cos_cached.shape[0] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_model_compiles_once(dtype):
+    """torch.compile traces the model once: a RoPE table rebuilt inside forward (grown on the first
+    call, or back to fp32 after model.to(bf16)) failed Dynamo's guard and compiled it twice."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(7)
+    model = build_model(small_config()).to(dtype)
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(3):
+        token_losses(compiled, torch.randint(0, 97, (2, 16))).mean().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 def reference_block(block, x, theta):

@@ -184,7 +184,7 @@ def test_plain_groups_are_bitwise_the_reference_package(name: str):
 
 
 # -------------------------------------------------------------------- resume bit-identical
-def _setup(name: str, dtype: torch.dtype):
+def _setup(name: str, dtype: torch.dtype, state_dtype: str = "fp32"):
     g = torch.Generator().manual_seed(0)
 
     def p(*shape: int) -> torch.nn.Parameter:
@@ -199,16 +199,17 @@ def _setup(name: str, dtype: torch.dtype):
         if name == "galore-randomized":
             group["svd"] = "randomized"
         cls = FiraAdamW if name.startswith("fira") else GaLoreAdamW
-        optimizer = cls([group, {"params": plain}], lr=1e-2, weight_decay=0.05, batched=name == "fira-stacked")
+        optimizer = cls([group, {"params": plain}], lr=1e-2, weight_decay=0.05, batched=name == "fira-stacked",
+                        state_dtype=state_dtype)
     else:
         special = [p(8, 3) * 0.3, p(3, 6) * 0.3, p(5, 2) * 0.3, p(2, 7) * 0.3]
         special = [torch.nn.Parameter(t.detach()) for t in special]
         if name == "loro":
             group = {"params": special, "factor_pairs": True, "exact_every": 3, "refresh_every": 2, "d_model": 8}
-            optimizer = LoroAdamW([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
+            optimizer = LoroAdamW([group, {"params": plain}], lr=1e-2, weight_decay=0.05, state_dtype=state_dtype)
         else:
             group = {"params": special, "factor_pairs": True}
-            optimizer = SpectronAdamW([group, {"params": plain}], lr=1e-2, weight_decay=0.05)
+            optimizer = SpectronAdamW([group, {"params": plain}], lr=1e-2, weight_decay=0.05, state_dtype=state_dtype)
     return special + plain, optimizer
 
 
@@ -218,22 +219,27 @@ def _grads(params, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
 
 
-RESUME_CASES = [("galore", torch.float32), ("galore-reproject", torch.float32), ("galore-randomized", torch.float32),
-                ("galore", torch.bfloat16), ("fira", torch.float32), ("fira-stacked", torch.float32),
-                ("loro", torch.float32), ("loro", torch.bfloat16), ("spectron", torch.float32),
-                ("spectron", torch.bfloat16)]
+# bf16 weights with both state dtypes: "fp32" state must come back from the checkpoint in fp32
+# (torch's own load would round it to the weights' bf16), "param" state in bf16.
+RESUME_CASES = [("galore", torch.float32, "fp32"), ("galore-reproject", torch.float32, "fp32"),
+                ("galore-randomized", torch.float32, "fp32"), ("fira", torch.float32, "fp32"),
+                ("fira-stacked", torch.float32, "fp32"), ("loro", torch.float32, "fp32"),
+                ("spectron", torch.float32, "fp32"),
+                *[(name, torch.bfloat16, state) for name in ("galore", "galore-reproject", "fira-stacked", "loro", "spectron")
+                  for state in ("fp32", "param")]]
 
 
-@pytest.mark.parametrize("name,dtype", RESUME_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in RESUME_CASES])
-def test_resume_through_weights_only_load_is_bit_identical(name: str, dtype: torch.dtype):
+@pytest.mark.parametrize("name,dtype,state_dtype", RESUME_CASES,
+                         ids=[f"{n}-{str(d)[6:]}-state_{s}" for n, d, s in RESUME_CASES])
+def test_resume_through_weights_only_load_is_bit_identical(name: str, dtype: torch.dtype, state_dtype: str):
     total, split = 8, 4   # crosses projector refreshes (gap 3) and LORO exact steps (K 3) + re-warm
-    params, optimizer = _setup(name, dtype)
+    params, optimizer = _setup(name, dtype, state_dtype)
     for step in range(total):
         _grads(params, step)
         optimizer.step()
     uninterrupted = [p.detach().clone() for p in params]
 
-    params, optimizer = _setup(name, dtype)
+    params, optimizer = _setup(name, dtype, state_dtype)
     for step in range(split):
         _grads(params, step)
         optimizer.step()
@@ -242,7 +248,7 @@ def test_resume_through_weights_only_load_is_bit_identical(name: str, dtype: tor
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
 
-    params, optimizer = _setup(name, dtype)
+    params, optimizer = _setup(name, dtype, state_dtype)
     with torch.no_grad():
         for p, value in zip(params, saved["params"]):
             p.copy_(value)
@@ -252,20 +258,26 @@ def test_resume_through_weights_only_load_is_bit_identical(name: str, dtype: tor
         optimizer.step()
     for a, b in zip(params, uninterrupted):
         assert torch.equal(a, b)
-    initial, _ = _setup(name, dtype)
+    initial, _ = _setup(name, dtype, state_dtype)
     assert not torch.equal(initial[0], uninterrupted[0])
+    moments = [s["exp_avg"] for s in optimizer.state.values() if "exp_avg" in s]
+    expected = dtype if state_dtype == "param" else torch.float32
+    assert moments and all(m.dtype == expected for m in moments)
 
 
-def test_loro_counters_keep_their_dtype_through_load():
-    params, optimizer = _setup("loro", torch.bfloat16)
+@pytest.mark.parametrize("state_dtype,moment_dtype", [("fp32", torch.float32), ("param", torch.bfloat16)])
+def test_loro_counters_keep_their_dtype_through_load(state_dtype: str, moment_dtype: torch.dtype):
+    params, optimizer = _setup("loro", torch.bfloat16, state_dtype)
     for step in range(4):
         _grads(params, step)
         optimizer.step()
-    fresh_params, fresh = _setup("loro", torch.bfloat16)
-    fresh.load_state_dict(optimizer.state_dict())
+    saved = optimizer.state_dict()
+    fresh_params, fresh = _setup("loro", torch.bfloat16, state_dtype)
+    fresh.load_state_dict(saved)
     state = fresh.state[fresh_params[0]]
     assert state["loro_step"].dtype == torch.int64 and int(state["loro_step"]) == 4
-    assert state["exp_avg"].dtype == torch.bfloat16
+    assert state["exp_avg"].dtype == moment_dtype
+    assert torch.equal(state["exp_avg_sq"], saved["state"][0]["exp_avg_sq"])  # no rounding on the way
 
 
 # ---------------------------------------------------------------------------- state bytes

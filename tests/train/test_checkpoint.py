@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import random
 
 import pytest
 import torch
@@ -152,3 +153,72 @@ def test_resaving_over_a_damaged_step_keeps_the_damaged_one_aside(tmp_path):
     kept = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_000005.damaged-")]
     assert len(kept) == 1
     assert torch.equal(ckpt.load_model_state(ckpt.latest_intact_checkpoint(tmp_path).path)["w"], torch.full((3, 2), 3.0))
+
+
+# -- random state per rank ---------------------------------------------------------------------
+
+def _random_state(seed, gpu_state=None):
+    """A process's random state after seeding with `seed`; `gpu_state` stands for its GPU's."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    state = ckpt.capture_rng_state(torch.device("cpu"))
+    if gpu_state is not None:
+        state["cuda"] = torch.tensor([gpu_state], dtype=torch.uint8)
+    return state
+
+
+def _gpu_recorder():
+    calls = []
+    return calls, lambda state, device: calls.append((int(state[0]), device))
+
+
+def test_a_process_captures_its_own_gpu_generator_only():
+    asked = []
+    state = ckpt.capture_rng_state(torch.device("cuda", 3), get_cuda_state=lambda device: asked.append(device) or torch.ones(2))
+    assert asked == [torch.device("cuda", 3)] and torch.equal(state["cuda"], torch.ones(2))
+    assert set(ckpt.capture_rng_state(torch.device("cpu"))) == {"torch", "python"}
+
+
+def test_each_rank_restores_its_own_state_on_its_own_gpu():
+    saved = {"ranks": [_random_state(1, gpu_state=10), _random_state(2, gpu_state=20)]}
+    calls, record = _gpu_recorder()
+    torch.manual_seed(99)
+    assert ckpt.restore_rng_state(saved, rank=1, world_size=2, device=torch.device("cuda", 1), fresh_seed=0,
+                                  set_cuda_state=record)
+    assert torch.equal(torch.get_rng_state(), saved["ranks"][1]["torch"])
+    assert random.getstate() == saved["ranks"][1]["python"]
+    assert calls == [(20, torch.device("cuda", 1))]  # rank 1's generator, on rank 1's GPU, and nothing else
+
+
+def test_fewer_processes_than_saved_resume_with_a_warning(caplog):
+    saved = {"ranks": [_random_state(1), _random_state(2)]}
+    with caplog.at_level(logging.WARNING, logger="rankscope.train"):
+        assert ckpt.restore_rng_state(saved, rank=0, world_size=1, device=torch.device("cpu"), fresh_seed=0)
+    assert torch.equal(torch.get_rng_state(), saved["ranks"][0]["torch"])
+    assert "random state of 2 process(es), this run has 1: the states of ranks 1..1 are left unused" in caplog.text
+
+
+def test_a_rank_without_a_saved_state_starts_a_fresh_stream(caplog):
+    saved = {"ranks": [_random_state(1), _random_state(2)]}
+    with caplog.at_level(logging.WARNING, logger="rankscope.train"):
+        assert ckpt.restore_rng_state(saved, rank=0, world_size=3, device=torch.device("cpu"), fresh_seed=0)
+        assert not ckpt.restore_rng_state(saved, rank=2, world_size=3, device=torch.device("cpu"), fresh_seed=1234)
+    assert torch.initial_seed() == 1234
+    assert "this run has 3: ranks 2..2 start fresh streams" in caplog.text
+
+
+def test_a_single_process_checkpoint_of_every_visible_gpu_resumes_on_fewer_gpus(caplog):
+    """Checkpoints written before per-rank states hold torch.cuda.get_rng_state_all(): one state per
+    GPU the process saw (8 under torchrun on an 8-GPU node). Restoring all of them on a machine
+    with fewer GPUs raised IndexError; now only the process's own GPU is set."""
+    legacy = _random_state(3)
+    legacy["cuda"] = [torch.tensor([index], dtype=torch.uint8) for index in range(8)]
+    calls, record = _gpu_recorder()
+    assert ckpt.restore_rng_state(legacy, rank=0, world_size=1, device=torch.device("cuda", 0), fresh_seed=0,
+                                  set_cuda_state=record)
+    assert calls == [(0, torch.device("cuda", 0))]
+    assert torch.equal(torch.get_rng_state(), legacy["torch"])
+    with caplog.at_level(logging.WARNING, logger="rankscope.train"):  # a GPU index the checkpoint never saw
+        ckpt.restore_rng_state(legacy, rank=0, world_size=1, device=torch.device("cuda", 9), fresh_seed=0,
+                               set_cuda_state=record)
+    assert len(calls) == 1 and "no CUDA random state for cuda:9" in caplog.text

@@ -159,3 +159,23 @@ def test_before_update_sees_the_clipped_gradient_before_the_update_and_skips_bad
     assert not torch.equal(calls[0][2][1], calls[1][2][1])
     # The zeroed gradient of the first parameter (the embeddings) left it unchanged by every update.
     assert all(torch.equal(calls[0][2][0], later[2][0]) for later in calls[1:])
+
+
+def test_each_step_reads_the_device_once(tmp_path, tiny_overrides, monkeypatch):
+    """On a GPU every read of a tensor's value by the host waits for all the work queued before it,
+    so the host cannot queue the next step meanwhile. The loop reads the step's loss, gradient norm
+    and stop votes together, in one `.tolist()` (validation and checkpoints read in their own modules)."""
+    import sys
+
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == trainer_module.__file__:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    train(_cfg(tiny_overrides, "train.steps=5", "train.micro_batch_size=4"), tmp_path / "r")
+    assert reads == ["tolist"] * 5

@@ -56,6 +56,8 @@ class APOLLO(Method):
     period_setting = "update_proj_gap"
     description = "APOLLO: dense weights, AdamW's per-channel scaling estimated from a random rank-r projection."
     Settings = APOLLOSettings
+    fsdp_refusal = ("its channel-wise scaling and norm-growth limiter take norms over whole rows, columns and updates, "
+                    "and its random projection is drawn per whole matrix: not made shard-aware (GaLore and Fira are)")
 
     @classmethod
     def default_settings(cls, preset: str, model_config: Any) -> APOLLOSettings:
@@ -95,7 +97,7 @@ class APOLLO(Method):
             "rank": s.rank, "update_proj_gap": s.update_proj_gap, "scale": float(s.scale), "proj": s.proj,
             "proj_type": s.proj_type, "scale_type": s.scale_type})
         return APOLLOAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-                           scale_front=s.scale_front, disable_nl=s.disable_nl)
+                           scale_front=s.scale_front, disable_nl=s.disable_nl, state_dtype=optim.state_dtype)
 
 
 class APOLLOMini(APOLLO):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rankscope.errors import ConfigError
+from rankscope.optim import AdamW
 from rankscope.optim.schedules import cosine_with_warmup
 
 # Which parameters weight decay acts on. "all": every trainable parameter, as torch.optim.AdamW
@@ -59,6 +60,9 @@ class ResolvedOptim:
     # {role: {"lr": x, "weight_decay": y}} for the roles with a setting of their own (only the keys
     # that were set); empty: every parameter stays where the method's optimizer puts it.
     roles: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # optim.state_dtype, passed to every method's optimizer: "fp32" moments (and projectors) for
+    # bf16 weights, or "param" (the weights' dtype, as the official bf16 harnesses); rankscope.optim._base.
+    state_dtype: str = "fp32"
 
 
 @dataclass
@@ -85,6 +89,10 @@ class Method:
     update_bound: ClassVar[bool] = False
     # The method's line colour in the report's figures (hex); None: one is derived from the name.
     color: ClassVar[str | None] = None
+    # Why the method cannot train under train.parallel=fsdp (parameters, gradients and optimizer
+    # state sharded by rows, rankscope.train.sharding), or None when it can; `check_fsdp` adds
+    # refusals that depend on the settings.
+    fsdp_refusal: ClassVar[str | None] = None
 
     def __init__(self, settings: Any, model_config: Any, preset: str = "tiny"):
         self.settings = settings
@@ -103,6 +111,12 @@ class Method:
     def validate(self) -> None:
         """Raise ConfigError for bad settings, before any training starts."""
 
+    def check_fsdp(self) -> None:
+        """Raise ConfigError, naming the method and why, when it cannot train sharded (FSDP)."""
+        if self.fsdp_refusal:
+            raise ConfigError(f"method {self.name!r} cannot train with train.parallel=fsdp: {self.fsdp_refusal}; "
+                              "train it with train.parallel=ddp")
+
     # -- model ---------------------------------------------------------------------------------
     def parameterize(self, model: nn.Module) -> nn.Module:
         """Replace the targeted linears in place; the default keeps the dense model."""
@@ -112,9 +126,10 @@ class Method:
     def build_optimizer(self, model: nn.Module, optim: ResolvedOptim) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         groups = scope_weight_decay([{"params": params, "name": "all"}], model, optim.weight_decay_scope)
-        return torch.optim.AdamW(
-            groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-        )
+        # torch.optim.AdamW's numbers, with the state dtype the run asks for (torch's own keeps
+        # state in the weights' dtype, bf16 under bf16-pure).
+        return AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                     state_dtype=optim.state_dtype)
 
     def lr_multiplier(self, step: int, optim: ResolvedOptim) -> float:
         """Multiplier on each group's base lr for update number `step` (1-based).

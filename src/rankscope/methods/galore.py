@@ -87,7 +87,7 @@ class ProjectedGradientMethod(Method):
         if rest:
             groups += scope_weight_decay([{"params": rest, "name": "adamw"}], model, optim.weight_decay_scope)
         return self.optimizer_class(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                    weight_decay=optim.weight_decay)
+                                    weight_decay=optim.weight_decay, state_dtype=optim.state_dtype)
 
 
 class GaLore(ProjectedGradientMethod):

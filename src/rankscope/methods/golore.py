@@ -95,7 +95,8 @@ class GoLore(GaLore):
         keys = {**self.projected_group_keys(), "random_from_step": self.random_from_step(optim.total_steps),
                 "projection_seed": self._projection_seed}
         groups = plain_first_groups(model, self.settings.targets, optim.weight_decay_scope, self.name, keys)
-        return GoLoreAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+        return GoLoreAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                           state_dtype=optim.state_dtype)
 
     def lr_multiplier(self, step: int, optim: ResolvedOptim) -> float:
         if self.settings.cycle_length is None:

@@ -102,7 +102,7 @@ class NativeLowRankMethod(Method, abc.ABC):
         if rest:
             groups += scope_weight_decay([{"params": rest, "name": "adamw"}], model, optim.weight_decay_scope)
         return self.optimizer_class(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                    weight_decay=optim.weight_decay)
+                                    weight_decay=optim.weight_decay, state_dtype=optim.state_dtype)
 
 
 class LORO(NativeLowRankMethod):

@@ -20,6 +20,7 @@ from rankscope.methods.base import Method, OptimDefaults, ResolvedOptim, require
 from rankscope.methods.refactor import Refactoring, RefactorSettings
 from rankscope.models import TARGET_LINEARS, LlamaConfig
 from rankscope.nn import LowRankLinear, ParameterizedLinear, replace_linears
+from rankscope.optim import AdamW
 
 
 def default_targets() -> list[str]:
@@ -40,8 +41,8 @@ def parameterized_layers(model: nn.Module) -> list[ParameterizedLinear]:
 
 def two_group_adamw(
     model: nn.Module, optim: ResolvedOptim, extra_groups: list[dict] | None = None
-) -> torch.optim.AdamW:
-    """AdamW with the targeted layers' trainable tensors in one group and everything else
+) -> AdamW:
+    """AdamW (torch's numbers, `optim.state_dtype` state) with the targeted layers' trainable tensors in one group and everything else
     (embeddings, head, norms, untargeted linears) in another; frozen tensors in none.
 
     ``extra_groups`` hold parameters that already sit in a parameterized layer but need their own
@@ -55,9 +56,8 @@ def two_group_adamw(
         *(extra_groups or []),
     ]
     groups = scope_weight_decay([g for g in groups if g["params"]], model, optim.weight_decay_scope)
-    return torch.optim.AdamW(
-        groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
-    )
+    return AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                 state_dtype=optim.state_dtype)
 
 
 @dataclass

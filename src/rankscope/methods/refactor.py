@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rankscope.methods.base import ResolvedOptim, require
+from rankscope.optim.sharded import full_parameters
 
 RESET_MODES = ("all", "factors", "none")
 
@@ -83,11 +84,12 @@ class Refactoring:
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if not self.is_refactor_step(step):
             return
-        factors = []
-        for module in model.modules():
-            if isinstance(getattr(module, "A", None), nn.Parameter) and isinstance(getattr(module, "B", None), nn.Parameter):
+        modules = [module for module in model.modules()
+                   if isinstance(getattr(module, "A", None), nn.Parameter) and isinstance(getattr(module, "B", None), nn.Parameter)]
+        factors = [p for module in modules for p in (module.B, module.A)]
+        with full_parameters(modules, names=("A", "B")):  # under FSDP: whole factors, written back by rows
+            for module in modules:
                 refactor_factors(module.B, module.A)
-                factors += [module.B, module.A]
         mode = self.settings.reset_optimizer
         if mode == "none":
             return

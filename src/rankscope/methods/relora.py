@@ -24,7 +24,9 @@ warm-starts from a separate full-rank run). W0 is trainable from the start, in i
 group ("warm_start_dense"); the switch to ReLoRA is restart point `warm_start_steps`: W0 is
 frozen (requires_grad False, so AdamW skips it), its Adam state is deleted, and the adapters are
 merged, re-drawn and pruned. Later points follow every reset_every / cycle_length steps after
-it. The W0 group stays in the optimizer (empty of state) so checkpoints have one layout.
+it. The W0 group stays in the optimizer (empty of state) so checkpoints have one layout. Under
+DDP the trainer wraps the model again at the switch (it watches which parameters are trainable),
+since a DDP built with W0 would wait for gradients W0 no longer gets.
 
 Every random draw in `after_step` (the re-init of A and the random pruning) comes from a
 torch.Generator seeded from the run's seed and the step, never from global state, so a resumed
@@ -48,6 +50,7 @@ from rankscope.nn import LoRALinear
 from rankscope.optim import prune_adam_state
 from rankscope.optim.prune import PRUNE_MODES
 from rankscope.optim.schedules import jagged_cosine
+from rankscope.optim.sharded import full_parameters
 
 # The geometric study's reset periods (1000 / 5000 / 5000 steps at 60M / 130M / 350M); 1B and 7B
 # keep the 350M value, 20m the 60M value. Tiny runs are a few hundred steps: reset every 100.
@@ -120,6 +123,15 @@ class ReLoRA(Method):
         require(s.schedule in RELORA_SCHEDULES,
                 f"method.schedule {s.schedule!r} must be one of {', '.join(RELORA_SCHEDULES)}")
         require(s.warm_start_steps >= 0, f"method.warm_start_steps {s.warm_start_steps} must be >= 0 (0 = no warm start)")
+
+    def check_fsdp(self) -> None:
+        super().check_fsdp()
+        # FSDP2 fixes which parameters get gradients when it first runs: freezing W0 at the end of
+        # the warm start would leave its gradients flowing into the optimizer.
+        require(self.settings.warm_start_steps == 0,
+                "method 'relora' cannot train with train.parallel=fsdp when method.warm_start_steps > 0: the warm "
+                "start ends by freezing W0, which FSDP2 cannot stop reducing gradients for; use train.parallel=ddp "
+                "or warm_start_steps=0")
 
     @property
     def cycle_length(self) -> int:
@@ -201,8 +213,11 @@ class ReLoRA(Method):
             self._end_warm_start(layers, optimizer)
         generator = self.reset_generator(step)
         if merge:
-            for layer in layers:
-                layer.merge_and_reinit(generator)
+            # Under FSDP on the whole matrices (gathered per layer group, written back by rows),
+            # so the ranks merge and re-draw exactly what one process does.
+            with full_parameters(layers):
+                for layer in layers:
+                    layer.merge_and_reinit(generator)
         if prune:
             prune_adam_state(
                 optimizer,

@@ -70,4 +70,4 @@ class SPAMMethod(Method):
         warmup = optim.warmup_steps if s.reset_warmup is None else s.reset_warmup
         return SPAM(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
                     reset_every=s.reset_every, spike_threshold=float(s.spike_threshold), reset_warmup=warmup,
-                    clip_start=s.clip_start)
+                    clip_start=s.clip_start, state_dtype=optim.state_dtype)

@@ -22,7 +22,7 @@ from rankscope.methods.base import OptimDefaults, require
 from rankscope.methods.loro import NativeLowRankMethod
 from rankscope.models import TARGET_LINEARS
 from rankscope.optim import HyperparameterError
-from rankscope.optim import Spectron as SpectronOptimizer
+from rankscope.optim import SpectronAdamW as SpectronOptimizer
 from rankscope.optim.spectron import NS_COEFFICIENTS, NS_PRECISIONS, POWER_SIDES, check_ns_steps
 
 

@@ -36,6 +36,8 @@ class StableSPAMMethod(Method):
     period_setting = "reset_every"
     description = "Stable-SPAM: dense weights, Adam with adaptive spike clipping, norm normalisation and resets."
     Settings = StableSPAMSettings
+    fsdp_refusal = ("its spike clipping and norm normalisation use the maximum and the norm of each whole gradient, "
+                    "reductions across FSDP's row shards that are not implemented")
 
     @classmethod
     def default_settings(cls, preset: str, model_config) -> StableSPAMSettings:
@@ -62,4 +64,5 @@ class StableSPAMMethod(Method):
         groups = scope_weight_decay([{"params": params, "name": "stable_spam"}], model, optim.weight_decay_scope)
         return StableSPAM(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
                           gamma1=s.gamma1, gamma2=s.gamma2, gamma3=s.gamma3, eta_min=s.eta_min,
-                          reset_every=s.reset_every, total_steps=s.total_steps or optim.total_steps)
+                          reset_every=s.reset_every, total_steps=s.total_steps or optim.total_steps,
+                          state_dtype=optim.state_dtype)

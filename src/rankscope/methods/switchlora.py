@@ -71,6 +71,9 @@ class SwitchLoRA(Method):
     name = "switchlora"
     description = "SwitchLoRA: LoRA (frozen W0) whose A rows and B columns are switched with candidates, ever less often."
     Settings = SwitchLoRASettings
+    fsdp_refusal = ("its switches rewrite single rows of A and columns of B, W0 and their Adam state between steps "
+                    "(indexing tensors that FSDP splits by rows) from candidate banks kept in host memory outside "
+                    "FSDP; that bookkeeping is not shard-aware")
 
     def __init__(self, settings: SwitchLoRASettings, model_config: LlamaConfig, preset: str = "tiny"):
         super().__init__(settings, model_config, preset)
@@ -118,7 +121,8 @@ class SwitchLoRA(Method):
         groups = [{"params": [layer.A for layer in layers], "name": "lora_A", "step_axis": 0},
                   {"params": [layer.B for layer in layers], "name": "lora_B", "step_axis": 1}]
         groups += scope_weight_decay([{"params": rest, "name": "other"}], model, optim.weight_decay_scope)
-        return RowStepAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+        return RowStepAdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                            state_dtype=optim.state_dtype)
 
     @staticmethod
     def layers(model: nn.Module) -> list[SwitchLoRALinear]:

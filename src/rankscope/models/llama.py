@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rankscope.errors import ConfigError
 
@@ -78,35 +79,49 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE, computed in fp32 and cached up to the longest length seen."""
+    """cos/sin tables for RoPE up to `max_seq_len`, computed once, in fp32, where the module lives.
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    The tables are never reassigned in forward: torch.compile guards on a module's buffers, and a
+    table grown on the first call (or rebuilt after `model.to(bf16)` downcast it) made every
+    compiled model compile twice. A longer sequence than `max_seq_len` gets tables computed for
+    that call only.
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_seq_len: int = 2048) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        # Non-persistent: derived from the config, never saved; grows on demand in forward.
-        self.register_buffer("cos_cached", torch.empty(0, head_dim), persistent=False)
-        self.register_buffer("sin_cached", torch.empty(0, head_dim), persistent=False)
+        self.max_seq_len = max_seq_len
+        # Non-persistent: derived from the config, never saved (checkpoints never held them).
+        cos, sin = self._compute(max_seq_len, None)
+        self.register_buffer("cos_cached", cos, persistent=False)
+        self.register_buffer("sin_cached", sin, persistent=False)
 
-    def _build(self, seq_len: int, device: torch.device) -> None:
+    def _compute(self, seq_len: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (seq_len, head_dim) in fp32; row m depends on m only, so a prefix of
+        a longer table equals the shorter table bit for bit."""
         inv_freq = 1.0 / (
             self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
         )
         positions = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(positions, inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim), halves repeated
-        self.cos_cached = angles.cos()
-        self.sin_cached = angles.sin()
+        return angles.cos(), angles.sin()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) would round the tables, and to_empty() (materialising a model built on
+        # the meta device) leaves them unset: recompute them in fp32 wherever they went. They
+        # are computed on their device, as before, so CUDA runs keep CUDA's cos/sin values.
+        super()._apply(fn, recurse)
+        self.cos_cached, self.sin_cached = self._compute(self.max_seq_len, self.cos_cached.device)
+        return self
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Rebuild (in fp32) when too short, moved, or downcast by model.to(dtype).
-        if (
-            self.cos_cached.shape[0] < seq_len
-            or self.cos_cached.device != device
-            or self.cos_cached.dtype != torch.float32
-        ):
-            self._build(max(seq_len, self.cos_cached.shape[0]), device)
-        return self.cos_cached[:seq_len].to(dtype), self.sin_cached[:seq_len].to(dtype)
+        if seq_len <= self.cos_cached.shape[0]:
+            cos, sin = self.cos_cached[:seq_len], self.sin_cached[:seq_len]
+        else:
+            cos, sin = self._compute(seq_len, self.cos_cached.device)
+        return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -171,10 +186,14 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_seq_len)
         self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # When set (the trainer does, from train.activation_checkpointing), each block keeps only
+        # its input for the backward pass and recomputes the rest there. A training choice, not
+        # the model's shape, so it is not in LlamaConfig and checkpoints do not record it.
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -192,8 +211,14 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(seq_len, x.device, x.dtype)
         hidden: list[torch.Tensor] = [x]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin)
+            if recompute:
+                # Non-reentrant: it works under torch.compile and DDP, and it replays the RNG, so a
+                # recomputed dropout (LoRA's adapters) draws the same mask as the forward did.
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
             if output_hidden_states:
                 hidden.append(x)
         logits = self.lm_head(self.norm(x))

@@ -49,7 +49,8 @@ class LowRankLinear(ParameterizedLinear):
             if dense_weight is None:
                 raise ConfigError("the dense_svd init factorizes a dense weight; build the layer with "
                                   "LowRankLinear.from_linear(linear, rank, 'dense_svd')")
-            self.init_from_dense(dense_weight)
+            if not self.B.is_meta:  # a meta layer has no values: a checkpoint will fill it
+                self.init_from_dense(dense_weight)
         else:
             self.reset_parameters(generator)
 

@@ -72,15 +72,19 @@ class SwitchLoRALinear(LoRALinear):
 
     def _apply(self, fn, recurse=True):
         """With `offload`, moves and casts reach every tensor but the candidates, which stay in host
-        memory and follow A's dtype."""
-        if not self.offload or self.candidates_A.device.type == "meta":
+        memory and follow A's dtype. A layer built on the meta device keeps them there until it is
+        materialised (`to_empty`, for a checkpoint to fill), when they get host memory as well."""
+        if not self.offload:
             return super()._apply(fn, recurse)
         kept = {name: self._buffers.pop(name) for name in CANDIDATE_BUFFERS}
         try:
             super()._apply(fn, recurse)
         finally:
             for name, tensor in kept.items():
-                self._buffers[name] = tensor.to(dtype=self.A.dtype)
+                if tensor.is_meta and not self.A.is_meta:
+                    self._buffers[name] = torch.empty(tensor.shape, dtype=self.A.dtype, device="cpu")
+                else:
+                    self._buffers[name] = tensor.to(dtype=self.A.dtype)
         return self
 
     @classmethod

@@ -1,11 +1,13 @@
-"""Optimizers for low-rank pre-training: GaLore / GoLore / Fira / APOLLO AdamW, SPAM, Stable-SPAM, LORO, Spectron, LR schedules.
+"""Optimizers for low-rank pre-training: AdamW, GaLore / GoLore / Fira / APOLLO AdamW, SPAM, Stable-SPAM, LORO, Spectron, LR schedules.
 
-Every optimizer is a `torch.optim.Optimizer` built like `torch.optim.AdamW`; groups without
-method keys behave exactly as torch's AdamW; state is tensors only (checkpoints load with
+Every optimizer is a `torch.optim.Optimizer` built like `torch.optim.AdamW`, plus `state_dtype`
+("fp32" | "param", the run's optim.state_dtype: see `_base.py`); groups without method keys step
+as torch's AdamW or as the method's reference does; state is tensors only (checkpoints load with
 `torch.load(weights_only=True)` and resume bit-identically).
 """
 
-from rankscope.optim._base import HyperparameterError, state_bytes
+from rankscope.optim._base import STATE_DTYPES, HyperparameterError, state_bytes
+from rankscope.optim.adamw import AdamW
 from rankscope.optim.apollo import APOLLOAdamW
 from rankscope.optim.fira import FiraAdamW
 from rankscope.optim.galore import GaLoreAdamW
@@ -20,6 +22,7 @@ from rankscope.optim.stable_spam import StableSPAM
 
 __all__ = [
     "APOLLOAdamW",
+    "AdamW",
     "FiraAdamW",
     "GaLoreAdamW",
     "GoLoreAdamW",
@@ -27,6 +30,7 @@ __all__ = [
     "LoroAdamW",
     "RowStepAdamW",
     "SPAM",
+    "STATE_DTYPES",
     "SpectronAdamW",
     "StableSPAM",
     "cosine_with_warmup",
@@ -35,11 +39,3 @@ __all__ = [
     "state_bytes",
 ]
 
-
-def __getattr__(name: str):
-    # `Spectron` was an alias of SpectronAdamW, the same name as the method class
-    # rankscope.methods.spectron.Spectron. Still resolved for methods/spectron.py and
-    # tests/methods/test_memory.py (edited in parallel); delete once they import SpectronAdamW.
-    if name == "Spectron":
-        return SpectronAdamW
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,12 +11,22 @@ and Spectron's factor pairs) and every other group as a plain AdamW, in one of t
   of before it (p *= 1 - lr*wd). On gradients of 1e-3 the two forms differ by 3% on the first step.
 
 Optimizer state is tensors only, so `torch.load(weights_only=True)` reads a saved state dict.
+
+State dtype (`state_dtype`, the run's `optim.state_dtype`): "fp32" keeps every tensor that
+accumulates across steps (moments, projectors, running norms) in at least fp32 whatever the
+parameter's dtype, computes the update from them in fp32 and rounds it into the parameter once,
+when it is applied. "param" keeps state in the parameter's dtype, as the official harnesses do
+under bf16 (galore_torch 1.0 adamw.py: `state["exp_avg"] = torch.zeros_like(grad)`, the gradient
+being the bf16 parameter's; torch.optim.AdamW likewise). In bf16 Adam's second moment then cannot
+decay: v * 0.999 rounds back to v (a relative change below bf16's half-ulp, 2^-9), so v only
+ratchets up and late updates shrink. For fp32 (or fp64) parameters the two settings are the same
+tensors and the same numbers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +34,15 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as functional_adamw
 
 from rankscope.errors import ConfigError, HyperparameterError  # noqa: F401 - HyperparameterError re-exported
+
+STATE_DTYPES = ("fp32", "param")
+
+
+def state_dtype_for(param_dtype: torch.dtype, setting: str) -> torch.dtype:
+    """The dtype of a parameter's accumulated optimizer state under `state_dtype` = `setting`."""
+    if setting == "fp32" and param_dtype.is_floating_point:
+        return torch.promote_types(param_dtype, torch.float32)  # bf16/fp16 -> fp32; fp32, fp64 stay
+    return param_dtype
 
 
 def new_step_counter() -> torch.Tensor:
@@ -78,11 +97,13 @@ class RankscopeOptimizer(Optimizer):
     """Base class: AdamW-style constructor, per-group validation, plain AdamW groups.
 
     Subclasses implement `_validate_special_group(group)` (return True when the group is one of
-    theirs and valid, False for a plain AdamW group) and `step`.
-    `load_state_dict` casts every state tensor except "step" to its parameter's dtype, which
-    would round an integer counter in bf16 or demote fp32 bookkeeping. Keys in
-    `_preserved_state_keys` keep their saved dtype: "cpu" ones stay on the CPU (counters),
-    "param_device" ones move to the parameter's device.
+    theirs and valid, False for a plain AdamW group) and `step`, and create accumulated state with
+    `new_state(p)` (zeros in `state_dtype_of(p)`).
+    torch's `load_state_dict` casts every state tensor except "step" to its parameter's dtype,
+    which would round fp32 moments of a bf16 parameter, round an integer counter or demote fp32
+    bookkeeping. Here floating state comes back in `state_dtype_of(p)` straight from the saved
+    values, and keys in `_preserved_state_keys` keep their saved dtype: "cpu" ones stay on the CPU
+    (counters), "param_device" ones move to the parameter's device.
     """
 
     _preserved_state_keys: ClassVar[dict[str, str]] = {}
@@ -94,11 +115,23 @@ class RankscopeOptimizer(Optimizer):
         betas: tuple[float, float],
         eps: float,
         weight_decay: float,
+        state_dtype: str = "fp32",
     ) -> None:
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, list) else betas,
                     "eps": eps, "weight_decay": weight_decay}
         validate_adamw_hyperparameters(defaults)
+        validate_state_dtype(state_dtype)
+        # An attribute, not a group key: it is the run's setting, and a resumed run takes it from
+        # its config (loading casts the saved state to it), not from the checkpoint's groups.
+        self.state_dtype = state_dtype
         super().__init__(params, defaults)
+
+    def state_dtype_of(self, p: torch.Tensor) -> torch.dtype:
+        return state_dtype_for(p.dtype, self.state_dtype)
+
+    def new_state(self, p: torch.Tensor) -> torch.Tensor:
+        """Zeros shaped like `p` in its state dtype (fresh moments)."""
+        return torch.zeros_like(p, dtype=self.state_dtype_of(p), memory_format=torch.preserve_format)
 
     # Torch calls add_param_group for every group in __init__, so this validates them all,
     # and also groups added later.
@@ -118,8 +151,10 @@ class RankscopeOptimizer(Optimizer):
     # ----------------------------------------------------------------- plain AdamW groups
     @torch.no_grad()
     def _plain_adamw_step(self, group: dict[str, Any]) -> None:
-        """One torch.optim.AdamW step for a group, through torch's own functional kernel."""
+        """One torch.optim.AdamW step for a group: torch's own functional kernel where the state
+        has the parameter's dtype, `upcast_adamw_step` (the same formula in fp32) where it does not."""
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        upcast = []
         has_complex = False
         for p in group["params"]:
             if p.grad is None:
@@ -130,13 +165,18 @@ class RankscopeOptimizer(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = new_step_counter()
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = self.new_state(p)
+                state["exp_avg_sq"] = self.new_state(p)
+            if state["exp_avg"].dtype != p.dtype:
+                upcast.append(p)
+                continue
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+        for p in upcast:
+            upcast_adamw_step(p, self.state[p], group)
         if not params:
             return
         beta1, beta2 = group["betas"]
@@ -167,8 +207,10 @@ class RankscopeOptimizer(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = new_step_counter()
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = self.new_state(p)
+                state["exp_avg_sq"] = self.new_state(p)
+            # With fp32 state and bf16 weights the foreach operations below mix dtypes: each is
+            # computed in fp32 and the final add rounds into the weight once.
             buckets.setdefault((p.device, p.dtype, int(state["step"])), []).append(p)
         for (_, _, step), params in buckets.items():
             states = [self.state[p] for p in params]
@@ -180,27 +222,78 @@ class RankscopeOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state handling
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load, except keys in `_preserved_state_keys` keep their saved dtype."""
-        saved_groups = state_dict["param_groups"]
-        saved_state = state_dict["state"]
-        kept: dict[Any, dict[str, torch.Tensor]] = {}
-        for param_id, param_state in saved_state.items():
-            preserved = {k: v.clone() for k, v in param_state.items() if k in self._preserved_state_keys}
-            if preserved:
-                kept[param_id] = preserved
-        super().load_state_dict(state_dict)
-        if not kept:
-            return
-        # Same id -> parameter pairing torch uses: saved group order against current group order.
-        saved_ids = [pid for g in saved_groups for pid in g["params"]]
-        current = [p for g in self.param_groups for p in g["params"]]
-        id_to_param = dict(zip(saved_ids, current))
-        for param_id, preserved in kept.items():
-            param = id_to_param[param_id]
-            for key, value in preserved.items():
-                where = self._preserved_state_keys[key]
-                device = torch.device("cpu") if where == "cpu" else param.device
-                self.state[param][key] = value.to(device=device)
+        """torch's load, with floating state in `state_dtype_of(p)` and `_preserved_state_keys` as saved."""
+        load_state_keeping_dtypes(self, state_dict, self._preserved_state_keys, self.state_dtype_of)
+
+
+def validate_state_dtype(state_dtype: str) -> None:
+    require(state_dtype in STATE_DTYPES,
+            f"invalid state_dtype {state_dtype!r}: use one of {', '.join(STATE_DTYPES)} (optim.state_dtype)")
+
+
+def load_state_keeping_dtypes(
+    optimizer: Optimizer, state_dict: dict[str, Any], preserved_keys: dict[str, str],
+    state_dtype_of: Callable[[torch.Tensor], torch.dtype],
+) -> None:
+    """`Optimizer.load_state_dict` for everything but the state tensors it would cast, which are
+    restored from the saved values themselves: floating ones (except "step") in
+    `state_dtype_of(param)` on the parameter's device, keys in `preserved_keys` in their saved
+    dtype ("cpu": on the CPU, "param_device": on the parameter's).
+
+    torch casts floating state to the parameter's dtype, so fp32 moments of a bf16 parameter would
+    come back rounded to bf16; and casting first, then widening again, would also hold a bf16 copy
+    of the whole state on the device (27 GB at 7B) next to the fp32 one. Where neither dtype nor
+    device changes, `.to` returns the saved tensor itself, which the state then shares with the
+    caller's dict, as after torch's own load.
+    """
+    def restored_here(key: str, value: Any) -> bool:
+        return torch.is_tensor(value) and (key in preserved_keys or (key != "step" and value.is_floating_point()))
+
+    saved_state = state_dict["state"]
+    left_to_torch = {pid: {k: v for k, v in values.items() if not restored_here(k, v)}
+                     for pid, values in saved_state.items()}
+    Optimizer.load_state_dict(optimizer, {**state_dict, "state": left_to_torch})
+    # Same id -> parameter pairing torch uses: saved group order against current group order.
+    saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+    current = [p for g in optimizer.param_groups for p in g["params"]]
+    id_to_param = dict(zip(saved_ids, current))
+    for param_id, values in saved_state.items():
+        param = id_to_param.get(param_id)
+        if param is None:
+            continue
+        for key, value in values.items():
+            if not restored_here(key, value):
+                continue
+            if key in preserved_keys:
+                device = torch.device("cpu") if preserved_keys[key] == "cpu" else param.device
+                optimizer.state[param][key] = value.clone().to(device=device)
+            else:
+                dtype = state_dtype_of(param) if param.is_floating_point() else value.dtype
+                optimizer.state[param][key] = value.to(dtype=dtype, device=param.device)
+
+
+@torch.no_grad()
+def upcast_adamw_step(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """torch.optim.AdamW's step (its single-tensor formula) for a parameter whose moments are kept
+    in a wider dtype than itself: the gradient, moments and update in the moments' dtype, the
+    weight decay and the update each rounded into the parameter as they are applied (mixed-dtype
+    in-place ops compute in fp32 and round once). One tensor at a time, so the only full-size
+    temporaries are this parameter's widened gradient and denominator."""
+    beta1, beta2 = group["betas"]
+    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    grad = p.grad.to(exp_avg.dtype)
+    state["step"] += 1
+    step = float(state["step"])
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denominator = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    p.addcdiv_(exp_avg, denominator, value=-step_size)
 
 
 def bias_corrected_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:

@@ -24,6 +24,9 @@ the random one (apollo_torch's alternative).
 
 State is tensors only (`proj_seed` is an int64 CPU tensor that loading never casts); groups
 without `rank` are stepped as the reference steps them (the Hugging Face AdamW form, `_base.py`).
+`state_dtype` as GaLoreAdamW's (`galore.py`): under "param" the projection and moments take the
+gradient's dtype, as apollo_torch does (apollo.py: `torch.zeros_like(grad)` of the projected
+gradient); under "fp32" they, the scaled update and the limiter's norm are fp32.
 """
 
 from __future__ import annotations
@@ -84,8 +87,10 @@ class APOLLOAdamW(ProjectedAdamW):
         scale_front: bool = False,
         disable_nl: bool = False,
         batched: bool | None = None,
+        state_dtype: str = "fp32",
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, batched=batched)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, batched=batched,
+                         state_dtype=state_dtype)
         require(isinstance(scale_front, bool), f"invalid scale_front {scale_front!r}: use true or false")
         require(isinstance(disable_nl, bool), f"invalid disable_nl {disable_nl!r}: use true or false")
         self.scale_front = scale_front
@@ -151,7 +156,8 @@ class APOLLOAdamW(ProjectedAdamW):
                     phi = phi.unsqueeze(1)
             else:
                 phi = torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(projected) + NORM_EPS)
-            update = param.grad * phi
+            # In the state's dtype: a 0-d phi (scale_type tensor) would not widen a bf16 gradient.
+            update = param.grad.to(direction.dtype) * phi
             if self.scale_front:
                 update *= root_scale
             if not self.disable_nl:

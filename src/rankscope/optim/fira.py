@@ -66,15 +66,20 @@ class FiraAdamW(ProjectedAdamW):
                       directions: torch.Tensor, step_size: float) -> None:
         alpha = group["alpha"]
         projection = stack.projection()
-        # phi along the projected matrix's long axis, as the reference picks it from the shape.
-        axis = -2 if low.shape[-2] < low.shape[-1] else -1
+        # phi along the projected matrix's long axis, as the reference picks it from the shape (the
+        # whole matrix's shape: under FSDP a right-side R holds only this rank's rows).
+        rows = stack.params[0].shape[0] if stack.side == "right" else low.shape[-2]
+        axis = -2 if rows < low.shape[-1] else -1
         phi = torch.linalg.vector_norm(directions, dim=axis, keepdim=True) / (
             torch.linalg.vector_norm(low, dim=axis, keepdim=True) + NORM_EPS
         )
         residual = stack.grads() * phi
         add_projected_back(residual, low * phi, projection, stack.side, alpha=-alpha)
 
-        norms = torch.linalg.vector_norm(residual, dim=(-2, -1))
+        if stack.sharded:  # the norm of the whole residual, from every rank's rows
+            norms = stack.sum_over_ranks(residual.square().sum(dim=(-2, -1))).sqrt()
+        else:
+            norms = torch.linalg.vector_norm(residual, dim=(-2, -1))
         previous = [s.get("prev_residual_norm") for s in stack.states]
         if all(norm is not None for norm in previous):  # set together, at a matrix's first step
             limiter = torch.clamp(norms / (stack.stack(previous) + NORM_EPS), min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
@@ -85,10 +90,10 @@ class FiraAdamW(ProjectedAdamW):
                 state["prev_residual_norm"] = norm.clone()
 
         if stack.single:
-            param = stack.params[0]
+            param = stack.local_params()[0]
             param.addcdiv_(residual, limiter, value=-step_size)
             add_projected_back(param, directions, projection, stack.side, alpha=-step_size * alpha)
         else:
             residual.div_(limiter.view(-1, 1, 1))
             add_projected_back(residual, directions, projection, stack.side, alpha=alpha)
-            torch._foreach_add_(stack.params, stack.unstack(residual), alpha=-step_size)
+            torch._foreach_add_(stack.local_params(), stack.unstack(residual), alpha=-step_size)

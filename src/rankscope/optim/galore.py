@@ -31,6 +31,44 @@ accumulation (`addmm_`), with `scale` folded into the step size. Stacks hold up 
 `BATCH_BYTES` of gradients on CUDA (fewer, larger kernels); on the CPU a stack is one matrix,
 because a CPU batched matmul is a loop of the same GEMMs and stacking would only add a
 full-size copy (`batched=` overrides the choice).
+
+Under FSDP (`train.parallel=fsdp`; the same code, shard-aware through rankscope.optim.sharded):
+each rank holds a block of rows of W and of its gradient G (m x n). The projection is designed
+around that row split, so that only a refresh needs the whole gradient:
+
+- right side (m >= n under "std": q, k, v, o, gate, up): R = G·P_rightᵀ and back(N) = N·P_right are
+  row by row, so each rank projects its own rows; P_right (r x n) is whole on every rank, the
+  moments (m x r) are split by rows like W. A step communicates nothing beyond FSDP's own
+  reduce-scatter of G.
+- left side (m < n: down): R = P_leftᵀ·G = Σ_ranks P_left[rows]ᵀ·G[rows], so each rank keeps only
+  its rows of P_left (m x r) and the r x n partial sums are all-reduced; the moments (r x n) are
+  whole on every rank (each computes the same Adam update) and back(N) = P_left[rows]·N writes
+  the rank's own rows. "full" likewise, with an r x r all-reduce.
+- refresh (every update_proj_gap steps): the SVD needs the whole G, all-gathered one matrix at a
+  time; every rank computes the same SVD and keeps what it needs. Carrying the moments into the
+  new basis (reproject_moments) also gathers the old and new P_left (m x r).
+- Fira's residual is row by row too; its norm-growth limiter needs ‖S‖_F, one all-reduced scalar
+  per matrix.
+
+Communication per rank, fp32, at LLaMA-7B shapes (32 layers, d 4096, ffn 11008, r 1024, T 200):
+per step, the left-side all-reduce of R, 32 x 1024 x 11008 = 361M values (1.44 GB; a ring
+all-reduce moves about twice that), next to FSDP's own ~54 GB per step (bf16 all-gathers of the
+6.7B parameters in forward and backward, fp32 reduce-scatter of the gradients): ~5% more.
+`proj_type=right` makes every step communication-free (not the reference's choice for m < n).
+Per refresh, the all-gather of every targeted G: 6.48B values (25.9 GB, 130 MB per step amortized
+over T = 200) and one whole m x n gradient alive at a time (180 MB for gate/up/down); with moment
+carrying, P_left's 134M values (0.54 GB) more. Every rank runs every SVD (the refresh's compute
+is not divided among ranks); giving each matrix's SVD to one rank and broadcasting its projector
+would divide it, and is not done here.
+
+State dtype (`state_dtype`, see `_base.py`): under "param" the projectors are cast to the
+gradient's dtype and the moments live in it, as galore_torch 1.0 does (galore_projector.py
+`get_orthogonal_matrix` casts U / Vh back to the gradient's dtype; adamw.py creates the moments
+with `zeros_like` of the projected gradient): bf16 under bf16 weights. Under "fp32" the whole
+projected step runs in fp32 for bf16 weights: the gradient is widened one stack at a time, the
+projectors keep the fp32 SVD's vectors (a bf16 projector is orthonormal to ~2^-9 only), the
+moments and the update are fp32, and the back-projected update is rounded into the weight once.
+The transient cost is an fp32 copy of one stack's gradients plus its fp32 back-projection.
 """
 
 from __future__ import annotations
@@ -50,6 +88,7 @@ from rankscope.optim._base import (
     evaluate_closure,
     new_step_counter,
     require,
+    state_dtype_for,
     validate_float,
     validate_int,
 )
@@ -64,6 +103,7 @@ from rankscope.optim.projector import (
     projector_keys,
     reproject_moments,
 )
+from rankscope.optim.sharded import full, is_sharded, local, local_rows, sharded_like, sum_over_shards
 
 BATCH_BYTES = 256 * 2**20  # gradient bytes per stack on CUDA: bounds the stacked copy's memory
 # How the Adam moments cross a projector refresh:
@@ -123,6 +163,7 @@ class MatrixStack:
     states: list[dict[str, Any]]
     side: str
     step: int  # steps taken before this one: the projector is refreshed when step % T == 0
+    work_dtype: torch.dtype  # the state dtype: gradients are projected, and moments kept, in it
 
     @property
     def single(self) -> bool:
@@ -134,11 +175,30 @@ class MatrixStack:
     def unstack(self, stacked: torch.Tensor) -> list[torch.Tensor]:
         return [stacked] if self.single else list(stacked.unbind(0))
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the matrices are FSDP row shards (see "Under FSDP" above)."""
+        return is_sharded(self.params[0])
+
     def grads(self) -> torch.Tensor:
-        return self.stack([p.grad for p in self.params])
+        """The gradients (this rank's rows under FSDP) in the work dtype (no copy for one matrix
+        whose gradient already has it)."""
+        return self.stack([local(p.grad) for p in self.params]).to(self.work_dtype)
+
+    def whole_grads(self) -> torch.Tensor:
+        """The whole gradients in the work dtype: all-gathered under FSDP (a projector refresh)."""
+        return self.stack([full(p.grad) for p in self.params]).to(self.work_dtype)
+
+    def local_params(self) -> list[torch.Tensor]:
+        return [local(p) for p in self.params]
 
     def projection(self) -> dict[str, torch.Tensor]:
-        return {key: self.stack([s[key] for s in self.states]) for key in projector_keys(self.side)}
+        """The projectors as this rank uses them: P_right whole, P_left's rows (all without FSDP)."""
+        return {key: self.stack([local(s[key]) for s in self.states]) for key in projector_keys(self.side)}
+
+    def sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of a per-rank partial result (in place; unchanged without FSDP)."""
+        return sum_over_shards(partial, self.params[0])
 
 
 def add_back_projection_to_params(
@@ -146,9 +206,9 @@ def add_back_projection_to_params(
 ) -> None:
     """params += alpha * back(low): one fused GEMM for one matrix, else one batched GEMM + foreach add."""
     if stack.single:
-        add_projected_back(stack.params[0], low, projection, stack.side, alpha)
+        add_projected_back(stack.local_params()[0], low, projection, stack.side, alpha)
     else:
-        torch._foreach_add_(stack.params, stack.unstack(project_back(low, projection, stack.side)), alpha=alpha)
+        torch._foreach_add_(stack.local_params(), stack.unstack(project_back(low, projection, stack.side)), alpha=alpha)
 
 
 class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
@@ -160,6 +220,8 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
 
     method_name: ClassVar[str]
     proj_types: ClassVar[tuple[str, ...]] = PROJ_TYPES
+    # State whose rows are the weight's rows, split like it under FSDP (rankscope.optim.sharded).
+    row_sharded_state: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "proj_left")
 
     def __init__(
         self,
@@ -169,8 +231,9 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         batched: bool | None = None,
+        state_dtype: str = "fp32",
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype)
         # (stored exp_avg, its value before this step) for the first_transient refreshes of a step
         self._transient_moments: list[tuple[torch.Tensor, torch.Tensor]] = []
         require(batched is None or isinstance(batched, bool), f"invalid batched {batched!r}: use None, True or False")
@@ -211,10 +274,11 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
             buckets.setdefault((tuple(p.shape), p.dtype, p.device, side, step), []).append(p)
         stacks = []
         for (shape, dtype, device, side, step), params in buckets.items():
-            size = self._stack_size(shape, dtype, device)
+            work_dtype = state_dtype_for(dtype, self.state_dtype)
+            size = self._stack_size(shape, work_dtype, device)
             for start in range(0, len(params), size):
                 chunk = params[start:start + size]
-                stacks.append(MatrixStack(chunk, [self.state[p] for p in chunk], side, step))
+                stacks.append(MatrixStack(chunk, [self.state[p] for p in chunk], side, step, work_dtype))
         return stacks
 
     def _refresh_if_due(self, group: dict[str, Any], stack: MatrixStack, grads: torch.Tensor) -> None:
@@ -226,12 +290,17 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
             due = [i for i, s in enumerate(stack.states) if first_key not in s]
         if not due:
             return
+        if stack.sharded:
+            grads = stack.whole_grads()  # the SVD needs whole gradients: the one all-gather of G
         matrices = grads if stack.single or len(due) == len(stack.states) else grads[due]
         new = self._new_projections(group, stack, matrices, due)
         for row, index in enumerate(due):
-            state = stack.states[index]
+            state, param = stack.states[index], stack.params[index]
             projection = {key: (value if matrices.dim() == 2 else value[row].clone()) for key, value in new.items()}
-            self._carry_moments(group, state, projection, stack.side)
+            self._carry_moments(group, _with_whole_projectors(state) if stack.sharded else state, projection,
+                                stack.side)
+            if stack.sharded and "proj_left" in projection:  # every rank keeps its rows of P_left
+                projection["proj_left"] = sharded_like(local_rows(projection["proj_left"], param).clone(), param)
             state.update(projection)
 
     def _new_projections(self, group: dict[str, Any], stack: MatrixStack, matrices: torch.Tensor,
@@ -264,16 +333,20 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
             grads = stack.grads()
             self._refresh_if_due(group, stack, grads)
             low = project(grads, stack.projection(), stack.side)
-            for state, low_grad in zip(stack.states, stack.unstack(low)):
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(low_grad)
-                    state["exp_avg_sq"] = torch.zeros_like(low_grad)
+            del grads  # a widened copy under fp32 state: only one stack's is alive at a time
+            if stack.side != "right":
+                low = stack.sum_over_ranks(low)  # P_leftᵀ·G: each rank's rows give a partial sum
+            for param, state, low_grad in zip(stack.params, stack.states, stack.unstack(low)):
+                if "exp_avg" not in state:  # `low` has the work dtype: the moments take it
+                    # Right side: rows of the weight's rows (sharded like it); else whole on every rank.
+                    state["exp_avg"] = _moment_like(low_grad, param, stack.side)
+                    state["exp_avg_sq"] = _moment_like(low_grad, param, stack.side)
             lows.append(low)
         states = [s for stack in stacks for s in stack.states]
         if not states:
             return
         torch._foreach_add_([s["step"] for s in states], 1.0)
-        directions = iter(adam_directions([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        directions = iter(adam_directions([local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
                                           [g for stack, low in zip(stacks, lows) for g in stack.unstack(low)],
                                           beta1, beta2, group["eps"]))
         for stored, before in self._transient_moments:
@@ -283,12 +356,26 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
             stacked_directions = stack.stack([next(directions) for _ in stack.params])
             step_size = bias_corrected_step_size(group["lr"], beta1, beta2, stack.step + 1)
             self._apply_update(group, stack, low, stacked_directions, step_size)
-            apply_decoupled_weight_decay(stack.params, group)
+            apply_decoupled_weight_decay(stack.local_params(), group)
 
     @abc.abstractmethod
     def _apply_update(self, group: dict[str, Any], stack: MatrixStack, low: torch.Tensor,
                       directions: torch.Tensor, step_size: float) -> None:
         """Move the stack's parameters (weight decay follows, applied by the caller)."""
+
+
+def _moment_like(low_grad: torch.Tensor, param: torch.Tensor, side: str) -> torch.Tensor:
+    zeros = torch.zeros_like(low_grad)
+    return sharded_like(zeros, param) if side == "right" else zeros
+
+
+def _with_whole_projectors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A view of a sharded matrix's state for carrying its moments into a new basis: the moments as
+    this rank holds them (right side: its rows; left: whole), the projectors whole (P_left gathered:
+    m·r values, next to the m·n of the refresh's gradient)."""
+    view = {key: local(state[key]) for key in ("exp_avg", "exp_avg_sq") if key in state}
+    view.update({key: full(state[key]) for key in ("proj_left", "proj_right") if key in state})
+    return view
 
 
 class GaLoreAdamW(ProjectedAdamW):

@@ -53,6 +53,7 @@ from rankscope.optim._base import (
     validate_float,
     validate_int,
 )
+from rankscope.optim.sharded import full, write_full_
 
 EXACT_DIRECTIONS = ("adam", "grad")
 REFRESH_SCOPES = ("all", "factors", "dense", "none")
@@ -127,8 +128,9 @@ class LoroAdamW(RankscopeOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        state_dtype: str = "fp32",
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype)
 
     def _validate_special_group(self, group: dict[str, Any]) -> bool:
         if not group.get("factor_pairs", False):
@@ -184,8 +186,10 @@ class LoroAdamW(RankscopeOptimizer):
             state["step"] = new_step_counter()  # bias-correction step, zeroed by a refresh
             if factor:
                 state["loro_step"] = torch.tensor(0, dtype=torch.int64)  # steps taken: decides exact steps
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # In the state dtype: with fp32 moments of bf16 factors, the Adam ratio, the exact
+            # step's directions and the update are fp32, rounded into the factor once.
+            state["exp_avg"] = self.new_state(p)
+            state["exp_avg_sq"] = self.new_state(p)
         return state
 
     def _dense_group_step(self, group: dict[str, Any]) -> None:
@@ -224,9 +228,12 @@ class LoroAdamW(RankscopeOptimizer):
                     direction_b, direction_a, exact_lr = norm_b, norm_a, step_size
                 else:
                     direction_b, direction_a, exact_lr = b.grad, a.grad, lr
-                new_b, new_a = exact_step(b, a, direction_b, direction_a, exact_lr * group["exact_lr_scale"])
-                b.copy_(new_b)
-                a.copy_(new_a)
+                # Under FSDP the QRs and the SVD need whole factors: gathered (r·(d_out + d_in) values
+                # each, the size of the pair itself), stepped as one process does, written back by rows.
+                new_b, new_a = exact_step(full(b), full(a), full(direction_b), full(direction_a),
+                                          exact_lr * group["exact_lr_scale"])
+                write_full_(b, new_b)
+                write_full_(a, new_a)
                 continue
 
             c = self.approximate_scale(group, b, a)

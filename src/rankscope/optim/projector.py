@@ -118,8 +118,13 @@ def add_projected_back(
 ) -> None:
     """target += alpha * back(low), the accumulation fused into the GEMM (no full-size temporary).
 
-    `target` is one matrix (addmm_) or a stack matching `low` (baddbmm_).
+    `target` is one matrix (addmm_) or a stack matching `low` (baddbmm_). A target in a narrower
+    dtype than `low` (a bf16 weight stepped from fp32 state) cannot share the GEMM: the update is
+    back-projected in `low`'s dtype and rounded into the target as it is added.
     """
+    if target.dtype != low.dtype:
+        target.add_(project_back(low, projection, side), alpha=alpha)
+        return
     accumulate = target.addmm_ if target.dim() == 2 else target.baddbmm_
     if side == "right":
         accumulate(low, projection["proj_right"], alpha=alpha)

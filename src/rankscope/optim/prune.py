@@ -8,6 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from rankscope.optim._base import require
+from rankscope.optim.sharded import full, is_sharded, write_full_
 
 PRUNE_MODES = ("random", "magnitude")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -31,6 +32,12 @@ def quantile_threshold(values: torch.Tensor, ratio: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _prune_tensor(tensor: torch.Tensor, ratio: float, mode: str, generator: torch.Generator | None) -> None:
+    if is_sharded(tensor):
+        # FSDP: prune the whole moment (the same draws, the same quantile as one process), keep our rows.
+        whole = full(tensor)
+        _prune_tensor(whole, ratio, mode, generator)
+        write_full_(tensor, whole)
+        return
     if mode == "random":
         # ReLoRA's random_pruning keeps an entry where a uniform draw exceeds the ratio. Drawn on
         # the generator's device (CPU by default), so a seeded run prunes the same entries

@@ -22,6 +22,8 @@ group:
 The counters of steps 1, 2 and 4 are the optimizer's, kept in every group as `spam_updates` and
 `spam_warmup` (so they are saved and restored with the state dict); state is tensors only.
 `density` < 1 (SPAM's optional sparse momentum) is not implemented: every published script uses 1.
+`state_dtype` (`_base.py`): "param" keeps the moments in the parameter's dtype, as the reference
+(`torch.zeros_like(p)`); "fp32" keeps them, the clipping and the update in fp32.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class SPAM(RankscopeOptimizer):
         spike_threshold: float = 5000.0,
         reset_warmup: int = 150,
         clip_start: int = 20,
+        state_dtype: str = "fp32",
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype)
         settings = {"reset_every": reset_every, "reset_warmup": reset_warmup, "clip_start": clip_start}
         for key, minimum in (("reset_every", 0), ("reset_warmup", 0), ("clip_start", 0)):
             validate_int(settings, key, minimum)
@@ -115,13 +118,13 @@ class SPAM(RankscopeOptimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            grad = p.grad
+            grad = p.grad.to(self.state_dtype_of(p))  # clipping and moments in the state dtype
             state = self.state[p]
             if "step" not in state:
                 state["step"] = new_step_counter()
             if "exp_avg" not in state or reset:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = self.new_state(p)
+                state["exp_avg_sq"] = self.new_state(p)
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             state["step"] += 1
             step = int(state["step"])

@@ -30,8 +30,9 @@ Newton–Schulz lands the singular values of O in a band around 1 (NVIDIA's quin
 [0.97, 1.04] for well-conditioned momenta, up to 1.15 for ill-conditioned ones), and a one-step
 power iteration estimates σ from below until its vector has converged. tests/optim measure it.
 
-The momenta and the power-iteration vectors are fp32 state tensors. Other groups are
-torch.optim.AdamW.
+The momenta and the power-iteration vectors are fp32 state tensors under either `state_dtype`
+(NVIDIA keeps them so). Other groups are torch.optim.AdamW, with their moments in `state_dtype`
+(`_base.py`: "param" is torch's own, bf16 for bf16 weights).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from rankscope.optim._base import (
     validate_int,
 )
 from rankscope.optim.loro import factor_pairs, validate_factor_group
+from rankscope.optim.sharded import full, local, local_rows
 
 NS_COEFFICIENTS: dict[str, tuple[tuple[float, float, float], ...]] = {
     # NVIDIA muon_utils._COEFFICIENT_SETS["quintic"] (from modded-nanogpt's train_gpt_medium.py).
@@ -140,8 +142,9 @@ class SpectronAdamW(RankscopeOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        state_dtype: str = "fp32",
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype)
 
     def _validate_special_group(self, group: dict[str, Any]) -> bool:
         if not group.get("factor_pairs", False):
@@ -194,10 +197,14 @@ class SpectronAdamW(RankscopeOptimizer):
                 if group["weight_decay"] > 0.0:  # NVIDIA's WeightDecayMixin, "decoupled"
                     factor.add_(factor, alpha=-group["weight_decay"] * lr)
                 state["momentum_buffer"].lerp_(factor.grad.float(), 1.0 - beta)
-                directions.append(newton_schulz(state["momentum_buffer"], group["ns_steps"],
-                                                group["ns_coefficients"], group["ns_precision"]))
-                sigmas.append(power_iteration(factor, state["power_vector"], group["power_iterations"]))
+                # Under FSDP both need the whole matrix: the momentum and the factor are gathered
+                # (2·r·(d_out + d_in) values per pair and step), every rank iterates on them as one
+                # process does and keeps its own rows of the direction.
+                ortho = newton_schulz(full(state["momentum_buffer"]), group["ns_steps"],
+                                      group["ns_coefficients"], group["ns_precision"])
+                directions.append(local_rows(ortho, factor))
+                sigmas.append(power_iteration(full(factor), state["power_vector"], group["power_iterations"]))
             # rho stays a device tensor: no host sync per pair.
             rho = lr / (sigmas[0] + sigmas[1] + 1.0)
             for factor, direction in zip((b, a), directions):
-                factor.sub_((rho * direction).to(factor.dtype))
+                local(factor).sub_((rho * direction).to(factor.dtype))

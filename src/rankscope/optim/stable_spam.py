@@ -20,7 +20,9 @@ step count s:
    W <- W - lr / (1 - beta1'^s) * m / (sqrt(v) / sqrt(1 - beta2^s) + eps).
 
 M, mu and nu are per-tensor 0-d state tensors; the global update count is kept in every group
-(`stable_spam_updates`), so it is saved with the state dict.
+(`stable_spam_updates`), so it is saved with the state dict. `state_dtype` (`_base.py`): "param"
+keeps all of them, and the clipped and normalised gradient, in the parameter's dtype, as the
+reference (`torch.zeros_like(grad)`); "fp32" in fp32.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class StableSPAM(RankscopeOptimizer):
         total_steps: int | None = None,
         eta_min: float = 0.5,
         reset_every: int = 1000,
+        state_dtype: str = "fp32",
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype)
         for name, value in (("gamma1", gamma1), ("gamma2", gamma2), ("gamma3", gamma3), ("eta_min", eta_min)):
             require(isinstance(value, (int, float)) and 0.0 <= value < 1.0 or (name == "gamma1" and value == -1),
                     f"invalid {name} {value!r}: use a number in [0, 1)")
@@ -97,7 +100,8 @@ class StableSPAM(RankscopeOptimizer):
 
     def _param_step(self, p: torch.Tensor, group: dict[str, Any], sigma: float, reset: bool) -> None:
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        grad = p.grad
+        # Widened first: its 0-d running statistics would not promote a bf16 gradient.
+        grad = p.grad.to(self.state_dtype_of(p))
         state = self.state[p]
         if "exp_avg" not in state:
             state["step"] = new_step_counter()

@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,18 +222,42 @@ def list_checkpoints(run_dir: str | Path, include_preemption: bool = False) -> l
     return sorted(found, key=lambda c: c.step)
 
 
-def load_model_state(path: Path) -> dict[str, torch.Tensor]:
-    verify_checkpoint(path)
+def _meta_for_loading(path: Path, verify: bool) -> dict:
+    """The checkpoint's meta, its files checked against their hashes unless `verify` is False:
+    under DDP rank 0 verifies the checkpoint it chose and the other ranks take its word, so the
+    files are hashed once per run, not once per rank (train/setup.py, find_resume_checkpoint)."""
+    if verify:
+        return verify_checkpoint(path)
+    meta = _read_meta(path)
+    if meta is None:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no complete meta.json)")
+    return meta
+
+
+def load_model_state(path: Path, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+    """The model state dict of a checkpoint as plain tensors, written unsharded or sharded (FSDP).
+
+    An unsharded one is read onto `device` tensor by tensor from the memory-mapped file, so loading
+    onto a GPU never holds a host copy of the whole model.
+    """
+    if _meta_for_loading(path, verify).get("format") == "dcp":
+        from rankscope.train.dcp_files import read_model_state  # imported here: it pulls in torch.distributed
+
+        return read_model_state(path)
     try:
-        return load_file(str(path / MODEL_FILE))
+        return load_file(str(path / MODEL_FILE), device=str(torch.device(device)))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path / MODEL_FILE}: {exc}; delete that folder to use an earlier one") from None
 
 
-def load_training_state(path: Path) -> dict[str, Any]:
-    verify_checkpoint(path)
+def load_training_state(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The training state (optimizer, data, method, random state), memory-mapped: tensors are
+    read from the file when used (copy-on-write, the file is never changed), so the optimizer
+    state goes to the device as `load_state_dict` copies it instead of first being copied whole
+    into host memory by every rank."""
+    _meta_for_loading(path, verify)
     try:
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a damaged pickle/zip
         raise CheckpointError(
             f"cannot read {path / STATE_FILE} ({type(exc).__name__}); delete that folder to use an earlier one"
@@ -261,3 +287,79 @@ def clean_temp_dirs(run_dir: str | Path) -> None:
         for child in root.iterdir():
             if child.name.startswith((".tmp_step_", ".old_step_")):
                 shutil.rmtree(child, ignore_errors=True)
+
+
+# -- random state ------------------------------------------------------------------------------
+# A checkpoint's "rng" entry holds the random state of every training process, by rank:
+# {"ranks": [state of rank 0, state of rank 1, ...]}, each {"torch": the CPU generator, "python":
+# the `random` module, "cuda": the generator of that rank's own GPU (CUDA runs only)}. Under DDP
+# each rank draws its own dropout masks (the trainer seeds the ranks apart), so each rank
+# restores its own state. Only a rank's own device is touched, so a resume on fewer GPUs, or
+# with fewer or more processes, works: ranks without a saved state start a fresh stream, and
+# both are said in a warning. Checkpoints written before per-rank states hold one process's
+# {"torch", "python", "cuda": [one state per visible GPU]}: read as rank 0's.
+
+
+def capture_rng_state(
+    device: torch.device, get_cuda_state: Callable[[torch.device], torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """This process's random state; `get_cuda_state` stands in for torch.cuda.get_rng_state in tests."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = (get_cuda_state or torch.cuda.get_rng_state)(device)
+    return state
+
+
+def _per_rank(saved: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    if "ranks" in saved:
+        return list(saved["ranks"])
+    legacy = {"torch": saved["torch"], "python": saved["python"]}
+    devices = saved.get("cuda")
+    if devices is not None and device.type == "cuda" and (device.index or 0) < len(devices):
+        legacy["cuda"] = devices[device.index or 0]
+    return [legacy]
+
+
+def restore_rng_state(
+    saved: dict[str, Any],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    fresh_seed: int,
+    set_cuda_state: Callable[[torch.Tensor, torch.device], None] | None = None,
+) -> bool:
+    """Restore rank `rank`'s saved random state; True when it had one.
+
+    A rank the checkpoint has no state for (more processes than saved) seeds its streams with
+    `fresh_seed` instead. A process count that differs from the saved one is warned about (by
+    rank 0): the run continues, but its random draws no longer repeat the interrupted run's.
+    `set_cuda_state` stands in for torch.cuda.set_rng_state in tests.
+    """
+    states = _per_rank(saved, device)
+    if rank == 0 and len(states) != world_size:
+        log.warning(
+            "the checkpoint holds the random state of %d process(es), this run has %d: %s; training continues, "
+            "but its dropout masks differ from those the interrupted run would have drawn",
+            len(states), world_size,
+            f"ranks {len(states)}..{world_size - 1} start fresh streams" if world_size > len(states)
+            else f"the states of ranks {world_size}..{len(states) - 1} are left unused",
+        )
+    if rank >= len(states):
+        torch.manual_seed(fresh_seed)
+        random.seed(fresh_seed)
+        return False
+    state = states[rank]
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if device.type == "cuda":
+        if "cuda" in state:
+            (set_cuda_state or torch.cuda.set_rng_state)(state["cuda"], device)
+        else:
+            log.warning("rank %d: the checkpoint holds no CUDA random state for %s (written on another device type "
+                        "or with fewer GPUs); that GPU's random stream is not restored", rank, device)
+    return True
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.setstate needs the tuples the checkpoint may hold as lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

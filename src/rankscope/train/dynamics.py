@@ -38,6 +38,7 @@ from rankscope.train.update_spectra import (
     as_operator,
     batched_norms,
     current,
+    difference_operator,
     factor_names,
     snapshot,
     update_operator,
@@ -144,7 +145,9 @@ class DynamicsMonitor:
         stats = {}
         for index, group in enumerate(self.optimizer.param_groups):
             grads = [p.grad for p in group["params"] if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+            # dtype= widens inside the reduction: no fp32 copy of a bf16 gradient (the embedding's is large).
+            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+            norm = float(torch.linalg.vector_norm(torch.stack(norms))) if grads else 0.0
             stats[str(group.get("name", f"group{index}"))] = {"grad_norm": _finite_or_none(norm), "lr": float(group["lr"])}
         return stats
 
@@ -157,8 +160,8 @@ class DynamicsMonitor:
                 if op is not None:
                     items.setdefault(label, []).append((name, op))
             for label, tensor in factor_names(module).items():
-                items.setdefault(label, []).append((name, as_operator(new[tensor].float())))
-                items.setdefault(f"d{label}", []).append((name, as_operator(new[tensor].float() - old[tensor].float())))
+                items.setdefault(label, []).append((name, as_operator(new[tensor])))
+                items.setdefault(f"d{label}", []).append((name, difference_operator(new[tensor], old[tensor])))
         norms = {label: batched_norms(ops, self.iters, self.vectors, self.generator, label) for label, ops in items.items()}
         matrices: dict[str, dict[str, float | None]] = {}
         for name, _ in self.matrices:

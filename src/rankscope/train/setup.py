@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,8 +21,12 @@ from rankscope.errors import CheckpointError, ConfigError
 from rankscope.methods.base import Method, ResolvedOptim, check_param_groups
 from rankscope.methods.tuned import optim_defaults_for
 from rankscope.models import LlamaConfig, build_model, get_preset, token_losses
+from rankscope.models.host_random import HostRandomInit
 from rankscope.optim.roles import ROLE_FIELDS, apply_role_settings, role_settings
 from rankscope.train import checkpoint as ckpt
+from rankscope.train.distributed import DistInfo, all_gather_objects, all_reduce_sum
+from rankscope.train.preemption import EvaluationStopped, stop_requested
+from rankscope.train.sharding import check_fsdp_settings, is_sharded_model
 
 log = logging.getLogger("rankscope.train")
 
@@ -79,6 +84,7 @@ def resolve_optim(cfg: RunConfig, method_cls: type[Method]) -> ResolvedOptim:
         warmup_steps=min(warmup, steps),
         min_lr_ratio=o.min_lr_ratio,
         roles=roles,
+        state_dtype=o.state_dtype,
     )
 
 
@@ -102,17 +108,102 @@ def check_method_settings(cfg: RunConfig) -> None:
     """The method's own checks (rank vs layer shapes, ...) on the preset's shapes, before any work.
 
     The vocabulary is not known before the data is prepared, and no method's checks depend on it.
+    Under train.parallel=fsdp a method that cannot train sharded is refused here, by name.
     """
-    build_method(cfg, dataclasses.replace(get_preset(cfg.model.preset), **cfg.model.overrides))
+    method = build_method(cfg, dataclasses.replace(get_preset(cfg.model.preset), **cfg.model.overrides))
+    check_fsdp_settings(cfg, method)
 
 
-def build_run_model(cfg: RunConfig, model_cfg: LlamaConfig, seed: int | None = None) -> tuple[nn.Module, Method]:
-    """The initial model of a run: dense LLaMA, then the method's parameterization, seeded."""
+def build_run_model(
+    cfg: RunConfig, model_cfg: LlamaConfig, seed: int | None = None, device: str | torch.device | None = None
+) -> tuple[nn.Module, Method]:
+    """The initial model of a run: dense LLaMA, then the method's parameterization, seeded.
+
+    Without `device` (or on the CPU) it is built on the CPU, whose init the golden runs fix bit
+    for bit. On a GPU it is built there (`torch.device` as the default device): no fp32 copy of
+    the model in host memory, and the init's linear algebra (Spectron's SVD of every targeted
+    weight) runs on the GPU. Its random draws are still made on the CPU, one tensor at a time
+    (`HostRandomInit`), so the weights are a CPU build's, whatever the GPU (values computed from
+    them there, such as Spectron's factors, carry the GPU's rounding). On the meta device
+    nothing is initialised (no draw, no SVD): a skeleton for a checkpoint to fill (`build_skeleton`).
+    """
     method = build_method(cfg, model_cfg)
     torch.manual_seed(cfg.train.seed if seed is None else seed)
-    model = build_model(model_cfg)
-    model = method.parameterize(model)
+    target = None if device is None else torch.device(device)
+    elsewhere = target is not None and target.type != "cpu"
+    with target if elsewhere else contextlib.nullcontext(), HostRandomInit() if elsewhere else contextlib.nullcontext():
+        model = build_model(model_cfg)
+        model = method.parameterize(model)
     return model, method
+
+
+def build_skeleton(
+    cfg: RunConfig, model_cfg: LlamaConfig, device: str | torch.device, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Method]:
+    """A run's model with uninitialised storage on `device` (in `dtype`), for a checkpoint to fill
+    with `load_state_dict`: built on the meta device, so no init runs (Spectron's SVDs included),
+    then given memory with `to_empty`. What a checkpoint does not hold is derived, not drawn (the
+    RoPE tables, recomputed when the model is materialised)."""
+    model, method = build_run_model(cfg, model_cfg, device="meta")
+    if dtype is not None:
+        model.to(dtype)
+    model.to_empty(device=device)
+    return model, method
+
+
+def build_training_model(
+    cfg: RunConfig, model_cfg: LlamaConfig, device: torch.device, resuming: bool
+) -> tuple[nn.Module, Method]:
+    """The model the trainer trains: on `device`, in bf16 under train.precision=bf16-pure, with
+    train.activation_checkpointing applied. A run that resumes gets a skeleton, which the
+    checkpoint fills (nothing is initialised only to be overwritten); a new run is initialised
+    as `build_run_model` does, on the device itself when that is a GPU."""
+    t = cfg.train
+    dtype = torch.bfloat16 if t.precision == "bf16-pure" else None
+    if resuming:
+        model, method = build_skeleton(cfg, model_cfg, device, dtype)
+    else:
+        model, method = build_run_model(cfg, model_cfg, device=device)
+        if dtype is not None:
+            model.to(dtype)  # after the init: bf16-pure starts from the rounded fp32 init
+        model.to(device)
+    if not hasattr(model, "activation_checkpointing"):
+        raise ConfigError(f"train.activation_checkpointing: the model ({type(model).__name__}) has no such switch")
+    model.activation_checkpointing = t.activation_checkpointing
+    return model, method
+
+
+def find_resume_checkpoint(run_dir: str | Path, dist_info: DistInfo) -> ckpt.CheckpointInfo | None:
+    """The newest intact checkpoint (preemption ones included) to resume from, or None.
+
+    Rank 0 verifies the files against their hashes, skipping damaged ones; the other ranks take
+    the step it chose rather than each reading every file from the shared file system again
+    (load them with `verify=False`)."""
+    chosen = ckpt.latest_intact_checkpoint(run_dir, include_preemption=True) if dist_info.is_main else None
+    step = all_gather_objects(None if chosen is None else chosen.step, dist_info)[0]
+    if dist_info.is_main or step is None:
+        return chosen
+    for info in ckpt.list_checkpoints(run_dir, include_preemption=True):
+        if info.step == step:
+            return info
+    raise CheckpointError(f"rank {dist_info.rank} cannot see the checkpoint of step {step} in {run_dir} that rank 0 "
+                          "resumes from; every process must see the same run folder")
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(device: torch.device, tf32: bool) -> Iterator[str]:
+    """For a run on `device`: on CUDA with train.tf32, fp32 matmuls may use TensorFloat-32
+    (torch's "high"; several times the fp32 throughput of a GPU's tensor cores, with a 10-bit
+    mantissa inside the product), and "highest" (true fp32) without it. Elsewhere the setting is
+    left alone: on a CPU "high" would also switch oneDNN's fp32 matmuls to TF32 where the CPU has
+    it. Yields the precision in effect, for the run's summary; the previous one is restored after."""
+    previous = torch.get_float32_matmul_precision()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield torch.get_float32_matmul_precision()
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 @dataclass
@@ -167,14 +258,15 @@ def load_run_model(run_dir: str | Path, step: int | None = None, device: str | t
         info = matches[0]
         ckpt.verify_checkpoint(info.path, "ask for another step (without one, the newest intact checkpoint is used)")
     model_cfg = LlamaConfig(**info.meta["model_config"])
-    model, method = build_run_model(cfg, model_cfg)
-    state = ckpt.load_model_state(info.path)
+    # A skeleton on the device: no init to throw away (for Spectron, no SVD per targeted weight),
+    # and the weights go from the file to the device without a host copy of the model.
+    model, method = build_skeleton(cfg, model_cfg, device)
+    state = ckpt.load_model_state(info.path, device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {info.path} does not fit method {cfg.method.name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    model.to(device)
     model.eval()
     return LoadedRun(model, cfg, model_cfg, method, info.step, info.path)
 
@@ -192,29 +284,62 @@ def evaluate_loss(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    dist_info: DistInfo | None = None,
+    stoppable: bool = False,
 ) -> dict[str, float]:
     """Exact token-weighted mean next-token loss over `sequences`, and the literature's variant.
 
     The literature averaged per-batch mean losses (and divided by one batch too many); we report
     the exact token-weighted mean, plus the plain mean of batch means for comparison.
+
+    Under DDP (`dist_info` of several processes) every rank must call this; batch i of the
+    single-process loop goes to rank i mod world_size. The per-batch results are all-reduced into
+    one table in which each entry has a single contributor (the other ranks add exact zeros) and
+    folded in batch order, as one process folds them, so every rank returns the single-process
+    numbers (bit for bit wherever the model gives a batch the same losses on every rank).
+
+    `stoppable`: before every batch, check whether a stop was requested (train/preemption.py;
+    under DDP the ranks agree through a vote) and raise EvaluationStopped, so that a preemption
+    does not wait for a long validation to end.
     """
+    dist_info = dist_info or DistInfo()
+    n_batches = math.ceil(sequences.shape[0] / batch_size)
+    # One row per batch: fp64 sum of its token losses, its token count, its fp64 mean. Filled on
+    # the device and read once at the end (no host sync per batch).
+    table = torch.zeros(n_batches, 3, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    batch_means = []
-    for start in range(0, sequences.shape[0], batch_size):
-        batch = sequences[start : start + batch_size].to(device)
-        with autocast_context(device, precision):
-            losses = token_losses(model, batch)
-        total += losses.double().sum().cpu()
-        count += losses.numel()
-        batch_means.append(float(losses.double().mean()))
-    model.train(was_training)
-    loss = float(total / max(count, 1))
+    try:
+        # Every rank runs the same number of rounds, so the stop votes (collectives) pair up even
+        # when the last round has fewer batches than ranks.
+        for first in range(0, n_batches, dist_info.world_size):
+            if stoppable and stop_requested(dist_info, device):
+                raise EvaluationStopped
+            index = first + dist_info.rank
+            if index >= n_batches:
+                if is_sharded_model(model):  # FSDP: every rank joins every forward's all-gathers
+                    token_losses(model, sequences[:batch_size].to(device))
+                continue
+            batch = sequences[index * batch_size : (index + 1) * batch_size].to(device)
+            with autocast_context(device, precision):
+                losses = token_losses(model, batch)
+            losses = losses.double()
+            table[index, 0] = losses.sum()
+            table[index, 1] = losses.numel()
+            table[index, 2] = losses.mean()
+    finally:
+        model.train(was_training)
+        if is_sharded_model(model):
+            model.reshard()  # FSDP keeps the root's weights gathered after a forward without backward
+    sums, counts, means = zip(*all_reduce_sum(table, dist_info).tolist()) if n_batches else ((), (), ())
+    total = 0.0
+    for batch_sum in sums:  # in batch order, as a single process adds them
+        total += batch_sum
+    count = int(sum(counts))
+    loss = total / max(count, 1)
     return {
         "loss": loss,
         "ppl": math.exp(min(loss, 700.0)),
         "tokens": count,
-        "literature_loss": float(sum(batch_means) / max(len(batch_means), 1)),
+        "literature_loss": sum(means) / max(len(means), 1),
     }

@@ -6,7 +6,9 @@ and periodic work); the loop itself never asks which method it is running.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -23,21 +25,33 @@ from rankscope.errors import ConfigError, NonFiniteLossError  # noqa: F401 - Non
 from rankscope.methods.memory_accounting import account_memory
 from rankscope.models import token_losses
 from rankscope.optim.roles import group_record
+from rankscope.optim.sharded import full
 from rankscope.train import checkpoint as ckpt
-from rankscope.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from rankscope.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from rankscope.train.dynamics import DynamicsMonitor
-from rankscope.train.preemption import RunPreempted, stop_requested
+from rankscope.train.preemption import EvaluationStopped, RunPreempted, stop_agreed, stop_vote
 from rankscope.train.run_dir import normalized_config, open_run_dir
 from rankscope.train.setup import (
     autocast_context,
-    build_run_model,
     build_run_optimizer,
+    build_training_model,
     check_method_settings,
     evaluate_loss,
+    find_resume_checkpoint,
+    float32_matmul_precision,
     resolve_device,
     resolve_model_config,
     resolve_optim,
 )
+from rankscope.train.sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
+from rankscope.train.sharding import no_gradient_sync, shard_model, uses_fsdp
 from rankscope.train.sidefiles import (
     INITIAL_EVAL_FILE,
     METRICS_FILE,
@@ -61,22 +75,48 @@ def _checkpoint_steps(cfg: RunConfig) -> set[int]:
     return steps
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _rank_stream_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s random stream for training (dropout) when it starts at `step`:
+    seed, rank and step mixed by odd 64-bit multipliers, so that nearby values give unrelated streams."""
+    return (seed + rank * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % 2**63
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _separate_rank_streams(seed: int, rank: int) -> None:
+    """Give each process its own random stream for training once the model is built (its init
+    must be identical on every rank), so that DDP ranks draw independent dropout masks rather
+    than the same ones. Rank 0 keeps the stream that follows the init: a single-process run draws
+    exactly what it drew before the ranks had streams of their own."""
+    if rank > 0:
+        stream_seed = _rank_stream_seed(seed, rank)
+        torch.manual_seed(stream_seed)  # the CPU generator and every CUDA device's
+        random.seed(stream_seed)
 
 
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the model's trainable parameters (those with requires_grad when it is built).
+
+    No buffer broadcast before each forward: every buffer (RoPE tables, SLTrain's sparse indices,
+    SwitchLoRA's candidate banks) is built from the seed or changed by seeded, rank-independent
+    work, so the ranks already agree, and DDP's default would re-send all of them every step.
+    `gradient_as_bucket_view=True`: gradients live in DDP's all-reduce buckets instead of a second
+    copy of every gradient beside them; the optimizers only read `p.grad`, and
+    `zero_grad(set_to_none=True)` is fine with it (DDP re-creates the views on the next backward).
+    """
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **{_NO_FORWARD_BUFFER_SYNC: False},
+    )
+
+
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns); older
+# versions know only the old one.
+_NO_FORWARD_BUFFER_SYNC = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else "broadcast_buffers"
+)
 
 
 def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -85,13 +125,14 @@ def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict[
     device = resolve_device(cfg.train.device)
     resolve_cache_dir(cfg.data)  # a cache path that cannot work fails before the run folder is touched
     check_method_settings(cfg)  # and so do bad method settings
-    dist_info = init_distributed(device.type)
+    dist_info = init_distributed(device.type, cfg.train.dist_timeout_min)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     try:
         # Rank 0 checks, locks and prepares the run folder (held until training ends); the other
-        # ranks wait for it at the barrier after their own setup.
-        with open_run_dir(cfg, run_dir, overwrite) if dist_info.is_main else nullcontext():
+        # ranks wait for it at a barrier once their data is ready, before they read the folder.
+        with (open_run_dir(cfg, run_dir, overwrite) if dist_info.is_main else nullcontext(),
+              float32_matmul_precision(device, cfg.train.tf32)):
             return _train(cfg, run_dir, device, dist_info)
     finally:
         shutdown(dist_info)
@@ -108,14 +149,31 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
     if local_batch % micro:
         raise ConfigError(f"per-process batch {local_batch} is not a multiple of train.micro_batch_size {micro}")
 
-    # -- data, model, method, optimizer ----------------------------------------------------
+    # -- data ----------------------------------------------------------------------------------
     data = prepare_data(cfg.data)
     model_cfg = resolve_model_config(cfg, data.vocab_size)
     check_vocab(data, model_cfg.vocab_size)
-    model, method = build_run_model(cfg, model_cfg)
-    if t.precision == "bf16-pure":
-        model.to(torch.bfloat16)
-    model.to(device)
+    barrier(dist_info)  # rank 0 has prepared the run folder: from here every rank may read it
+
+    # -- the checkpoint to resume from, known before the model is built (a resumed model is built
+    # without an init, which the checkpoint would overwrite) --------------------------------------
+    summary_path = run_dir / SUMMARY_FILE
+    checkpoint_steps = _checkpoint_steps(cfg)
+    start_step = 0
+    existing = ckpt.list_checkpoints(run_dir, include_preemption=True)
+    if existing and existing[-1].step >= t.steps and summary_path.is_file():
+        log.info("run %s is already complete (step %d)", run_dir, existing[-1].step)
+        return read_json(summary_path, "delete it and re-run")  # checked by open_run_dir
+    latest = find_resume_checkpoint(run_dir, dist_info) if existing else None  # hashed by rank 0 only
+    if existing and latest is None:
+        log.warning("no intact checkpoint in %s; starting from step 0", run_dir)
+
+    # -- model, method, optimizer ---------------------------------------------------------------
+    model, method = build_training_model(cfg, model_cfg, device, resuming=latest is not None)
+    _separate_rank_streams(t.seed, dist_info.rank)
+    sharded = uses_fsdp(cfg) and dist_info.enabled  # FSDP2: rows of every tensor per rank (train/sharding.py)
+    if sharded:
+        shard_model(model, device, dist_info.world_size, t.precision)  # before the optimizer sees the parameters
     optim_settings = resolve_optim(cfg, type(method))
     optimizer = build_run_optimizer(method, model, optim_settings)
     for group in optimizer.param_groups:
@@ -125,26 +183,18 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
     param_groups = group_record(model, optimizer)
     stream = TrainStream(data.train, seed=t.seed, batch_size=t.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
 
-    barrier(dist_info)
-
     # -- resume ------------------------------------------------------------------------------
-    summary_path = run_dir / SUMMARY_FILE
-    checkpoint_steps = _checkpoint_steps(cfg)
-    start_step = 0
-    existing = ckpt.list_checkpoints(run_dir, include_preemption=True)
-    if existing and existing[-1].step >= t.steps and summary_path.is_file():
-        log.info("run %s is already complete (step %d)", run_dir, existing[-1].step)
-        return read_json(summary_path, "delete it and re-run")  # checked by open_run_dir
-    latest = ckpt.latest_intact_checkpoint(run_dir, include_preemption=True) if existing else None
-    if existing and latest is None:
-        log.warning("no intact checkpoint in %s; starting from step 0", run_dir)
     if latest is not None:
-        model.load_state_dict(ckpt.load_model_state(latest.path))
-        state = ckpt.load_training_state(latest.path)
-        optimizer.load_state_dict(state["optimizer"])
+        if is_sharded_checkpoint(latest.meta):  # any world size, sharded or not
+            state = load_sharded_checkpoint(latest.path, model, optimizer, verify=dist_info.is_main)
+        else:
+            model.load_state_dict(ckpt.load_model_state(latest.path, device=device, verify=dist_info.is_main))
+            state = ckpt.load_training_state(latest.path, verify=dist_info.is_main)
+            optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["data"])
         method.load_state_dict(state["method"])
-        _set_rng_state(state["rng"])
+        ckpt.restore_rng_state(state["rng"], dist_info.rank, dist_info.world_size, device,
+                               fresh_seed=_rank_stream_seed(t.seed, dist_info.rank, latest.step))
         start_step = latest.step
         if state.get("after_step_pending", False):
             # The checkpoint was written between the update and the method's periodic work.
@@ -152,12 +202,18 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         if dist_info.is_main:
             log.info("resuming %s from step %d", run_dir, start_step)
 
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    forward_model = torch.compile(train_model) if t.compile else train_model
+    # What the step runs: DDP (over the parameters trainable now) around the model, compiled if
+    # asked. A method may change which parameters train (ReLoRA's warm start ends by freezing W0);
+    # a DDP built over the old set then waits for gradients that never come, so after each
+    # step's periodic work the model is wrapped again when the set changed.
+    def wrap_for_training() -> tuple[nn.Module, nn.Module, tuple[bool, ...]]:
+        wrapped = _data_parallel(model, device) if dist_info.enabled and not sharded else model
+        return wrapped, torch.compile(wrapped) if t.compile else wrapped, trainable_flags()
+
+    def trainable_flags() -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in model.parameters())
+
+    train_model, forward_model, wrapped_flags = wrap_for_training()
 
     metrics_path = run_dir / METRICS_FILE
     initial_path = run_dir / INITIAL_EVAL_FILE
@@ -167,12 +223,21 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         # start logs step 0 again, so it keeps none.
         trim_metrics(metrics_path, start_step if start_step > 0 else -1)
     writer = _tensorboard(run_dir) if (t.tensorboard and dist_info.is_main) else None
-    dynamics = DynamicsMonitor(model, optimizer, t, writer=writer, enabled=dist_info.is_main, seed=t.seed)
+    if sharded and t.dynamics_every and dist_info.is_main:
+        log.warning("train.dynamics_every: the update spectra are not measured under train.parallel=fsdp (rank 0 "
+                    "holds only its rows of each matrix)")
+    dynamics = DynamicsMonitor(model, optimizer, t, writer=writer, enabled=dist_info.is_main and not sharded, seed=t.seed)
     params_total = sum(p.numel() for p in model.parameters())
     params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def evaluate() -> dict[str, float]:
-        return evaluate_loss(model, data.val, t.eval_batch_size, device, t.precision)
+    def evaluate() -> dict[str, float] | None:
+        """The val loss (the val set shared out among the ranks); None when a stop request
+        (preemption) cut the validation short."""
+        try:
+            return evaluate_loss(model, data.val, t.eval_batch_size, device, t.precision,
+                                 dist_info=dist_info, stoppable=True)
+        except EvaluationStopped:
+            return None
 
     def meta_for(step: int, val: dict | None) -> dict[str, Any]:
         return {
@@ -184,14 +249,19 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         }
 
     def save(step: int, val: dict | None, after_step_pending: bool, preemption: bool = False) -> None:
-        if dist_info.is_main:
-            training_state = {
-                "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
-                "method": method.state_dict(), "rng": _rng_state(), "step": step,
-                "after_step_pending": after_step_pending,
-            }
-            meta = {**meta_for(step, val), **({"preemption": True} if preemption else {})}
+        # Every rank's random state (each draws its own dropout masks), collected by rank 0.
+        rng_states = all_gather_objects(ckpt.capture_rng_state(device), dist_info)
+        training_state = {
+            "data": stream.state_dict(), "method": method.state_dict(), "rng": {"ranks": rng_states}, "step": step,
+            "after_step_pending": after_step_pending,
+        }
+        meta = {**meta_for(step, val), **({"preemption": True} if preemption else {})}
+        if uses_fsdp(cfg):  # every rank writes its rows (torch.distributed.checkpoint)
+            save_sharded_checkpoint(run_dir, step, model, optimizer, training_state, meta, dist_info)
+        elif dist_info.is_main:
+            training_state["optimizer"] = optimizer.state_dict()
             ckpt.save_checkpoint(run_dir, step, model.state_dict(), training_state, meta)
+        if dist_info.is_main:
             ckpt.prune_preemption_checkpoints(run_dir, before=step)
             ckpt.prune_checkpoints(run_dir, t.keep_last_checkpoints, protect=set(t.checkpoint_steps))
         barrier(dist_info)
@@ -199,6 +269,8 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
     initial_val = None
     if start_step == 0:
         initial_val = evaluate()
+        if initial_val is None:
+            raise RunPreempted(run_dir, 0)  # nothing trained yet: the next attempt starts afresh
         if dist_info.is_main:
             log.info("step 0: val loss %.4f, ppl %.2f", initial_val["loss"], initial_val["ppl"])
             append_metrics(metrics_path, {"step": 0, "tokens": 0, "val_loss": initial_val["loss"], "val_ppl": initial_val["ppl"],
@@ -215,30 +287,51 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * multiplier
 
-    def forward_backward(batch: torch.Tensor) -> torch.Tensor:
-        """The step's mean loss over its micro-batches (and processes); gradients accumulated."""
+    def to_device(batch: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            # A plain copy from pageable memory waits for the GPU to finish the previous step (a
+            # host sync); from pinned memory it is queued behind it.
+            return batch.pin_memory().to(device, non_blocking=True)
+        return batch.to(device)
+
+    def forward_backward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's mean loss over its micro-batches and processes, and the number of processes
+        that ask to stop (their votes ride on the loss's all-reduce); gradients accumulated.
+        Both stay on the device."""
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         n_micro = batch.shape[0] // micro
         for index in range(n_micro):
             micro_batch = batch[index * micro : (index + 1) * micro]
             # Gradients are synchronised only on the last micro-batch of the step.
-            sync = nullcontext() if (index == n_micro - 1 or not dist_info.enabled) else train_model.no_sync()
+            sync = nullcontext() if (index == n_micro - 1 or not dist_info.enabled) else no_gradient_sync(train_model)
             with sync, autocast_context(device, t.precision):
                 loss = token_losses(forward_model, micro_batch).mean()
                 (loss / n_micro).backward()
             loss_sum += loss.detach().double()
-        return all_reduce_sum(loss_sum / n_micro, dist_info) / dist_info.world_size
+        # torch.full fills on the device; torch.tensor(vote, device=...) would copy and sync.
+        vote = torch.full((), stop_vote(), device=device, dtype=torch.float64)
+        reduced = all_reduce_sum(torch.stack([loss_sum / n_micro, vote]), dist_info)
+        return reduced[0] / dist_info.world_size, reduced[1]
 
-    def clip_gradients() -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad],
-            optim_settings.grad_clip if optim_settings.grad_clip > 0 else float("inf"),
+    def trainable_parameters() -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def gradient_norm() -> torch.Tensor:
+        """The total norm of the gradients before clipping (on the device)."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable_parameters() if p.grad is not None])
+        return full(norm)  # under FSDP a replicated DTensor: a plain tensor like the others
+
+    def clip_gradients(norm: torch.Tensor) -> None:
+        # clip_grad_norm_ in two halves (it is get_total_norm, then this), so that the norm is
+        # read in the step's one host sync and DynamicsMonitor sees the gradients before clipping.
+        torch.nn.utils.clip_grads_with_norm_(
+            trainable_parameters(), optim_settings.grad_clip if optim_settings.grad_clip > 0 else float("inf"), norm
         )
 
-    def update_or_skip(update: int, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    def update_or_skip(update: int, step_loss: float, grad_norm: float) -> bool:
         """Apply the update when loss and gradients are finite; otherwise stop or skip (train.nonfinite)."""
         nonlocal skipped
-        if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm)):
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
             method.before_update(update, model, optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -247,7 +340,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         where = f"step_{last_good[-1].step:06d}" if last_good else "none yet"
         if t.nonfinite == "stop":
             raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {update} (loss {float(step_loss):.4g}); "
+                f"non-finite loss or gradient at step {update} (loss {step_loss:.4g}); "
                 f"stopped without saving it (last good checkpoint: {where}); lower optim.lr or set train.nonfinite=skip"
             )
         skipped += 1
@@ -272,8 +365,15 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
             # before their merge, as the official code saves them); resume replays it.
             method.after_step(done, model, optimizer)
 
-    def stop_if_requested(done: int, val: dict | None) -> None:
-        if done < t.steps and stop_requested(dist_info, device):  # preemption: see train/preemption.py
+    def wrap_again_if_trainable_changed() -> None:
+        nonlocal train_model, forward_model, wrapped_flags
+        if dist_info.enabled and trainable_flags() != wrapped_flags:
+            train_model = forward_model = None  # the old DDP (and its gradient hooks) goes first
+            train_model, forward_model, wrapped_flags = wrap_for_training()
+
+    def stop_if_requested(done: int, val: dict | None, stop_votes: float, validation_cut_short: bool) -> None:
+        """Preemption (train/preemption.py): checkpoint this step and stop, unless it is the last."""
+        if done < t.steps and (validation_cut_short or stop_agreed(dist_info, stop_votes)):
             if done not in checkpoint_steps:
                 save(done, val, after_step_pending=False, preemption=True)
             raise RunPreempted(run_dir, done)
@@ -289,28 +389,40 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
             done = step + 1
             step_start = time.perf_counter()
             set_lrs(done)
-            step_loss = forward_backward(stream.next_batch().to(device))
+            loss_on_device, votes_on_device = forward_backward(to_device(stream.next_batch()))
+            norm_on_device = gradient_norm()
+            # The step's one host sync: everything the host decides on, read together.
+            step_loss, grad_norm, stop_votes = torch.stack(
+                [loss_on_device, norm_on_device.double(), votes_on_device]).tolist()
             dynamics.before_update(done, step_loss)
-            grad_norm = clip_gradients()
+            clip_gradients(norm_on_device)
             applied = update_or_skip(done, step_loss, grad_norm)
             measured = dynamics.after_update(done, applied=applied)  # its cost counts in step_time
             step_time = time.perf_counter() - step_start
             train_time += step_time
             record: dict[str, Any] = {
-                "step": done, "tokens": done * tokens_per_step, "loss": float(step_loss),
-                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm), "step_time": step_time,
+                "step": done, "tokens": done * tokens_per_step, "loss": step_loss,
+                "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "step_time": step_time,
                 **measured,
             }
+            validation_cut_short = False
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 last_val = evaluate()
-                record.update(val_loss=last_val["loss"], val_ppl=last_val["ppl"])
+                validation_cut_short = last_val is None
+                if last_val is not None:
+                    record.update(val_loss=last_val["loss"], val_ppl=last_val["ppl"])
             log_step(done, record)
             progress.update(done, record, tokens_per_step / step_time)
             checkpoint_then_periodic_work(done, applied, last_val)
-            stop_if_requested(done, last_val)
+            wrap_again_if_trainable_changed()
+            stop_if_requested(done, last_val, stop_votes, validation_cut_short)
 
     wall_time = time.perf_counter() - started
     final_val = last_val if last_val is not None else evaluate()
+    if final_val is None:
+        # A stop cut the final validation short; the final checkpoint is written, and training
+        # the run again validates it and writes the summary.
+        raise RunPreempted(run_dir, t.steps)
     if writer is not None:
         writer.close()
     summary: dict[str, Any] = {
@@ -322,7 +434,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         "wall_time": wall_time, "train_time": train_time,
         "tokens_per_sec": (t.steps - start_step) * tokens_per_step / train_time if train_time > 0 else None,
         "skipped_steps": skipped, "resumed_from": start_step, "world_size": dist_info.world_size,
-        "device": str(device), "memory": account_memory(model, optimizer, cfg.model.preset),
+        "device": str(device), "float32_matmul_precision": torch.get_float32_matmul_precision(), "memory": account_memory(model, optimizer, cfg.model.preset),
         "param_groups": param_groups,
     }
     if initial is not None:

@@ -3,13 +3,19 @@
 A layer's weight W (and the update ΔW = W_after − W_before of one optimizer step) is described
 as an `Operator`: a sum of dense, low-rank (s·B·A) and sparse terms that is only ever applied to
 vectors. Its largest singular value comes from block power iteration with a Rayleigh–Ritz
-estimate. Operators of the same structure (every q/k/v/o of a model, say) are stacked along a
-leading batch dimension and iterated together, so a measurement of a whole model is a handful
-of batched matrix products per iteration instead of one small product per matrix.
+estimate. Operators of the same structure (every q/k/v/o of a model, say) are iterated together
+as one batch along a leading dimension, so a measurement of a whole model converges as one.
 
 Updates of factored layers are kept factored, s·(B'·A' − B·A) = s·(ΔB·A' + B·ΔA), with the
 differences ΔB, ΔA formed first: a difference of nearby floats is exact, so an update 1e-6 the size
 of the weight is measured to full precision, where B'A' − BA in float32 would lose ~1e-3 of it.
+
+Memory: a term holds the layer's own tensors (its parameters, and the snapshot taken before the
+step), never a copy of them; a difference is a pair (after, before). Each product widens one map's
+tensors to float32 (and forms its differences) just for that product, one map at a time, so a
+measurement needs the snapshot plus about one matrix in float32 (docs/internals.md has the
+measured figures), where stacked float32 copies of every weight and update needed 3.3x the
+float32 size of the targeted weights under bf16-pure.
 """
 
 from __future__ import annotations
@@ -23,39 +29,90 @@ from torch import nn
 BLOCK = 8  # vectors iterated together
 
 
+@dataclass(frozen=True)
+class Difference:
+    """after − before of one tensor, formed in at least float32 only while a product uses it."""
+
+    after: torch.Tensor
+    before: torch.Tensor
+
+
+Matrix = torch.Tensor | Difference
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _value(matrix: Matrix) -> torch.Tensor:
+    """A term's values in at least float32, for one product."""
+    if isinstance(matrix, Difference):
+        return _wide(matrix.after) - _wide(matrix.before)
+    return _wide(matrix)
+
+
+def _tensors_of(matrix: Matrix) -> list[torch.Tensor]:
+    return [matrix.after, matrix.before] if isinstance(matrix, Difference) else [matrix]
+
+
+def _shape_of(matrix: Matrix) -> tuple[int, ...]:
+    return tuple((matrix.after if isinstance(matrix, Difference) else matrix).shape)
+
+
+@dataclass(frozen=True)
+class SparseTerm:
+    """sign · S where S holds `values` at the flat positions `index` (row·n + col) of each map."""
+
+    index: list[torch.Tensor]  # per map, (nnz,) integer positions
+    values: list[Matrix]  # per map, (nnz,)
+    sign: float = 1.0
+
+    def values_of(self, map_index: int, dtype: torch.dtype) -> torch.Tensor:
+        values = _value(self.values[map_index]).to(dtype)
+        return values if self.sign == 1.0 else self.sign * values
+
+
 @dataclass
 class Operator:
-    """L linear maps Rⁿ → Rᵐ, each the sum of the same kinds of terms, with a leading batch
-    dimension L on every tensor: dense (L, m, n); low-rank scale·B·A with B (L, m, r), A (L, r, n);
-    sparse entries at flat positions (rows·n + cols) with values (L, nnz)."""
+    """L linear maps Rⁿ → Rᵐ, each the sum of the same kinds of terms. A term has one entry per
+    map: `dense[i][l]` is map l's i-th dense matrix (m, n); `lowrank[i]` is (scale, [B_l (m, r)],
+    [A_l (r, n)]); `sparse[i]` a SparseTerm. Entries are tensors as the layer holds them (any
+    dtype) or Differences; products widen them map by map."""
 
     shape: tuple[int, int, int]  # (L, m, n)
-    dense: list[torch.Tensor] = field(default_factory=list)
-    lowrank: list[tuple[float, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    sparse: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # rows, cols, values
+    dense: list[list[Matrix]] = field(default_factory=list)
+    lowrank: list[tuple[float, list[Matrix], list[Matrix]]] = field(default_factory=list)
+    sparse: list[SparseTerm] = field(default_factory=list)
 
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
         """(L, n, k) -> (L, m, k)."""
         L, m, n = self.shape
         out = torch.zeros(L, m, V.shape[-1], dtype=V.dtype, device=V.device)
-        for matrix in self.dense:
-            out += matrix @ V
-        for scale, B, A in self.lowrank:
-            out += scale * (B @ (A @ V))
-        for rows, cols, values in self.sparse:
-            _scatter(out, rows, V, cols, values)
+        for index in range(L):
+            v, o = V[index], out[index]
+            for matrices in self.dense:
+                o += _value(matrices[index]).to(V.dtype) @ v
+            for scale, Bs, As in self.lowrank:
+                o += scale * (_value(Bs[index]).to(V.dtype) @ (_value(As[index]).to(V.dtype) @ v))
+            for term in self.sparse:
+                rows, cols = _coords(term.index[index], n)
+                _scatter(o, rows, v, cols, term.values_of(index, V.dtype))
         return out
 
     def rmatmul(self, U: torch.Tensor) -> torch.Tensor:
         """(L, m, k) -> (L, n, k): the transpose applied."""
         L, m, n = self.shape
         out = torch.zeros(L, n, U.shape[-1], dtype=U.dtype, device=U.device)
-        for matrix in self.dense:
-            out += matrix.mT @ U
-        for scale, B, A in self.lowrank:
-            out += scale * (A.mT @ (B.mT @ U))
-        for rows, cols, values in self.sparse:
-            _scatter(out, cols, U, rows, values)
+        for index in range(L):
+            u, o = U[index], out[index]
+            for matrices in self.dense:
+                o += _value(matrices[index]).to(U.dtype).mT @ u
+            for scale, Bs, As in self.lowrank:
+                o += scale * (_value(As[index]).to(U.dtype).mT @ (_value(Bs[index]).to(U.dtype).mT @ u))
+            for term in self.sparse:
+                rows, cols = _coords(term.index[index], n)
+                _scatter(o, cols, u, rows, term.values_of(index, U.dtype))
         return out
 
     @property
@@ -63,43 +120,55 @@ class Operator:
         return not (self.dense or self.lowrank or self.sparse)
 
     def signature(self) -> tuple:
-        """What must agree for two operators to be stacked into one batch."""
-        return (self.shape[1:], tuple(d.shape[1:] for d in self.dense),
-                tuple((s, B.shape[1:], A.shape[1:]) for s, B, A in self.lowrank),
-                tuple(v.shape[1:] for _, _, v in self.sparse))
+        """What must agree for two operators to be iterated as one batch."""
+        return (self.shape[1:], tuple(_shape_of(d[0]) for d in self.dense),
+                tuple((s, _shape_of(B[0]), _shape_of(A[0])) for s, B, A in self.lowrank),
+                tuple((t.sign, _shape_of(t.values[0])) for t in self.sparse))
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.dense + [t for _, B, A in self.lowrank for t in (B, A)] + [v for _, _, v in self.sparse]
+        """Every floating tensor the operator reads (they decide the iteration's dtype and device)."""
+        entries = [m for d in self.dense for m in d] + [m for _, B, A in self.lowrank for m in (*B, *A)]
+        entries += [m for t in self.sparse for m in t.values]
+        return [t for entry in entries for t in _tensors_of(entry)]
+
+
+def _coords(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of flat positions in an (m, n) matrix, formed per product (int64 coordinates
+    of every sparse entry would be 4x the size of its float32 values)."""
+    flat = index.long()
+    return flat // n, flat % n
 
 
 def _scatter(out: torch.Tensor, out_index: torch.Tensor, source: torch.Tensor, source_index: torch.Tensor,
              values: torch.Tensor) -> None:
-    """out[l, out_index[l, j]] += values[l, j] · source[l, source_index[l, j]] for every l, j."""
-    L, rows_out, k = out.shape
-    rows_in = source.shape[1]
-    batch = torch.arange(L, device=out.device)[:, None]
-    gathered = source.reshape(L * rows_in, k)[(source_index + batch * rows_in).reshape(-1)]
-    out.view(L * rows_out, k).index_add_(0, (out_index + batch * rows_out).reshape(-1), gathered * values.reshape(-1, 1))
+    """out[out_index[j]] += values[j] · source[source_index[j]] for every j (one map)."""
+    out.index_add_(0, out_index, source[source_index] * values.reshape(-1, 1))
 
 
 def as_operator(matrix: torch.Tensor) -> Operator:
-    """One dense matrix (m, n), or a stack of them (L, m, n)."""
+    """One dense matrix (m, n), or L of them stacked (L, m, n); held, not copied."""
     stacked = matrix if matrix.dim() == 3 else matrix.unsqueeze(0)
-    return Operator(tuple(stacked.shape), dense=[stacked])
+    return Operator(tuple(stacked.shape), dense=[list(stacked.unbind(0))])
+
+
+def difference_operator(after: torch.Tensor, before: torch.Tensor) -> Operator:
+    """after − before of one matrix (m, n), formed only inside each product."""
+    return Operator((1, *after.shape), dense=[[Difference(after, before)]])
 
 
 def stack(operators: list[Operator]) -> Operator:
-    """Operators of one signature as one batch."""
+    """Operators of one signature as one batch: lists of their entries, no tensor is copied."""
     first = operators[0]
     if len(operators) == 1:
         return first
-    cat = torch.cat
     return Operator(
         (sum(op.shape[0] for op in operators), *first.shape[1:]),
-        dense=[cat([op.dense[i] for op in operators]) for i in range(len(first.dense))],
-        lowrank=[(first.lowrank[i][0], cat([op.lowrank[i][1] for op in operators]), cat([op.lowrank[i][2] for op in operators]))
-                 for i in range(len(first.lowrank))],
-        sparse=[tuple(cat([op.sparse[i][j] for op in operators]) for j in range(3)) for i in range(len(first.sparse))],
+        dense=[[m for op in operators for m in op.dense[i]] for i in range(len(first.dense))],
+        lowrank=[(first.lowrank[i][0], [B for op in operators for B in op.lowrank[i][1]],
+                  [A for op in operators for A in op.lowrank[i][2]]) for i in range(len(first.lowrank))],
+        sparse=[SparseTerm([x for op in operators for x in op.sparse[i].index],
+                           [v for op in operators for v in op.sparse[i].values], first.sparse[i].sign)
+                for i in range(len(first.sparse))],
     )
 
 
@@ -189,33 +258,22 @@ def current(module: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """At least float32, with the batch dimension of one map."""
-    t = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    return t.unsqueeze(0)
-
-
-def _sparse_coords(module: nn.Module, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    index = t["sparse_index"].long().unsqueeze(0)
-    return index // module.in_features, index % module.in_features
-
-
 def weight_operator(module: nn.Module, t: dict[str, torch.Tensor]) -> Operator | None:
-    """W of the layer from its tensors `t`; None when the layer has no dense equivalent."""
+    """W of the layer from its tensors `t` (held, not copied); None when the layer has no dense
+    equivalent."""
     kind = _kind(module)
     shape = (1, module.out_features, module.in_features)
     if kind == "dense":
-        return Operator(shape, dense=[_f32(t["weight"])])
+        return Operator(shape, dense=[[t["weight"]]])
     if kind == "lowrank":
-        return Operator(shape, lowrank=[(1.0, _f32(t["B"]), _f32(t["A"]))])
+        return Operator(shape, lowrank=[(1.0, [t["B"]], [t["A"]])])
     if kind == "lora":
-        return Operator(shape, dense=[_f32(t["weight"])], lowrank=[(module.scale, _f32(t["B"]), _f32(t["A"]))])
+        return Operator(shape, dense=[[t["weight"]]], lowrank=[(module.scale, [t["B"]], [t["A"]])])
     if kind == "sparse_lowrank":
-        rows, cols = _sparse_coords(module, t)
-        return Operator(shape, lowrank=[(module.scale, _f32(t["B"]), _f32(t["A"]))],
-                        sparse=[(rows, cols, _f32(t["sparse_values"]))])
+        return Operator(shape, lowrank=[(module.scale, [t["B"]], [t["A"]])],
+                        sparse=[SparseTerm([t["sparse_index"]], [t["sparse_values"]])])
     if kind == "generic" and "__effective__" in t:
-        return Operator(shape, dense=[_f32(t["__effective__"])])
+        return Operator(shape, dense=[[t["__effective__"]]])
     return None
 
 
@@ -225,30 +283,29 @@ def update_operator(module: nn.Module, before: dict[str, torch.Tensor], after: d
     kind = _kind(module)
     shape = (1, module.out_features, module.in_features)
 
-    def diff(name: str) -> torch.Tensor:
-        return _f32(after[name]) - _f32(before[name])
+    def diff(name: str) -> Difference:
+        return Difference(after[name], before[name])
 
-    def factored(scale: float) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
-        return [(scale, diff("B"), _f32(after["A"])), (scale, _f32(before["B"]), diff("A"))]
+    def factored(scale: float) -> list[tuple[float, list[Matrix], list[Matrix]]]:
+        return [(scale, [diff("B")], [after["A"]]), (scale, [before["B"]], [diff("A")])]
 
     if kind == "dense":
-        return Operator(shape, dense=[diff("weight")])
+        return Operator(shape, dense=[[diff("weight")]])
     if kind == "lowrank":
         return Operator(shape, lowrank=factored(1.0))
     if kind == "lora":
-        dense = diff("weight")
-        return Operator(shape, dense=[dense] if bool(dense.any()) else [], lowrank=factored(module.scale))
+        changed = not torch.equal(after["weight"], before["weight"])
+        return Operator(shape, dense=[[diff("weight")]] if changed else [], lowrank=factored(module.scale))
     if kind == "sparse_lowrank":
         op = Operator(shape, lowrank=factored(module.scale))
-        rows, cols = _sparse_coords(module, after)
         if torch.equal(before["sparse_index"], after["sparse_index"]):
-            op.sparse.append((rows, cols, diff("sparse_values")))
+            op.sparse.append(SparseTerm([after["sparse_index"]], [diff("sparse_values")]))
         else:  # a new support: subtract the old sparse part, add the new one
-            old_rows, old_cols = _sparse_coords(module, before)
-            op.sparse += [(rows, cols, _f32(after["sparse_values"])), (old_rows, old_cols, -_f32(before["sparse_values"]))]
+            op.sparse += [SparseTerm([after["sparse_index"]], [after["sparse_values"]]),
+                          SparseTerm([before["sparse_index"]], [before["sparse_values"]], sign=-1.0)]
         return op
     if kind == "generic" and "__effective__" in after:
-        return Operator(shape, dense=[diff("__effective__")])
+        return Operator(shape, dense=[[diff("__effective__")]])
     return None
 
 
