@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file
 
-from rankscope.study import study_from_dict
+from rankscope.study import Job, study_from_dict
 from rankscope.train import checkpoint as ckpt
 
 ANALYSIS = {"probe_size": 4, "directions": 2, "grid_points": 3, "singular_k_max": 1, "singular_ks": [1],
@@ -93,3 +94,34 @@ def start_driver(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "rankscope", "study", *args], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def write_corpus(path: Path, documents: int = 200) -> Path:
+    """A small .txt corpus (documents separated by blank lines) that tokenizes in a second."""
+    words = ["river", "stone", "light", "moves", "under", "quiet", "the", "a", "green", "hill", "falls", "over",
+             "morning", "wind", "old", "bridge", "slowly", "bright", "water", "sings"]
+    docs = [" ".join(words[(d * 7 + i * 3 + i * i) % len(words)] for i in range(40 + d % 13)) + "."
+            for d in range(documents)]
+    path.write_text("\n\n\n".join(docs) + "\n")
+    return path
+
+
+def small_text_study(corpus: Path, seq_len: int = 16, **kwargs):
+    """small_study on `corpus` with a 300-token BPE: a fresh token cache is filled in about a second."""
+    spec = small_study_dict(**kwargs)
+    spec["base"]["data"].update({"source": str(corpus), "vocab_size": 300, "seq_len": seq_len, "val_sequences": 4,
+                                 "probe_sequences": 2})
+    return study_from_dict(spec)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvironmentJob(Job):
+    """A job that records the value of each of `names` in the environment of the process running it."""
+
+    names: tuple[str, ...]
+
+    def run(self) -> dict:
+        return {name: os.environ.get(name) for name in self.names}
+
+    def finished_on_disk(self) -> bool:
+        return False

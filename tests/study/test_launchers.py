@@ -122,7 +122,8 @@ def test_dry_run_prints_the_sbatch_parameters_and_writes_nothing(tmp_path, capsy
     printed = capsys.readouterr().out
     assert not out.exists()
     stages = {block.split(":")[0]: block for block in printed.split("stage ")[1:]}
-    assert set(stages) == {"train", "analyze", "eval", "predict", "report"}
+    assert set(stages) == {"prepare", "train", "analyze", "eval", "predict", "report"}
+    assert "in the driver, before any job" in stages["prepare"]
     train_block = stages["train"]
     assert "one job array of 4 jobs (full-tiny-s0, lowrank-tiny-s0, full-tiny-s1, lowrank-tiny-s1)" in train_block
     for line in ("#SBATCH --array=0-3%3", "#SBATCH --partition=gpu", "#SBATCH --time=150", "#SBATCH --account=proj42",
@@ -130,6 +131,10 @@ def test_dry_run_prints_the_sbatch_parameters_and_writes_nothing(tmp_path, capsy
                  "#SBATCH --qos=high", "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@90",
                  "#SBATCH --job-name=rankscope-small-train", f"#SBATCH --output={out}/submitit/%A_%a/%A_%a_0_log.out"):
         assert line in train_block.splitlines(), line
+    # --slurm-extra replaces the option rankscope sets itself: one line, and srun gets the same value.
+    assert sum(line.startswith("#SBATCH --cpus-per-task") for line in train_block.splitlines()) == 1
+    assert "--cpus-per-task=8 " in next(line for line in train_block.splitlines() if line.startswith("srun"))
+    assert "#SBATCH --mem-per-gpu=16G" in train_block.splitlines()  # the default for a tiny model
     # Analysis (one job per preset/seed group) and eval (one per run) use one GPU and one task.
     assert "one job array of 2 jobs (tiny-s0, tiny-s1)" in stages["analyze"]
     for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=1", "#SBATCH --ntasks-per-node=1"):
@@ -137,8 +142,54 @@ def test_dry_run_prints_the_sbatch_parameters_and_writes_nothing(tmp_path, capsy
     assert "#SBATCH --array=0-3%3" in stages["eval"] and "#SBATCH --gpus-per-node=1" in stages["eval"]
 
 
+def _sbatch_lines(tmp_path, capsys, preset: str, *args: str) -> list[str]:
+    spec = small_study_dict(methods=["full"], seeds=[0])
+    spec["grid"]["presets"] = [preset]
+    del spec["base"]["model"]  # the preset's own size: the defaults follow it
+    study_file = write_study(tmp_path / f"{preset}.yaml", spec)
+    assert main(["study", str(study_file), "--out", str(tmp_path / "study"), "--stage", "train", "--launcher", "slurm",
+                 "--dry-run", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("layout", [["--slurm-gpus-per-run", "8", "--slurm-gpus-per-node", "4"],
+                                    ["--slurm-nodes", "2", "--slurm-gpus-per-node", "4"]])
+def test_dry_run_of_a_run_over_two_nodes_of_four_gpus(tmp_path, capsys, layout):
+    lines = _sbatch_lines(tmp_path, capsys, "1b", *layout, "--slurm-partition", "gpu")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem-per-gpu=32G", "#SBATCH --signal=USR2@600"):
+        assert line in lines, line
+    srun = next(line for line in lines if line.startswith("srun"))
+    assert "--cpus-per-task=8" in srun and srun.endswith(f"-u -m submitit.core._submit {tmp_path / 'study'}/submitit/%j")
+
+
+def test_the_signal_delay_and_memory_follow_the_model_unless_given(tmp_path, capsys):
+    assert "#SBATCH --signal=USR2@90" in _sbatch_lines(tmp_path, capsys, "tiny")
+    big = _sbatch_lines(tmp_path, capsys, "7b", "--slurm-gpus-per-run", "8")
+    assert "#SBATCH --signal=USR2@600" in big and "#SBATCH --mem-per-gpu=128G" in big
+    assert "#SBATCH --signal=USR2@240" in _sbatch_lines(tmp_path, capsys, "350m")
+    given = _sbatch_lines(tmp_path, capsys, "7b", "--slurm-signal-delay", "900", "--slurm-mem-per-gpu", "200G",
+                          "--slurm-cpus-per-gpu", "12", "--slurm-time", "1:00:00")
+    for line in ("#SBATCH --signal=USR2@900", "#SBATCH --mem-per-gpu=200G", "#SBATCH --cpus-per-task=12"):
+        assert line in given, line
+    # The default never reaches the job's start: at most half a short time limit.
+    assert "#SBATCH --signal=USR2@300" in _sbatch_lines(tmp_path, capsys, "7b", "--slurm-time", "10")
+    # A memory option of the site's choice replaces the per-GPU default.
+    assert not any("--mem-per-gpu" in line for line in _sbatch_lines(tmp_path, capsys, "tiny", "--slurm-extra", "mem=0"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--slurm-partition", "gpu"], "--slurm-partition applies to --launcher slurm"),
+    (["--slurm-gpus-per-node", "4"], "--slurm-gpus-per-node applies to --launcher slurm"),
+    (["--slurm-signal-delay", "60"], "--slurm-signal-delay applies to --launcher slurm or submitit-local"),
+    (["--launcher", "slurm", "--slurm-gpus-per-run", "6", "--slurm-gpus-per-node", "4"],
+     "--slurm-gpus-per-run 6 does not fill whole nodes of --slurm-gpus-per-node 4"),
+    (["--launcher", "slurm", "--slurm-nodes", "2"], "--slurm-nodes needs --slurm-gpus-per-node"),
+    (["--launcher", "slurm", "--slurm-nodes", "3", "--slurm-gpus-per-node", "4", "--slurm-gpus-per-run", "8"],
+     "--slurm-nodes 3 disagrees with 8 GPUs per run at 4 per node (2 node(s))"),
+    (["--launcher", "slurm", "--slurm-mem-per-gpu", "lots"], "--slurm-mem-per-gpu 'lots' is not a memory size"),
+    (["--launcher", "slurm", "--slurm-time", "5", "--slurm-signal-delay", "300"],
+     "--slurm-signal-delay 300 s must be shorter than the time limit"),
     (["--launcher", "slurm", "--slurm-time", "soon"], "--slurm-time 'soon' is not a time limit"),
     (["--launcher", "slurm", "--slurm-extra", "qos"], "--slurm-extra takes KEY=VALUE"),
     (["--workers", "0"], "--workers must be at least 1"),

@@ -113,6 +113,17 @@ def add_launch_arguments(parser: argparse.ArgumentParser, cluster: bool = False)
                         "a run that reaches it checkpoints and is requeued")
     parser.add_argument("--slurm-gpus-per-run", type=int, help="slurm, submitit-local: GPUs per training run, one DDP "
                         "process each (default 1 on slurm); analysis and eval use one")
+    parser.add_argument("--slurm-gpus-per-node", type=int, help="slurm: GPUs per node; a run with more GPUs spans "
+                        "ceil(GPUs / this) nodes, one task per GPU (default: all of a run's GPUs on one node)")
+    parser.add_argument("--slurm-nodes", type=int, help="slurm: nodes per training run (default: from "
+                        "--slurm-gpus-per-run and --slurm-gpus-per-node; give any two of the three)")
+    parser.add_argument("--slurm-cpus-per-gpu", type=int, help="slurm: CPU cores per GPU task (--cpus-per-task; "
+                        "torch uses that many threads; default 8)")
+    parser.add_argument("--slurm-mem-per-gpu", help="slurm: host memory per GPU task, e.g. 64G (default: from the "
+                        "largest model, 16 bytes per parameter + 8 GB, at least 16G)")
+    parser.add_argument("--slurm-signal-delay", type=int, metavar="SECONDS", help="slurm, submitit-local: how long "
+                        "before the time limit a job is told to checkpoint and requeue (default from the largest "
+                        "model: 90 below 300M parameters, 240 below 1B, 600 from 1B)")
     parser.add_argument("--slurm-account", help="slurm: account to charge")
     parser.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
                         help="slurm: any other sbatch option, e.g. --slurm-extra qos=high --slurm-extra cpus-per-task=8 (repeatable)")
@@ -132,6 +143,9 @@ def launch_options(args: argparse.Namespace):
     return LaunchOptions(
         launcher=getattr(args, "launcher", "local"), workers=args.workers, threads=getattr(args, "threads", None),
         time=getattr(args, "slurm_time", None), gpus_per_run=getattr(args, "slurm_gpus_per_run", None),
+        gpus_per_node=getattr(args, "slurm_gpus_per_node", None), nodes=getattr(args, "slurm_nodes", None),
+        cpus_per_gpu=getattr(args, "slurm_cpus_per_gpu", None), mem_per_gpu=getattr(args, "slurm_mem_per_gpu", None),
+        signal_delay_s=getattr(args, "slurm_signal_delay", None),
         partition=getattr(args, "slurm_partition", None), account=getattr(args, "slurm_account", None),
         extra=extra, dry_run=getattr(args, "dry_run", False),
     )

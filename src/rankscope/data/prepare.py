@@ -4,6 +4,10 @@ The shard folder is `<cache>/shards/<key>/` where the key hashes everything that
 tokens (the source's identity, the tokenizer's full definition, seq_len, the val/probe counts,
 max_train_tokens). A second run with the same data config finds the folder's meta.json, verifies
 the files against it, and skips tokenization entirely.
+
+Inside `require_prepared()` (a study's jobs: the study tokenizes in its prepare stage, in the
+driver) a missing tokenizer or shard folder is a DataError at once, never hours of tokenizing on
+a GPU node.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,27 @@ log = logging.getLogger("rankscope.data")
 
 # Bump when packing or the shard layout changes: it is part of every shard folder's key.
 SHARD_FORMAT_VERSION = 1
+
+_REQUIRE_PREPARED: ContextVar[bool] = ContextVar("rankscope_require_prepared", default=False)
+
+
+@contextlib.contextmanager
+def require_prepared() -> Iterator[None]:
+    """Within the block (in this thread), `prepare_data` only loads: a tokenizer or token shards
+    that are not in the cache raise DataError instead of being built."""
+    token = _REQUIRE_PREPARED.set(True)
+    try:
+        yield
+    finally:
+        _REQUIRE_PREPARED.reset(token)
+
+
+def _not_prepared(what: str, where: Path) -> DataError:
+    return DataError(
+        f"{what} is not in the token cache ({where}): a study prepares its data in the driver before any job "
+        "(`rankscope study FILE --stage prepare`) and its jobs never tokenize; if that ran, this node sees another "
+        "cache, so put RANKSCOPE_CACHE on a file system every node shares"
+    )
 
 
 @dataclass
@@ -67,9 +94,12 @@ def resolve_cache_dir(cfg: DataConfig) -> Path:
 
 def load_tokenizer(cfg: DataConfig, source: Source, cache_dir: Path):
     if cfg.tokenizer == "bpe":
-        return tokenizer_module.load_or_train_bpe(
-            cache_dir, source.identity, cfg.vocab_size, lambda: source.documents("train")
-        )
+        def training_text():  # called only when the BPE is not cached yet
+            if _REQUIRE_PREPARED.get():
+                raise _not_prepared(f"the BPE tokenizer of {source.description}", cache_dir / "tokenizers")
+            return source.documents("train")
+
+        return tokenizer_module.load_or_train_bpe(cache_dir, source.identity, cfg.vocab_size, training_text)
     return tokenizer_module.load_pretrained_tokenizer(cfg.tokenizer)
 
 
@@ -105,6 +135,8 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
                 f"cannot write the token cache {cache_dir} ({exc.strerror}); set RANKSCOPE_CACHE to a folder you can write to"
             ) from None
         meta = read_meta(folder)
+        if meta is None and _REQUIRE_PREPARED.get():
+            raise _not_prepared(f"the token shards of {source.description}", folder)
         if meta is None:
             meta = _build_shards(cfg, source, tokenizer, eos_id, token_dtype(vocab_size), folder, key)
         else:

@@ -3,7 +3,9 @@
 For each job it first looks at what the study folder already knows:
 - a `done` outcome of the same job (same fingerprint) whose results are on disk: nothing to do;
 - a job id in jobs.json that the launcher still sees queued or running: follow it, don't resubmit;
-- otherwise: submit it (again).
+- a job the scheduler still has although no record names it (a driver died between submitting
+  it and recording its id; `Launcher.find_submitted`): record it and follow it;
+- otherwise: submit it (again). Its id goes to jobs.json as soon as the scheduler has taken it.
 It then polls the launcher until every job has ended and records each job's outcome in
 status.json for the runs it covers. A job that fails (or whose process dies) is recorded and the
 others go on. The driver holds no state of its own that is not on disk, so it can be stopped and
@@ -53,7 +55,20 @@ def run_jobs(jobs: list[Job], launcher: Launcher, study_dir: Path, status: Study
             to_submit.append(job)
             board.set(job, "queued")
 
-    for name, handle in launcher.submit(stage, to_submit).items():
+    def remember(job: Job, record: dict | None) -> None:
+        if record is not None:
+            records.set(JobFiles(study_dir, job.stage, job.name).key, record)
+
+    if to_submit:
+        for name, handle in launcher.find_submitted(stage, to_submit).items():
+            job = next(j for j in to_submit if j.name == name)
+            log.info("%s/%s: following job %s, submitted by an earlier driver that did not record it",
+                     stage, name, (handle.record or {}).get("job_id"))
+            remember(job, handle.record)
+            followed[name] = (job, handle)
+            board.set(job, "running")
+        to_submit = [job for job in to_submit if job.name not in followed]
+    for name, handle in launcher.submit(stage, to_submit, on_submitted=remember).items():
         followed[name] = (next(j for j in to_submit if j.name == name), handle)
 
     while followed:

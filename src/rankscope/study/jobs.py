@@ -256,8 +256,10 @@ def execute_job(job: Job, study_dir: str | Path, *, rank: int = 0, capture_outpu
     Only rank 0 of a multi-process (DDP) job holds the lock and writes the outcome; every rank
     logs. `capture_output` sends the process's stdout and stderr (warnings, tracebacks, native
     libraries) to the job's log while it runs; launchers whose jobs own their process leave
-    that to the scheduler's log and get the log records through a file handler.
+    that to the scheduler's log and get the log records through a file handler. A job never
+    tokenizes: the study's prepare stage did, and missing shards fail the job at once.
     """
+    from rankscope.data.prepare import require_prepared
     from rankscope.train.preemption import RunPreempted, clear_stop
 
     files = JobFiles(Path(study_dir), job.stage, job.name)
@@ -271,7 +273,8 @@ def execute_job(job: Job, study_dir: str | Path, *, rank: int = 0, capture_outpu
             files.write_outcome({**record, "state": "running"})
         log.info("=== %s: started on %s, pid %d", files.key, record["host"], record["pid"])
         try:
-            outcome = {"state": "done", "result": job.run()}
+            with require_prepared():
+                outcome = {"state": "done", "result": job.run()}
         except RunPreempted as exc:
             outcome = {"state": "preempted", "step": exc.step}
             log.info("%s: stopped on request after step %d (checkpointed)", files.key, exc.step)

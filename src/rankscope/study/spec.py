@@ -6,16 +6,26 @@ config of every cell of the grid before anything is trained.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rankscope import methods
-from rankscope.config import REFERENCE_METHOD, RunConfig, build_config, dataclass_from_dict, load_yaml, merge_trees
+from rankscope.config import (
+    REFERENCE_METHOD,
+    RunConfig,
+    build_config,
+    dataclass_from_dict,
+    load_yaml,
+    merge_trees,
+    parse_override,
+)
 from rankscope.errors import ConfigError, RankscopeError, did_you_mean
 from rankscope.train.setup import check_method_settings
 
-STAGES = ("tune", "train", "analyze", "eval", "predict", "report")
+# prepare (tokenization, in the driver) also runs before any job stage whether named or not.
+STAGES = ("prepare", "tune", "train", "analyze", "eval", "predict", "report")
 TUNE_PROTOCOLS = ("shared-dense", "independent")
 # The keys stage 1 of the shared-dense protocol tunes as one value with full rank's block lr, and
 # stage 2 then fixes for every method and control: the lrs of what no method changes.
@@ -158,6 +168,25 @@ def load_study(path: str | Path) -> StudySpec:
 
 # `grid.methods: all` (or `[all]`): every registered method, controls left out (they go under `controls`).
 ALL_METHODS = "all"
+
+
+def set_base_keys(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """A copy of the study mapping `data` with each `KEY=VALUE` (a run-config key, as `rankscope
+    train --set` takes) set in its base: block, as `rankscope study --set` does: every run gets it,
+    and the file's preset and method overrides still apply on top."""
+    data = copy.deepcopy(data)
+    if data.get("base") is None:  # absent, or `base:` left empty
+        data["base"] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data["base"]
+        *parents, last = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = value
+    return data
 
 
 def study_from_dict(data: dict) -> StudySpec:

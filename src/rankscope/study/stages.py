@@ -1,5 +1,9 @@
 """`run_study`: the stages of a study in order, each re-runnable alone.
 
+prepare tokenizes the study's data into the token cache in the driver, before any job: a GPU job
+never waits on tokenization (or dies in it at its time limit), and a job that finds its shards
+missing fails at once (rankscope.data.prepare.require_prepared). It runs whenever a job stage
+does, for the runs that still have work; `--stage prepare` runs it alone (on a CPU allocation, say).
 tune (study/tune.py: per-method hyper-parameter search whose choices the train stage uses), train, analyze (one job per preset/seed group, against its full-rank run) and eval (one job per
 run) are jobs run by a launcher (study/launch/); predict and report only read tables and run in
 the driver. Finished work is skipped and interrupted work resumes (the trainer, the analysis and
@@ -9,7 +13,9 @@ goes on; the report lists it.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from rankscope.config import config_to_dict
-from rankscope.errors import ConfigError, DriverLockedError, did_you_mean
+from rankscope.config import DataConfig, config_to_dict, dataclass_from_dict
+from rankscope.errors import ConfigError, DriverLockedError, RankscopeError, did_you_mean
 from rankscope.locking import FileLock
 from rankscope.study.board import StudyBoard
 from rankscope.study.engine import run_jobs
@@ -48,6 +54,7 @@ JOB_STAGES = ("tune", "train", "analyze", "eval")
 def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[str, ...] = STAGES,
               spec: StudySpec | None = None, launch: LaunchOptions | None = None) -> dict[str, Any]:
     """Run the stages of a study; returns {"runs", "failed", "report", "out"} (and "plan" for a dry run)."""
+    refuse_distributed_driver()
     if spec is None:
         spec = load_study(study_file)
     for stage in stages:
@@ -62,13 +69,16 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
         expand_task_names(spec.eval.tasks)  # unknown task names fail here, before training
     launch = launch or LaunchOptions()
     launch.validate()
-    out = Path(out_dir)
+    # Absolute: a job resolves its paths on a compute node, whose working directory is the submit
+    # directory only by default (--slurm-extra chdir=..., a site prolog).
+    out = Path(out_dir).expanduser().resolve()
     runs_dir = out / "runs"
     names = [p.name for p in planned]
     if cells and "tune" not in stages:
         # Training without the tune stage's results (missing, or of another tune: block) fails here.
         planned = _plan_with_choices(spec, cells, out, strict="train" in stages)
-    launcher = make_launcher(launch, out, spec.name) if any(s in stages for s in JOB_STAGES) else None
+    has_jobs = any(s in stages for s in JOB_STAGES)
+    launcher = make_launcher(launch, out, spec.name, largest_model(planned)) if has_jobs else None
     if launch.dry_run:
         return {"runs": names, "failed": [], "report": None, "out": out,
                 "plan": describe_study(planned, spec, stages, out, launcher, cells)}
@@ -77,6 +87,8 @@ def run_study(study_file: str | Path | None, out_dir: str | Path, stages: tuple[
     with _driver_lock(out):
         (out / "study.yaml").write_text(yaml.safe_dump(config_to_dict(spec), sort_keys=False))
         status = StudyStatus(out / "status.json")
+        if has_jobs or "prepare" in stages:
+            prepare_stage(_data_to_prepare(planned, cells, spec, stages, status, out))
         if launcher is not None:
             try:
                 with StudyBoard(f"study {spec.name} ({launcher.name})") as board:
@@ -120,6 +132,61 @@ def _plan_with_choices(spec: StudySpec, cells, out: Path, strict: bool) -> list[
             raise
         log.warning("%s", exc)
         return plan_runs(spec)
+
+
+def refuse_distributed_driver() -> None:
+    """A study driver is one process. Under torchrun every rank would be a driver of the same
+    folder (ranks 1+ stop at the driver lock, and torchrun then kills rank 0)."""
+    world_size = os.environ.get("WORLD_SIZE", "1").strip()
+    if world_size.isdigit() and int(world_size) > 1:
+        raise RankscopeError(
+            f"`rankscope study` runs one driver, not one per torchrun rank (WORLD_SIZE={world_size}): run it without "
+            "torchrun; it already runs one worker per GPU, and a multi-GPU run goes through "
+            "--launcher slurm --slurm-gpus-per-run N")
+
+
+def largest_model(planned: list[PlannedRun]) -> int | None:
+    """Parameters of the study's largest model (closed form, nothing is built): the SLURM
+    launcher scales its signal delay and memory request to it."""
+    import dataclasses
+
+    from rankscope.models import get_preset
+    from rankscope.models.llama import count_parameters
+
+    sizes = []
+    for run in planned:
+        shape = dataclasses.replace(get_preset(run.config.model.preset), **run.config.model.overrides)
+        sizes.append(count_parameters(shape))
+    return max(sizes, default=None)
+
+
+def _data_to_prepare(planned: list[PlannedRun], cells, spec: StudySpec, stages: tuple[str, ...], status: StudyStatus,
+                     out: Path) -> list[DataConfig]:
+    """The data configs the requested job stages still need: every run's for `--stage prepare`,
+    else those of runs with a requested stage not yet done (a finished study whose token cache
+    was cleaned up is not tokenized again to rebuild its report)."""
+    configs = []
+    for run in planned:
+        if "prepare" in stages or any(s in stages and status.state(run.name, s) != "done" for s in ("train", "analyze", "eval")):
+            configs.append(run.config.data)
+    if cells and ("tune" in stages or "prepare" in stages):
+        configs += [dataclass_from_dict(DataConfig, job.config["data"], "data") for job in tune_jobs(list(cells), out / "tune", spec)]
+    return configs
+
+
+def prepare_stage(configs: list[DataConfig]) -> None:
+    """Tokenize each distinct data config into the token cache (a cached one is only verified)."""
+    from rankscope.data import prepare_data
+
+    done = set()
+    for cfg in configs:
+        key = json.dumps(config_to_dict(cfg), sort_keys=True)
+        if key in done:
+            continue
+        prepared = prepare_data(cfg)
+        log.info("prepare: %s: %d training sequences of %d tokens in %s", cfg.source, prepared.train.n_sequences,
+                 prepared.seq_len, prepared.shard_dir)
+        done.add(key)
 
 
 def train_jobs(planned: list[PlannedRun], runs_dir: Path) -> list[Job]:
@@ -179,6 +246,10 @@ def describe_study(planned: list[PlannedRun], spec: StudySpec, stages: tuple[str
                    launcher: Launcher | None, cells=()) -> str:
     """What a dry run prints: per job stage, how its jobs would be launched (sbatch lines for SLURM)."""
     lines = [f"study {spec.name}: {len(planned)} runs into {out} (dry run: nothing is written or submitted)"]
+    if "prepare" in stages or any(stage in stages for stage in JOB_STAGES):
+        sources = sorted({run.config.data.source for run in planned})
+        lines.append(f"stage prepare: in the driver, before any job: tokenize {', '.join(sources)} into the token cache "
+                     "($RANKSCOPE_CACHE, default ~/.cache/rankscope)")
     runs_dir = out / "runs"
     builders = {"tune": lambda: tune_jobs(list(cells), out / "tune", spec),  # the first round; edges may add more
                 "train": lambda: train_jobs(planned, runs_dir),
@@ -187,7 +258,7 @@ def describe_study(planned: list[PlannedRun], spec: StudySpec, stages: tuple[str
     for stage in JOB_STAGES:
         if stage in stages and (stage != "tune" or cells):
             lines.append(launcher.describe(stage, builders[stage]()))
-    lines += [f"stage {stage}: in the driver" for stage in stages if stage not in JOB_STAGES]
+    lines += [f"stage {stage}: in the driver" for stage in stages if stage not in (*JOB_STAGES, "prepare")]
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rankscope.study.jobs import LOG_FORMAT, Job, execute_job
-from rankscope.study.launch import Handle, Launcher, LaunchOptions, cpu_count
+from rankscope.study.launch import Handle, Launcher, LaunchOptions, Submitted, cpu_count, without_distributed_env
 
 log = logging.getLogger("rankscope.study")
 
@@ -76,7 +76,8 @@ class LocalLauncher(Launcher):
         device = f", one GPU each ({len(self.gpus)} visible)" if self.gpus else f", {self.threads} torch thread(s) each"
         return f"stage {stage}: {len(jobs)} job(s) on {min(self.size, len(jobs))} local worker process(es){device}"
 
-    def submit(self, stage: str, jobs: list[Job]) -> dict[str, Handle]:
+    def submit(self, stage: str, jobs: list[Job], on_submitted: Submitted | None = None) -> dict[str, Handle]:
+        # Nothing to record: the workers end with the driver, and a new driver runs the jobs again.
         handles = {}
         for job in jobs:
             handle = LocalHandle()
@@ -177,6 +178,10 @@ def _on_stop_request(signum: int, frame: Any) -> None:
 
 
 def _worker_main(slot: int, inbox, events, study_dir: str, threads: int, gpu: str | None, driver_pid: int) -> None:
+    # A worker is one single-GPU (or CPU) run, never a rank of the driver's process group: with
+    # torchrun's RANK/WORLD_SIZE/LOCAL_RANK inherited, the trainer would wait for ranks that do not
+    # exist, or pick cuda:LOCAL_RANK when it sees a single GPU.
+    without_distributed_env(os.environ)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before the first CUDA call of this process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
