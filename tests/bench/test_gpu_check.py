@@ -421,3 +421,16 @@ def test_trainer_path_builds_the_config_rankscope_train_builds_from_the_same_arg
     assert direct.data.source == str(corpus) and (corpus.parent / "valid.txt").is_file()
     # the bench.gpu -> cli -> bench cycle is gone
     assert not any("rankscope.cli" in path.read_text() for path in Path(gpu.__file__).parent.glob("*.py"))
+
+
+def test_the_memory_path_puts_the_memory_tables_estimate_next_to_what_it_measured(tmp_path):
+    from rankscope.bench.gpu.config import config_for
+    from rankscope.bench.gpu.memory_paths import memory_path
+    from rankscope.bench.gpu.paths import Context
+
+    config = config_for({"device": "cpu", "infer_model_overrides": {}})
+    metrics = memory_path(Context(config, torch.device("cpu"), tmp_path, None, 60.0), "full")
+    # The estimate holds weights, gradients, optimizer state and activations: at least what was
+    # measured of weights + state and saved activations, and checkpointing lowers it.
+    assert metrics["estimate_bytes"] >= metrics["weights_and_state_bytes"] + metrics["activation_bytes"]
+    assert 0 < metrics["estimate_bytes_checkpointed"] < metrics["estimate_bytes"]

@@ -75,19 +75,15 @@ from rankscope.bench.gpu.config import (
     GpuCheckConfig,
     config_for,
 )
+from rankscope.bench.gpu.cost_paths import build_on_device, infer_path, landscape_path, projector_path
+from rankscope.bench.gpu.memory_paths import dynamics_path, memory_path
 from rankscope.bench.gpu.paths import (
     Context,
     PathResult,
-    build_on_device,
     compile_path,
-    dynamics_path,
     environment_path,
-    infer_path,
-    landscape_path,
-    memory_path,
     optimizer_state_path,
     process_group_path,
-    projector_path,
     throughput_path,
     train_path,
 )

@@ -47,7 +47,7 @@ JSON_SCHEMA: dict[str, Any] = {
                     "dynamics_steps", "rng_states_saved", "warm_start_steps", "warm_start_state_entries"),
         "memory": ("preset", "method", "precision", "seq_len", "micro_batch", "total_params",
                    "weights_and_state_bytes", "peak_bytes", "peak_bytes_checkpointed", "activation_bytes",
-                   "activation_bytes_checkpointed"),
+                   "activation_bytes_checkpointed", "estimate_bytes", "estimate_bytes_checkpointed"),
         "projector": ("shape", "rank", "exact_s", "randomized_s", "svd_oversample", "svd_niter",
                       "exact_over_randomized"),
         "throughput": ("preset", "method", "precision", "batch_size", "seq_len", "steps", "step_s", "tokens_per_s",

@@ -1,11 +1,10 @@
 """The measuring paths of the GPU check, each a function of a `Context` returning its metrics (or
-raising): environment, compile, train, optimizer state, dynamics memory, 1B memory, projector
-refresh, throughput, process group, inference and a landscape point. The paths that go through
-`rankscope.train` are in trainer_paths.py."""
+raising), and the helpers they share: environment, compile, train, optimizer state, throughput
+and the process group. Memory paths are in memory_paths.py, projector/inference/landscape costs in
+cost_paths.py, the paths that go through `rankscope.train` in trainer_paths.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib.metadata
 import importlib.util
@@ -22,12 +21,10 @@ import torch
 
 from rankscope.bench.common import (
     environment,
-    geometric_mean,
     median,
     synchronize,
-    time_calls,
 )
-from rankscope.bench.gpu.config import LORO_PUBLISHED_SPEEDUP, GpuCheckConfig
+from rankscope.bench.gpu.config import GpuCheckConfig
 from rankscope.errors import RankscopeError
 
 log = logging.getLogger("rankscope.bench")
@@ -65,7 +62,7 @@ def free_device(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _start_peak(device: torch.device) -> int:
+def start_peak(device: torch.device) -> int:
     free_device(device)
     if device.type != "cuda":
         return 0
@@ -74,7 +71,7 @@ def _start_peak(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
-def _peak_since(device: torch.device, baseline: int) -> int | None:
+def peak_since(device: torch.device, baseline: int) -> int | None:
     if device.type != "cuda":
         return None
     synchronize(device)
@@ -259,13 +256,13 @@ def train_path(ctx: Context, method: str, precision: str) -> dict[str, Any]:
     from rankscope.methods.memory_accounting import account_memory
 
     config, device = ctx.config, ctx.device
-    baseline = _start_peak(device)
+    baseline = start_peak(device)
     run = build_method_run(config.preset, method, config.batch_size, config.seq_len, config.model_overrides,
                            device, precision, config.seed, period=config.period)
     batches = random_batches(run.model_config.vocab_size, config.batch_size, config.seq_len, 4, config.seed, device)
     losses, samples = _train_steps(run, batches, config.steps)
     run.samples.extend(samples[config.warmup_steps:])
-    peak = _peak_since(device, baseline)
+    peak = peak_since(device, baseline)
     require_finite(losses, f"{method} {precision} training loss")
     require_finite_weights(run.model, f"{method} {precision} after {config.steps} steps")
 
@@ -296,12 +293,12 @@ def throughput_path(ctx: Context, preset: str, method: str) -> dict[str, Any]:
 
     config, device, precision = ctx.config, ctx.device, ctx.config.throughput_precision
     batch_size, seq_len = config.throughput_batch_size, config.seq_len
-    baseline = _start_peak(device)
+    baseline = start_peak(device)
     run = build_method_run(preset, method, batch_size, seq_len, config.model_overrides, device, precision,
                            config.seed, period=None)
     batches = random_batches(run.model_config.vocab_size, batch_size, seq_len, 2, config.seed, device)
     losses, samples = _train_steps(run, batches, config.throughput_steps)
-    peak = _peak_since(device, baseline)
+    peak = peak_since(device, baseline)
     require_finite(losses, f"{method} {preset} training loss")
     step_s = median(s["total"] for s in samples[3:])
     flops = model_flops(run.model, batch_size, seq_len).training_per_token
@@ -367,168 +364,6 @@ def optimizer_state_path(ctx: Context) -> dict[str, Any]:
 # the dynamics measurement's memory
 
 
-def dynamics_path(ctx: Context, method: str) -> dict[str, Any]:
-    """The trainer's dynamics monitor (train.dynamics_every=2) on the device: the peak allocation
-    of a measured step's update window (clipping, optimizer step, periodic work, measurement)
-    against a plain step's, as a multiple of the targeted weights' fp32 size: the factor that
-    decides whether a dynamics step fits at 1B or 7B (#5 of the GPU audit: 3.3x under bf16-pure)."""
-    from rankscope.bench.train import random_batches, train_step
-    from rankscope.models import iter_target_linears
-    from rankscope.train.dynamics import DynamicsMonitor
-
-    config, device, precision, every = ctx.config, ctx.device, "bf16-pure", 2
-
-    class WindowPeaks(DynamicsMonitor):
-        """The monitor, with the peak allocation between its two calls recorded per step."""
-
-        def before_update(self, step, loss):
-            self.base = _start_peak(device)
-            super().before_update(step, loss)
-
-        def after_update(self, step, applied=True):
-            record = super().after_update(step, applied)
-            self.peaks[step] = _peak_since(device, self.base)
-            self.records[step] = record
-            return record
-
-    cfg = run_config(config.preset, method, config.batch_size, config.seq_len, config.model_overrides,
-                     train={"dynamics_every": every})
-    run = method_run(cfg, device, precision, config.seed)
-    monitor = WindowPeaks(run.model, run.optimizer, cfg.train, seed=config.seed)
-    monitor.peaks, monitor.records = {}, {}
-    batches = random_batches(run.model_config.vocab_size, config.batch_size, config.seq_len, 2, config.seed, device)
-    for index in range(2 * every):  # steps 1..4: 2 and 4 measure; 3 (plain) and 4 compare, both steady
-        loss = float(train_step(run, batches[index % 2], monitor)["loss"])
-        require_finite([loss], f"{method} loss with dynamics on")
-    measured = sorted(step for step, record in monitor.records.items() if "dynamics" in record)
-    if measured != [every, 2 * every]:
-        raise RankscopeError(f"dynamics_every={every}: measurements at steps {measured}, expected [{every}, {2 * every}]")
-    rows = monitor.records[2 * every]["dynamics"]["matrices"].values()
-    norms = [value for row in rows for value in row.values() if value is not None]
-    if not norms:
-        raise RankscopeError(f"{method}: the dynamics measurement holds no spectral norm")
-    require_finite(norms, f"{method} measured spectral norms")
-    targeted = sum(module.out_features * module.in_features * 4 if hasattr(module, "out_features")
-                   else module.weight.numel() * 4 for _, _, _, module in iter_target_linears(run.model))
-    plain, with_dynamics = monitor.peaks[2 * every - 1], monitor.peaks[2 * every]
-    extra = with_dynamics - plain if plain is not None else None
-    return {"preset": config.preset, "method": method, "precision": precision, "dynamics_every": every,
-            "measured_steps": measured, "targeted_fp32_bytes": targeted, "plain_step_peak_bytes": plain,
-            "measured_step_peak_bytes": with_dynamics, "extra_bytes": extra,
-            "extra_over_targeted_fp32": extra / targeted if extra is not None else None}
-
-
-# ---------------------------------------------------------------------------------------------
-# memory at 1B, projector refresh
-
-
-class SavedForBackward:
-    """Bytes of the tensors autograd keeps for the backward pass (each storage once, parameters
-    left out): the activation memory that activation checkpointing trades for recomputation."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.seen: set[int] = set()
-        self.bytes = 0
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in self.skip and pointer not in self.seen:
-            self.seen.add(pointer)
-            self.bytes += storage.nbytes()
-        return tensor
-
-    @staticmethod
-    def unpack(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-
-def memory_path(ctx: Context, method: str) -> dict[str, Any]:
-    """One bf16-pure training step (forward, backward, optimizer step) at micro-batch 1 of the
-    memory preset built on the device, without and with train.activation_checkpointing: the peak
-    allocation and the activations kept for backward. Checkpointing must keep fewer."""
-    from rankscope import methods
-    from rankscope.models import token_losses
-
-    config, device, precision = ctx.config, ctx.device, "bf16-pure"
-    seq_len, results = config.memory_seq_len, {}
-    for checkpointing in (False, True):
-        free_device(device)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        method_overrides = {}
-        if "svd" in {f.name for f in dataclasses.fields(methods.get(method).Settings)}:
-            # GaLore's first step refreshes every projector: randomized at 1B takes milliseconds
-            # per matrix instead of a second, and the state it leaves has the same size.
-            method_overrides["svd"] = "randomized"
-        cfg = run_config(config.memory_preset, method, 1, seq_len, config.infer_model_overrides, method_overrides,
-                         train={"activation_checkpointing": checkpointing})
-        run = method_run(cfg, device, precision, config.seed, on_device=True)
-        run.model.activation_checkpointing = checkpointing  # as the trainer sets it from the config
-        tokens = torch.randint(0, run.model_config.vocab_size, (1, seq_len),
-                               generator=torch.Generator().manual_seed(config.seed)).to(device)
-        if device.type == "cuda":
-            synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        saved = SavedForBackward(run.model)
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            loss = token_losses(run.model, tokens).mean()
-        loss.backward()
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        require_finite([float(loss.detach())], f"{method} loss at {config.memory_preset}")
-        results[checkpointing] = {
-            "peak": torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None,
-            "activations": saved.bytes, "params": sum(p.numel() for p in run.model.parameters()),
-            "weights_and_state": sum(p.numel() * p.element_size() for p in run.model.parameters())
-            + sum(t.numel() * t.element_size() for s in run.optimizer.state.values() for t in s.values()
-                  if isinstance(t, torch.Tensor)),
-        }
-        del run, loss, tokens
-    plain, checkpointed = results[False], results[True]
-    if checkpointed["activations"] >= plain["activations"]:
-        raise RankscopeError(f"train.activation_checkpointing=true kept {checkpointed['activations']:,} bytes of "
-                             f"activations for backward, not fewer than without it ({plain['activations']:,})")
-    return {"preset": config.memory_preset, "method": method, "precision": precision, "seq_len": seq_len,
-            "micro_batch": 1, "total_params": plain["params"], "weights_and_state_bytes": plain["weights_and_state"],
-            "peak_bytes": plain["peak"], "peak_bytes_checkpointed": checkpointed["peak"],
-            "activation_bytes": plain["activations"], "activation_bytes_checkpointed": checkpointed["activations"]}
-
-
-def projector_path(ctx: Context) -> dict[str, Any]:
-    """One GaLore projector refresh (rankscope.optim.projector.compute_projection) of a 1B MLP
-    gradient in fp32, from the exact SVD and from the randomized one, each timed after a warm-up
-    on a small matrix (the solver's first call sets up its handles); both must be orthonormal."""
-    from rankscope.optim.projector import compute_projection, projection_side
-
-    config, device = ctx.config, ctx.device
-    rows, cols = config.projector_shape
-    rank, oversample, niter = config.projector_rank, 8, 2
-    generator = torch.Generator().manual_seed(config.seed)
-    gradient = torch.randn(rows, cols, generator=generator).to(device)
-    side = projection_side(gradient.shape, "std")
-    seconds = {}
-    for svd in ("exact", "randomized"):
-        compute_projection(gradient[: 2 * rank, : 2 * rank], rank, side, svd, oversample, niter)
-        synchronize(device)
-        started = time.perf_counter()
-        projection = compute_projection(gradient, rank, side, svd, oversample, niter, seed=config.seed)
-        synchronize(device)
-        seconds[svd] = time.perf_counter() - started
-        for name, basis in projection.items():
-            gram = basis.mT @ basis if name == "proj_left" else basis @ basis.mT
-            error = float((gram - torch.eye(rank, device=device)).abs().max())
-            if not math.isfinite(error) or error > 1e-3:
-                raise RankscopeError(f"{svd} SVD gave a {name} that is not orthonormal (max |PᵀP - I| = {error:.3g})")
-    return {"shape": [rows, cols], "rank": rank, "exact_s": seconds["exact"], "randomized_s": seconds["randomized"],
-            "svd_oversample": oversample, "svd_niter": niter,
-            "exact_over_randomized": seconds["exact"] / seconds["randomized"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# process group, inference, landscape
-
-
 def process_group_path(ctx: Context) -> dict[str, Any]:
     """A process group of world size 1 (NCCL on CUDA, gloo on the CPU) through a file store (no
     network): init, an all_reduce whose sum must equal its input, a barrier, destroy."""
@@ -565,65 +400,3 @@ def process_group_path(ctx: Context) -> dict[str, Any]:
     return {"backend": backend, "world_size": 1, "nccl": _nccl_version() if backend == "nccl" else None,
             "init_s": seconds["init"], "all_reduce_s": seconds["all_reduce"], "barrier_s": seconds["barrier"],
             "destroy_s": seconds["destroy"]}
-
-
-def build_on_device(preset: str, method: str, overrides: dict[str, Any], device: torch.device,
-                    dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    """A method's initial model created directly on the device (a 1B model in seconds)."""
-    from rankscope.bench.train import build_config
-    from rankscope.models import get_preset
-    from rankscope.train.setup import build_run_model, resolve_model_config
-
-    cfg = build_config(preset, method, 1, 2, overrides)
-    vocab = int(overrides.get("vocab_size", get_preset(preset).vocab_size))
-    with torch.device(device):
-        model, _ = build_run_model(cfg, resolve_model_config(cfg, vocab), seed=seed)
-    model.to(dtype=dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def infer_path(ctx: Context) -> dict[str, Any]:
-    """Dense vs factorized forward latency at the inference preset, bf16."""
-    config, device = ctx.config, ctx.device
-    dense_name, factorized_name = config.infer_methods
-    models = {name: build_on_device(config.infer_preset, name, config.infer_model_overrides, device, torch.bfloat16,
-                                    config.seed)
-              for name in config.infer_methods}
-    vocab = models[dense_name].config.vocab_size
-    generator = torch.Generator().manual_seed(config.seed)
-    points = []
-    for seq_len in config.infer_seq_lens:
-        tokens = torch.randint(0, vocab, (config.infer_batch_size, seq_len), generator=generator).to(device)
-        latency = {}
-        with torch.inference_mode():
-            for name, model in models.items():
-                latency[name] = median(time_calls(lambda model=model, tokens=tokens: model(tokens), device, 1,
-                                                  config.infer_iters))
-        points.append({"batch_size": config.infer_batch_size, "seq_len": seq_len,
-                       "dense_s": latency[dense_name], "factorized_s": latency[factorized_name],
-                       "speedup": latency[dense_name] / latency[factorized_name]})
-    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    del models
-    return {"preset": config.infer_preset, "dense": dense_name, "factorized": factorized_name, "dtype": "bf16",
-            "dense_params": params[dense_name], "factorized_params": params[factorized_name], "points": points,
-            "speedup_geomean": geometric_mean(p["speedup"] for p in points),
-            "published_speedup": LORO_PUBLISHED_SPEEDUP}
-
-
-def landscape_path(ctx: Context, method: str) -> dict[str, Any]:
-    """One landscape / interpolation point against one plain forward over the probe set."""
-    from rankscope.analysis.cost import measure_point_cost
-
-    config, device = ctx.config, ctx.device
-    model = build_on_device(config.preset, method, config.model_overrides, device, torch.float32, config.seed)
-    probe = torch.randint(0, model.config.vocab_size, (config.probe_sequences, config.seq_len),
-                          generator=torch.Generator().manual_seed(config.seed))
-    cost = measure_point_cost(model, probe, batch_size=min(32, config.probe_sequences), device=device,
-                              repeats=3, seed=config.seed)
-    return {"preset": config.preset, "method": method, "probe_tokens": probe.numel(),
-            "forward_s": cost["forward_s"], "landscape_point_s": cost["landscape_point_s"],
-            "landscape_over_forward": cost["landscape_point_s"] / cost["forward_s"],
-            "interpolation_point_s": cost["interpolation_point_s"],
-            "interpolation_over_forward": cost["interpolation_point_s"] / cost["forward_s"]}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rankscope.bench.gpu import paths, trainer_paths
+from rankscope.bench.gpu import cost_paths, memory_paths, paths, trainer_paths
 from rankscope.bench.gpu.config import GpuCheckConfig
 from rankscope.bench.gpu.paths import Context
 
@@ -41,15 +41,15 @@ def plan(config: GpuCheckConfig, device_type: str, visible_gpus: int) -> list[Pl
                 lambda ctx, m=method, p=precision: paths.train_path(ctx, m, p))
     add("optimizer-state/bf16-pure", "optimizer_state", paths.optimizer_state_path)
     for method in config.dynamics_methods:
-        add(f"dynamics/{config.preset}/{method}", "dynamics", lambda ctx, m=method: paths.dynamics_path(ctx, m))
+        add(f"dynamics/{config.preset}/{method}", "dynamics", lambda ctx, m=method: memory_paths.dynamics_path(ctx, m))
     add(f"trainer/{config.rng_method}/rng-resume", "trainer", trainer_paths.rng_resume_path)
     add("trainer/relora/warm-start", "trainer", trainer_paths.warm_start_path)
     add(f"trainer/{config.trainer_method}/bf16-pure/checkpoint-resume", "trainer", trainer_paths.trainer_path)
     for method in config.memory_methods:
         add(f"memory/{config.memory_preset}/{method}/seq{config.memory_seq_len}", "memory",
-            lambda ctx, m=method: paths.memory_path(ctx, m))
+            lambda ctx, m=method: memory_paths.memory_path(ctx, m))
     rows, cols = config.projector_shape
-    add(f"projector/{rows}x{cols}", "projector", paths.projector_path)
+    add(f"projector/{rows}x{cols}", "projector", cost_paths.projector_path)
     for preset in config.throughput_presets:
         for method in config.throughput_methods:
             add(f"throughput/{preset}/{method}", "throughput",
@@ -64,7 +64,7 @@ def plan(config: GpuCheckConfig, device_type: str, visible_gpus: int) -> list[Pl
     else:
         add(f"ddp/{config.ddp_method}/{processes}-{unit}", "ddp", lambda ctx: trainer_paths.ddp_path(ctx, processes))
     dense, factorized = config.infer_methods
-    add(f"infer/{config.infer_preset}/{dense}-vs-{factorized}", "infer", paths.infer_path)
+    add(f"infer/{config.infer_preset}/{dense}-vs-{factorized}", "infer", cost_paths.infer_path)
     for method in config.landscape_methods:
-        add(f"landscape/{config.preset}/{method}", "landscape", lambda ctx, m=method: paths.landscape_path(ctx, m))
+        add(f"landscape/{config.preset}/{method}", "landscape", lambda ctx, m=method: cost_paths.landscape_path(ctx, m))
     return planned

@@ -50,7 +50,9 @@ def summary_line(result: dict[str, Any]) -> str:
         return (f"val loss {m['val_loss']:.3f}, {m['resumed_val_loss']:.3f} resumed from step "
                 f"{m['checkpoint_step']}{faked}")
     if kind == "memory":
-        return (f"peak {_bytes(m['peak_bytes'])} ({_bytes(m['peak_bytes_checkpointed'])} checkpointed), "
+        estimated = (f" (estimated {_bytes(m['estimate_bytes'])}, {_bytes(m['estimate_bytes_checkpointed'])})"
+                     if m.get("estimate_bytes") else "")
+        return (f"peak {_bytes(m['peak_bytes'])} ({_bytes(m['peak_bytes_checkpointed'])} checkpointed){estimated}, "
                 f"activations {_bytes(m['activation_bytes'])} -> {_bytes(m['activation_bytes_checkpointed'])}")
     if kind == "projector":
         return (f"rank {m['rank']}: exact SVD {format_value(m['exact_s'], 'seconds')}, "
