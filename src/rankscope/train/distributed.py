@@ -1,14 +1,18 @@
-"""Process-group setup for `torchrun` (NCCL on GPU, gloo on CPU) and the few collectives we use."""
+"""Process-group setup for `torchrun` (NCCL on GPU, gloo on CPU), the few collectives we use, the
+DDP wrapper and each rank's own random stream."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import random
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -77,3 +81,47 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_stream_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s random stream for training (dropout) when it starts at `step`:
+    seed, rank and step mixed by odd 64-bit multipliers, so that nearby values give unrelated streams."""
+    return (seed + rank * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % 2**63
+
+
+def separate_rank_streams(seed: int, rank: int) -> None:
+    """Give each process its own random stream for training once the model is built (its init
+    must be identical on every rank), so that DDP ranks draw independent dropout masks rather
+    than the same ones. Rank 0 keeps the stream that follows the init: a single-process run draws
+    exactly what it drew before the ranks had streams of their own."""
+    if rank > 0:
+        stream_seed = rank_stream_seed(seed, rank)
+        torch.manual_seed(stream_seed)  # the CPU generator and every CUDA device's
+        random.seed(stream_seed)
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the model's trainable parameters (those with requires_grad when it is built).
+
+    No buffer broadcast before each forward: every buffer (RoPE tables, SLTrain's sparse indices,
+    SwitchLoRA's candidate banks) is built from the seed or changed by seeded, rank-independent
+    work, so the ranks already agree, and DDP's default would re-send all of them every step.
+    `gradient_as_bucket_view=True`: gradients live in DDP's all-reduce buckets instead of a second
+    copy of every gradient beside them; the optimizers only read `p.grad`, and
+    `zero_grad(set_to_none=True)` is fine with it (DDP re-creates the views on the next backward).
+    """
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **{_NO_FORWARD_BUFFER_SYNC: False},
+    )
+
+
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns); older
+# versions know only the old one.
+_NO_FORWARD_BUFFER_SYNC = (
+    "forward_sync_buffers"
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else "broadcast_buffers"
+)

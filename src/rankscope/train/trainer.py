@@ -6,10 +6,8 @@ and periodic work); the loop itself never asks which method it is running.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,7 +30,10 @@ from rankscope.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    data_parallel,
     init_distributed,
+    rank_stream_seed,
+    separate_rank_streams,
     shutdown,
 )
 from rankscope.train.dynamics import DynamicsMonitor
@@ -73,50 +74,6 @@ def _checkpoint_steps(cfg: RunConfig) -> set[int]:
         steps.update(range(every, cfg.train.steps + 1, every))
     steps.add(cfg.train.steps)  # the final model is always kept
     return steps
-
-
-def _rank_stream_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The seed of rank `rank`'s random stream for training (dropout) when it starts at `step`:
-    seed, rank and step mixed by odd 64-bit multipliers, so that nearby values give unrelated streams."""
-    return (seed + rank * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % 2**63
-
-
-def _separate_rank_streams(seed: int, rank: int) -> None:
-    """Give each process its own random stream for training once the model is built (its init
-    must be identical on every rank), so that DDP ranks draw independent dropout masks rather
-    than the same ones. Rank 0 keeps the stream that follows the init: a single-process run draws
-    exactly what it drew before the ranks had streams of their own."""
-    if rank > 0:
-        stream_seed = _rank_stream_seed(seed, rank)
-        torch.manual_seed(stream_seed)  # the CPU generator and every CUDA device's
-        random.seed(stream_seed)
-
-
-def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over the model's trainable parameters (those with requires_grad when it is built).
-
-    No buffer broadcast before each forward: every buffer (RoPE tables, SLTrain's sparse indices,
-    SwitchLoRA's candidate banks) is built from the seed or changed by seeded, rank-independent
-    work, so the ranks already agree, and DDP's default would re-send all of them every step.
-    `gradient_as_bucket_view=True`: gradients live in DDP's all-reduce buckets instead of a second
-    copy of every gradient beside them; the optimizers only read `p.grad`, and
-    `zero_grad(set_to_none=True)` is fine with it (DDP re-creates the views on the next backward).
-    """
-    return nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True,
-        **{_NO_FORWARD_BUFFER_SYNC: False},
-    )
-
-
-# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns); older
-# versions know only the old one.
-_NO_FORWARD_BUFFER_SYNC = (
-    "forward_sync_buffers"
-    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    else "broadcast_buffers"
-)
 
 
 def train(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -170,7 +127,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
 
     # -- model, method, optimizer ---------------------------------------------------------------
     model, method = build_training_model(cfg, model_cfg, device, resuming=latest is not None)
-    _separate_rank_streams(t.seed, dist_info.rank)
+    separate_rank_streams(t.seed, dist_info.rank)
     sharded = uses_fsdp(cfg) and dist_info.enabled  # FSDP2: rows of every tensor per rank (train/sharding.py)
     if sharded:
         shard_model(model, device, dist_info.world_size, t.precision)  # before the optimizer sees the parameters
@@ -194,7 +151,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         stream.load_state_dict(state["data"])
         method.load_state_dict(state["method"])
         ckpt.restore_rng_state(state["rng"], dist_info.rank, dist_info.world_size, device,
-                               fresh_seed=_rank_stream_seed(t.seed, dist_info.rank, latest.step))
+                               fresh_seed=rank_stream_seed(t.seed, dist_info.rank, latest.step))
         start_step = latest.step
         if state.get("after_step_pending", False):
             # The checkpoint was written between the update and the method's periodic work.
@@ -207,7 +164,7 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
     # a DDP built over the old set then waits for gradients that never come, so after each
     # step's periodic work the model is wrapped again when the set changed.
     def wrap_for_training() -> tuple[nn.Module, nn.Module, tuple[bool, ...]]:
-        wrapped = _data_parallel(model, device) if dist_info.enabled and not sharded else model
+        wrapped = data_parallel(model, device) if dist_info.enabled and not sharded else model
         return wrapped, torch.compile(wrapped) if t.compile else wrapped, trainable_flags()
 
     def trainable_flags() -> tuple[bool, ...]:
