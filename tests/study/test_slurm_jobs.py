@@ -3,6 +3,7 @@ job processes, SLURM's signals, time limits and requeues imitated by local stand
 
 import json
 import os
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 from study_helpers import final_weights, last_logged_step, read_outcome, small_study, wait_for
 
 from rankscope.study import Job, LaunchOptions, plan_runs, run_study
-from rankscope.study.launch.cluster import SubmititJob, SubmititLauncher
+from rankscope.study.launch.cluster import SubmititJob, SubmititLauncher, requeue_cut_short
 from rankscope.study.status import JobRecords
 from rankscope.train import train
 from rankscope.train.preemption import clear_stop
@@ -37,6 +38,9 @@ def test_a_run_survives_a_preemption_and_a_time_limit_and_ends_bit_for_bit(tmp_p
     spec = small_study(methods=["full"], seeds=[0], steps=40, checkpoint_steps=(), slower=True)
     run = "full-tiny-s0"
     monkeypatch.setenv("FAKE_SLURM_KILL_WAIT", "0.5")
+    # Each requeue's end of the job kills submitit's scontrol before it exits (SLURM can do that
+    # too): the job must still count as requeued, not as failed.
+    monkeypatch.setenv("FAKE_SLURM_REQUEUE_LINGER", "1")
     # A relative study folder, and jobs that start elsewhere (sbatch --chdir): the jobs must carry
     # absolute paths.
     monkeypatch.chdir(tmp_path)
@@ -181,3 +185,11 @@ def test_a_run_that_does_not_stop_within_the_signal_delay_is_requeued_anyway(cap
     assert isinstance(requeued.function, SubmititJob)
     assert requeued.function.job == job.job and requeued.function.signal_delay_s == 3
     assert "train/big: did not stop within 2 s of the signal; requeued anyway" in caplog.text
+
+
+def test_only_a_requeue_killed_by_the_jobs_end_counts_as_requeued():
+    """`scontrol requeue` killed by a signal: SLURM took the requeue and is ending the job. Exit
+    status 1: SLURM refused it, and the job must end with submitit's error result."""
+    assert requeue_cut_short(subprocess.CalledProcessError(-15, ["scontrol", "requeue", "10000_3"]))
+    assert not requeue_cut_short(subprocess.CalledProcessError(1, ["scontrol", "requeue", "10000_3"]))
+    assert not requeue_cut_short(subprocess.CalledProcessError(-9, ["sacct", "-j", "10000"]))

@@ -27,7 +27,8 @@ Environment: FAKE_SLURM_DIR (the job table and logs), FAKE_SLURM_SECONDS_PER_MIN
 --time lasts; the signal delay is scaled the same way), FAKE_SLURM_KILL_WAIT and FAKE_SLURM_GRACE
 (seconds), FAKE_SLURM_HOLD=1 (submitted jobs stay pending until `release`), FAKE_SLURM_LIFETIME
 (seconds, default 900: a controller whose test was killed before its teardown cancels its job and
-exits then). Everything runs on this host: every node of a multi-node job is `localhost`.
+exits then), FAKE_SLURM_REQUEUE_LINGER (seconds `scontrol requeue` takes to exit after
+SLURM took the requeue). Everything runs on this host: every node of a multi-node job is `localhost`.
 """
 
 from __future__ import annotations
@@ -495,6 +496,10 @@ def scontrol(argv: list[str]) -> int:
                     return 1
                 for job in selected:
                     job["requeue"] = True
+        # SLURM ends a running job as soon as it accepted the requeue; a scontrol run from inside
+        # the job that has not exited by then is killed with it (FAKE_SLURM_REQUEUE_LINGER widens
+        # that window to make it certain).
+        time.sleep(_setting("FAKE_SLURM_REQUEUE_LINGER", 0))
         return 0
     if argv[:1] == ["update"]:
         fields = dict(arg.split("=", 1) for arg in argv[1:])

@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -63,6 +64,13 @@ def checkpoint_wait_s(signal_delay_s: float) -> float:
     return max(1.0, signal_delay_s - min(REQUEUE_MARGIN_S, signal_delay_s / 3))
 
 
+def requeue_cut_short(exc: subprocess.CalledProcessError) -> bool:
+    """Whether submitit's `scontrol requeue` was killed by a signal (the requeue's own end of the
+    job) rather than refused by SLURM (a non-zero exit status: no requeue)."""
+    command = exc.cmd if isinstance(exc.cmd, (list, tuple)) else str(exc.cmd).split()
+    return list(command[:2]) == ["scontrol", "requeue"] and exc.returncode < 0
+
+
 class SubmititJob:
     """What submitit runs: one study job, checkpointable (submitit calls `checkpoint` on USR2)."""
 
@@ -85,9 +93,19 @@ class SubmititJob:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         torch.set_num_threads(self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
         self._thread = threading.Thread(target=self._work, args=(env.global_rank,), daemon=True)
-        self._thread.start()
-        while self._thread.is_alive():  # the main thread stays free to run submitit's signal handler
-            self._thread.join(0.2)
+        try:
+            self._thread.start()
+            while self._thread.is_alive():  # the main thread stays free to run submitit's signal handler
+                self._thread.join(0.2)
+        except subprocess.CalledProcessError as exc:
+            if not requeue_cut_short(exc):
+                raise
+            # SLURM ends a requeued job at once, and `scontrol requeue` (submitit runs it from the
+            # signal handler, here) is part of the job: it may be killed before it exits. The
+            # requeue went through; raising would make submitit write an error result, and the
+            # driver would take the requeued job for finished.
+            log.info("%s/%s: requeued (the job ended while scontrol was exiting)", self.job.stage, self.job.name)
+            sys.exit(-1)  # what submitit's own handler does after a requeue: no result file
         if self._error is not None:
             raise self._error
         return self._result
