@@ -192,6 +192,8 @@ CASES = [
     Case("data.max_train_tokens=-5", [*TRAIN_OUT, "{tmp}/r", "--set", "data.max_train_tokens=-5"], r"data.max_train_tokens must be >= 0, got -5"),
     Case("model override of 0 layers", [*TRAIN_OUT, "{tmp}/r", "--set", "model.overrides={num_layers: 0}"],
          r"model.overrides.num_layers must be a positive number, got 0"),
+    Case("sequence longer than the model's", [*TRAIN_OUT, "{tmp}/r", "--set", "model.overrides={num_layers: 1, max_seq_len: 16}"],
+         r"data.seq_len 32 is longer than the model's max_seq_len 16 \(preset tiny\); set model.overrides.max_seq_len=32 or a data.seq_len of at most 16"),
     Case("train --device tpu", [*TRAIN_OUT, "{tmp}/r", "--device", "tpu"], r"unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
     Case("unknown preset", [*TRAIN_OUT, "{tmp}/r", "--preset", "tinny"], r"unknown (model )?preset 'tinny'.*did you mean 'tiny'"),
     Case("unknown method", [*TRAIN_OUT, "{tmp}/r", "--method", "galor"], r"unknown method 'galor'.*did you mean 'galore'"),

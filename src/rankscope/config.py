@@ -498,3 +498,12 @@ def validate(cfg: RunConfig) -> None:
         # Every LlamaConfig field is a size or a positive constant.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
             raise ConfigError(f"model.overrides.{key} must be a positive number, got {value!r}")
+    max_seq_len = cfg.model.overrides.get("max_seq_len", PRESETS[cfg.model.preset].max_seq_len)
+    if cfg.data.seq_len > max_seq_len:
+        # RoPE itself has no limit, but the model (and its Hugging Face export's
+        # max_position_embeddings) would claim a shorter context than it was trained on.
+        raise ConfigError(
+            f"data.seq_len {cfg.data.seq_len} is longer than the model's max_seq_len {max_seq_len} "
+            f"(preset {cfg.model.preset}); set model.overrides.max_seq_len={cfg.data.seq_len} or a data.seq_len "
+            f"of at most {max_seq_len}"
+        )
