@@ -15,8 +15,11 @@ import torch
 from study_helpers import final_weights, last_logged_step, read_outcome, small_study, wait_for
 
 from rankscope.study import Job, LaunchOptions, plan_runs, run_study
+from rankscope.study.board import StudyBoard
+from rankscope.study.engine import run_jobs
+from rankscope.study.launch import Handle, Launcher
 from rankscope.study.launch.cluster import SubmititJob, SubmititLauncher, requeue_cut_short
-from rankscope.study.status import JobRecords
+from rankscope.study.status import JobFiles, JobRecords, StudyStatus
 from rankscope.train import train
 from rankscope.train.preemption import clear_stop
 
@@ -193,3 +196,39 @@ def test_only_a_requeue_killed_by_the_jobs_end_counts_as_requeued():
     assert requeue_cut_short(subprocess.CalledProcessError(-15, ["scontrol", "requeue", "10000_3"]))
     assert not requeue_cut_short(subprocess.CalledProcessError(1, ["scontrol", "requeue", "10000_3"]))
     assert not requeue_cut_short(subprocess.CalledProcessError(-9, ["sacct", "-j", "10000"]))
+
+
+class _EndedAfterPreemption(Handle):
+    """A job that checkpointed on a signal and then ended for good (submitit's error result)."""
+
+    def finished(self) -> bool:
+        return True
+
+    def failure(self) -> str:
+        return "job 7 failed: UncompletedJobError: Job not requeued because: timed-out too many times."
+
+
+class _OneShotLauncher(Launcher):
+    name = "one-shot"
+    poll_interval = 0.0
+
+    def __init__(self, study_dir: Path):
+        self.study_dir = study_dir
+
+    def submit(self, stage, jobs, on_submitted=None):
+        for job in jobs:
+            JobFiles(self.study_dir, job.stage, job.name).write_outcome({"state": "preempted", "step": 4})
+        return {job.name: _EndedAfterPreemption() for job in jobs}
+
+    def describe(self, stage, jobs):
+        return ""
+
+
+def test_a_preempted_job_that_is_not_requeued_fails_with_submitits_reason(tmp_path):
+    job = _SlowToStopJob(stage="train", name="big", runs=("big",))
+    status = StudyStatus(tmp_path / "status.json")
+    [outcome] = run_jobs([job], _OneShotLauncher(tmp_path), tmp_path, status, StudyBoard("t", live=False)).values()
+    assert outcome["state"] == "failed"
+    assert outcome["error"] == ("stopped after step 4 and not resumed (job 7 failed: UncompletedJobError: Job not requeued "
+                                "because: timed-out too many times.); run the study again to continue from that checkpoint")
+    assert status.data["big"]["train"]["state"] == "failed"

@@ -88,8 +88,11 @@ def run_jobs(jobs: list[Job], launcher: Launcher, study_dir: Path, status: Study
                 outcome = {"state": "failed", "error": handle.failure() or "the job ended without recording an outcome",
                            "log": str(files.log)}
             elif outcome["state"] == "preempted":
+                # Checkpointed and stopped, but the job ended instead of being requeued: say why
+                # (submitit's reason: the requeue limit, a refused `scontrol requeue`, ...).
+                reason = handle.failure() or "not requeued"
                 outcome = {**outcome, "state": "failed", "error": (
-                    f"stopped after step {outcome.get('step')} and not resumed (requeue limit reached); "
+                    f"stopped after step {outcome.get('step')} and not resumed ({reason}); "
                     "run the study again to continue from that checkpoint")}
             outcomes[name] = outcome
             _record(job, outcome, study_dir, status)
