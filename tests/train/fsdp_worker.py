@@ -12,7 +12,8 @@ the first attempt at.
 With "optimizer_check", GaLoreAdamW, FiraAdamW and GoLoreAdamW step row-sharded DTensor weights
 (in stacks of same-shaped matrices) and plain copies of them (one by one) with the same gradients,
 for every projection side and moment carry;
-OUT/optimizer_check.rank<r>.json gets the largest difference per case.
+OUT/optimizer_check.rank<r>.json gets the largest difference per case, and how many matrices
+this rank's sharded optimizer took the SVD of (each refresh's SVDs are shared out among the ranks).
 
 The worker owns the process group: `train()` would end it when it returns, so the worker keeps
 it for all its runs (one torch import and one rendezvous per launch).
@@ -71,7 +72,18 @@ def optimizer_check(out: str, rank: int) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from rankscope.optim import FiraAdamW, GaLoreAdamW
+    from rankscope.optim import galore as galore_module
     from rankscope.optim.golore import GoLoreAdamW
+
+    counting = {"on": False, "svds": 0}
+    real_compute = galore_module.compute_projection
+
+    def compute_projection(matrices, *args, **kwargs):
+        if counting["on"] and matrices.device.type != "meta":  # meta: a receiving rank's shapes
+            counting["svds"] += 1 if matrices.dim() == 2 else matrices.shape[0]
+        return real_compute(matrices, *args, **kwargs)
+
+    galore_module.compute_projection = compute_projection
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     # Tall (right side), wide (left side), square and an odd row count (uneven shards); two of one
@@ -80,7 +92,7 @@ def optimizer_check(out: str, rank: int) -> None:
     cases = [(GaLoreAdamW, {"scale": 0.5}, ("std", "reverse_std", "full")),
              (FiraAdamW, {}, ("std", "reverse_std")),
              (GoLoreAdamW, {"random_from_step": 2}, ("std", "reverse_std"))]
-    errors = {}
+    errors, svds = {}, {}
     for cls, extra, proj_types in cases:
         for proj_type in proj_types:
             for moments in ("none", "both", "first_transient"):
@@ -97,12 +109,17 @@ def optimizer_check(out: str, rank: int) -> None:
                         p.grad = g.clone()
                     for p, g in zip(sharded, step_grads):
                         p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-                    for optimizer in optimizers:
-                        optimizer.step()
+                    optimizers[0].step()
+                    counting["on"] = True
+                    optimizers[1].step()
+                    counting["on"] = False
                 error = max(float((a - b.full_tensor()).abs().max()) for a, b in zip(plain, sharded))
                 errors[f"{cls.__name__}/{proj_type}/{moments}"] = error
+                svds[f"{cls.__name__}/{proj_type}/{moments}"] = counting["svds"]
+                counting["svds"] = 0
+    galore_module.compute_projection = real_compute
     with open(os.path.join(out, f"optimizer_check.rank{rank}.json"), "w") as handle:
-        json.dump(errors, handle)
+        json.dump({"errors": errors, "svds": svds}, handle)
 
 
 def main() -> None:

@@ -159,13 +159,18 @@ def test_sharded_projected_optimizers_match_plain_ones(runs):
     """GaLore / Fira / GoLore on row-sharded weights (right side: projected row by row; left side:
     all-reduced partial projections; refresh: gathered SVD) against the same optimizer on plain
     weights, over two refreshes, for every side and moment carry."""
-    for rank in (0, 1):
-        errors = json.loads((runs / f"optimizer_check.rank{rank}.json").read_text())
-        assert len(errors) == 21
-        for case, error in errors.items():
+    checks = [json.loads((runs / f"optimizer_check.rank{rank}.json").read_text()) for rank in (0, 1)]
+    for check in checks:
+        assert len(check["errors"]) == 21
+        for case, error in check["errors"].items():
             # "full" projects onto an r x r core that is diagonal at a refresh: Adam normalises its
             # off-diagonal rounding noise (down to eps), so sums in another order move it by ~1e-5.
             assert error < (1e-4 if "/full/" in case else 2e-6), case
+    # Each refresh's SVDs are shared out: 5 matrices, refreshed at steps 0, 2 and 4 (GoLore: SVD at
+    # step 0 only, random projectors after), each SVD'd by one rank (rank 0: 3 of 5, rank 1: 2).
+    for case in checks[0]["svds"]:
+        refreshes = 1 if case.startswith("GoLore") else 3
+        assert [check["svds"][case] for check in checks] == [3 * refreshes, 2 * refreshes], case
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(runs):

@@ -32,7 +32,7 @@ gradient); under "fp32" they, the scaled update and the limiter's norm are fp32.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -130,9 +130,10 @@ class APOLLOAdamW(ProjectedAdamW):
                         f"use proj_type std (or scale_type tensor)")
         return True
 
-    def _refresh_if_due(self, group: dict[str, Any], stack: MatrixStack, grads: torch.Tensor) -> None:
+    def _refresh_if_due(self, group: dict[str, Any], stack: MatrixStack, grads: torch.Tensor,
+                        shared: Mapping[int, dict[str, torch.Tensor]] | None = None) -> None:
         if group["proj"] == "svd":
-            super()._refresh_if_due(group, stack, grads)
+            super()._refresh_if_due(group, stack, grads, shared)
             return
         key = projector_keys(stack.side)[0]
         for index, state in enumerate(stack.states):

@@ -44,8 +44,9 @@ around that row split, so that only a refresh needs the whole gradient:
   its rows of P_left (m x r) and the r x n partial sums are all-reduced; the moments (r x n) are
   whole on every rank (each computes the same Adam update) and back(N) = P_left[rows]·N writes
   the rank's own rows. "full" likewise, with an r x r all-reduce.
-- refresh (every update_proj_gap steps): the SVD needs the whole G, all-gathered one matrix at a
-  time; every rank computes the same SVD and keeps what it needs. Carrying the moments into the
+- refresh (every update_proj_gap steps): the SVD needs the whole G, all-gathered; each matrix's
+  SVD runs on one rank, which broadcasts the projectors, and every rank keeps what it needs
+  (`_shared_refresh`). Carrying the moments into the
   new basis (reproject_moments) also gathers the old and new P_left (m x r).
 - Fira's residual is row by row too; its norm-growth limiter needs ‖S‖_F, one all-reduced scalar
   per matrix.
@@ -57,9 +58,9 @@ all-reduce moves about twice that), next to FSDP's own ~54 GB per step (bf16 all
 `proj_type=right` makes every step communication-free (not the reference's choice for m < n).
 Per refresh, the all-gather of every targeted G: 6.48B values (25.9 GB, 130 MB per step amortized
 over T = 200) and one whole m x n gradient alive at a time (180 MB for gate/up/down); with moment
-carrying, P_left's 134M values (0.54 GB) more. Every rank runs every SVD (the refresh's compute
-is not divided among ranks); giving each matrix's SVD to one rank and broadcasting its projector
-would divide it, and is not done here.
+carrying, P_left's 134M values (0.54 GB) more. Each matrix's SVD runs on one rank (round robin,
+`computed_by_one_rank`), which broadcasts its projectors (r x n or m x r: 1/16 or less of G at
+r = d/4): a rank runs 1/world of the refresh's SVDs, with at most two whole gradients alive.
 
 State dtype (`state_dtype`, see `_base.py`): under "param" the projectors are cast to the
 gradient's dtype and the moments live in it, as galore_torch 1.0 does (galore_projector.py
@@ -103,7 +104,15 @@ from rankscope.optim.projector import (
     projector_keys,
     reproject_moments,
 )
-from rankscope.optim.sharded import full, is_sharded, local, local_rows, sharded_like, sum_over_shards
+from rankscope.optim.sharded import (
+    computed_by_one_rank,
+    full,
+    is_sharded,
+    local,
+    local_rows,
+    sharded_like,
+    sum_over_shards,
+)
 
 BATCH_BYTES = 256 * 2**20  # gradient bytes per stack on CUDA: bounds the stacked copy's memory
 # How the Adam moments cross a projector refresh:
@@ -184,10 +193,6 @@ class MatrixStack:
         """The gradients (this rank's rows under FSDP) in the work dtype (no copy for one matrix
         whose gradient already has it)."""
         return self.stack([local(p.grad) for p in self.params]).to(self.work_dtype)
-
-    def whole_grads(self) -> torch.Tensor:
-        """The whole gradients in the work dtype: all-gathered under FSDP (a projector refresh)."""
-        return self.stack([full(p.grad) for p in self.params]).to(self.work_dtype)
 
     def local_params(self) -> list[torch.Tensor]:
         return [local(p) for p in self.params]
@@ -281,27 +286,56 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
                 stacks.append(MatrixStack(chunk, [self.state[p] for p in chunk], side, step, work_dtype))
         return stacks
 
-    def _refresh_if_due(self, group: dict[str, Any], stack: MatrixStack, grads: torch.Tensor) -> None:
-        """New projectors from the SVD of G at steps 0, T, 2T, ... (and wherever one is missing)."""
+    @staticmethod
+    def _due(group: dict[str, Any], stack: MatrixStack) -> list[int]:
+        """The matrices of the stack that get new projectors now: every one at steps 0, T, 2T, ...,
+        and any without one."""
         first_key = projector_keys(stack.side)[0]
         if stack.step % group["update_proj_gap"] == 0:
-            due = list(range(len(stack.states)))
-        else:
-            due = [i for i, s in enumerate(stack.states) if first_key not in s]
+            return list(range(len(stack.states)))
+        return [i for i, s in enumerate(stack.states) if first_key not in s]
+
+    def _refresh_if_due(self, group: dict[str, Any], stack: MatrixStack, grads: torch.Tensor,
+                        shared: Mapping[int, dict[str, torch.Tensor]] | None = None) -> None:
+        """New projectors from the SVD of G at steps 0, T, 2T, ... (and wherever one is missing).
+        Under FSDP they were computed for the whole group beforehand (`shared`, by parameter id)."""
+        due = self._due(group, stack)
         if not due:
             return
         if stack.sharded:
-            grads = stack.whole_grads()  # the SVD needs whole gradients: the one all-gather of G
-        matrices = grads if stack.single or len(due) == len(stack.states) else grads[due]
-        new = self._new_projections(group, stack, matrices, due)
-        for row, index in enumerate(due):
+            projections = [shared[id(stack.params[index])] for index in due]
+        else:
+            matrices = grads if stack.single or len(due) == len(stack.states) else grads[due]
+            new = self._new_projections(group, stack, matrices, due)
+            projections = [{key: (value if matrices.dim() == 2 else value[row].clone()) for key, value in new.items()}
+                           for row in range(len(due))]
+        for index, projection in zip(due, projections):
             state, param = stack.states[index], stack.params[index]
-            projection = {key: (value if matrices.dim() == 2 else value[row].clone()) for key, value in new.items()}
             self._carry_moments(group, _with_whole_projectors(state) if stack.sharded else state, projection,
                                 stack.side)
             if stack.sharded and "proj_left" in projection:  # every rank keeps its rows of P_left
                 projection["proj_left"] = sharded_like(local_rows(projection["proj_left"], param).clone(), param)
             state.update(projection)
+
+    def _shared_refresh(self, group: dict[str, Any], stacks: list[MatrixStack]) -> dict[int, dict[str, torch.Tensor]]:
+        """Under FSDP: the new projectors of every sharded matrix of the group due for a refresh,
+        keyed by parameter id. Each SVD needs the whole gradient (an all-gather) and runs on one
+        rank, which broadcasts its projectors (`computed_by_one_rank`): a rank runs 1/world of the
+        refresh's SVDs, and the projectors equal those every rank would have computed."""
+        due = [(stack, index) for stack in stacks if stack.sharded for index in self._due(group, stack)]
+        if not due:
+            return {}
+
+        def gather(i: int) -> torch.Tensor:
+            stack, index = due[i]
+            return full(stack.params[index].grad).to(stack.work_dtype)
+
+        def compute(i: int, whole: torch.Tensor) -> dict[str, torch.Tensor]:
+            stack, index = due[i]
+            return self._new_projections(group, stack, whole, [index])
+
+        results = computed_by_one_rank(len(due), gather, compute, like=due[0][0].params[0])
+        return {id(stack.params[index]): result for (stack, index), result in zip(due, results)}
 
     def _new_projections(self, group: dict[str, Any], stack: MatrixStack, matrices: torch.Tensor,
                          due: list[int]) -> dict[str, torch.Tensor]:
@@ -328,10 +362,11 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         """
         beta1, beta2 = group["betas"]
         stacks = self._stacks(group)
+        shared = self._shared_refresh(group, stacks) if any(stack.sharded for stack in stacks) else None
         lows = []
         for stack in stacks:
             grads = stack.grads()
-            self._refresh_if_due(group, stack, grads)
+            self._refresh_if_due(group, stack, grads, shared)
             low = project(grads, stack.projection(), stack.side)
             del grads  # a widened copy under fp32 state: only one stack's is alive at a time
             if stack.side != "right":
