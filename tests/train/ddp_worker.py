@@ -16,6 +16,8 @@ resumes it. Per run and rank the worker writes OUT/<name>.rank<r>.pt with
 - buffer_syncs: how often DDP broadcast the model's buffers;
 - grads_share_buckets: whether, at the first optimizer step, gradients were views into shared
   storage (DDP's all-reduce buckets) rather than tensors of their own.
+- svds: how many matrices this rank took the SVD of for a projector (GaLore's refreshes are
+  shared out among the ranks).
 
 The worker creates the process group once and `train()` uses it (and leaves it open): creating a
 fresh group per run over torchrun's one store can race with the previous group's addresses.
@@ -35,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rankscope.config import build_config
+from rankscope.optim import galore as galore_module
 from rankscope.train import preemption
 from rankscope.train import setup as train_setup
 from rankscope.train import trainer as trainer_module
@@ -56,7 +59,7 @@ def run_one(spec: dict, out: str, rank: int) -> None:
     cfg = build_config({}, spec["overrides"])
     stop_here = rank in spec.get("stop_ranks", [rank])
     seen: dict = {"masks": [], "eval_batches": 0, "validations": 0, "batch_in_validation": 0,
-                  "buffer_syncs": 0, "grads_share_buckets": None}
+                  "buffer_syncs": 0, "grads_share_buckets": None, "svds": 0}
 
     def record_masks(real):
         def dropout(input, p=0.5, training=True, inplace=False):
@@ -103,6 +106,13 @@ def run_one(spec: dict, out: str, rank: int) -> None:
             return real(self, *args, **kwargs)
         return sync
 
+    def count_svds(real):
+        def compute_projection(matrices, *args, **kwargs):
+            if matrices.device.type != "meta":  # meta: the shapes a receiving rank allocates
+                seen["svds"] += 1 if matrices.dim() == 2 else matrices.shape[0]
+            return real(matrices, *args, **kwargs)
+        return compute_projection
+
     def first_step_grads(optimizer, args, kwargs):
         if seen["grads_share_buckets"] is None:
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -117,6 +127,7 @@ def run_one(spec: dict, out: str, rank: int) -> None:
         stack.enter_context(patched(train_setup, "token_losses", count_validation_batches))
         stack.enter_context(patched(trainer_module.ProgressLog, "update", stop_at_step))
         stack.enter_context(patched(DistributedDataParallel, "_sync_buffers", count_buffer_syncs))
+        stack.enter_context(patched(galore_module, "compute_projection", count_svds))
         hook = register_optimizer_step_pre_hook(first_step_grads)
         stack.callback(hook.remove)
         if "stop_at" in spec or "stop_in_validation" in spec:
@@ -129,7 +140,7 @@ def run_one(spec: dict, out: str, rank: int) -> None:
                 preemption.clear_stop()
         summary = trainer_module.train(cfg, spec["run_dir"])
     weights = {name: tensor.detach().cpu().clone() for name, tensor in seen["model"].state_dict().items()}
-    result = {key: seen[key] for key in ("masks", "eval_batches", "buffer_syncs", "grads_share_buckets")}
+    result = {key: seen[key] for key in ("masks", "eval_batches", "buffer_syncs", "grads_share_buckets", "svds")}
     torch.save({**result, "weights": weights, "summary": summary, "stopped_at": stopped_at},
                os.path.join(out, f"{spec['name']}.rank{rank}.pt"))
 

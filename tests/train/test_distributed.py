@@ -19,6 +19,7 @@ import torch
 from helpers import TINY_RUN  # tests/ is on sys.path
 from rankscope.config import build_config
 from rankscope.data import prepare_data
+from rankscope.optim import galore as galore_module
 from rankscope.train import checkpoint as ckpt
 from rankscope.train import distributed
 from rankscope.train.setup import build_run_model, evaluate_loss
@@ -113,6 +114,28 @@ def test_replicas_stay_identical_and_follow_one_process(ddp, tmp_path, method):
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, rel=2e-4)
     assert rank0["summary"]["val_loss"] == pytest.approx(single["val_loss"], rel=2e-4)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@needs_torchrun
+def test_galore_refreshes_are_shared_out_among_the_replicas(ddp, tmp_path, monkeypatch):
+    """Each refresh's SVDs run once over both replicas, split between them (the projectors are
+    broadcast: the replicas stay identical, see above), instead of twice."""
+    rank0, rank1 = ddp["galore"]
+    calls = []
+    real = galore_module.compute_projection
+
+    def counting(matrices, *args, **kwargs):
+        calls.append(1 if matrices.dim() == 2 else matrices.shape[0])
+        return real(matrices, *args, **kwargs)
+
+    monkeypatch.setattr(galore_module, "compute_projection", counting)
+    train(build_config({}, ddp.overrides("galore")), tmp_path / "single")
+    single = sum(calls)  # refreshes at steps 0, 2 and 4, every targeted matrix
+    assert single > 0 and single % 3 == 0
+    assert rank0["svds"] + rank1["svds"] == single
+    assert abs(rank0["svds"] - rank1["svds"]) <= 3  # at most one more per refresh
 
 
 def _losses(run_dir):

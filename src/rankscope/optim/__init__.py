@@ -6,7 +6,7 @@ as torch's AdamW or as the method's reference does; state is tensors only (check
 `torch.load(weights_only=True)` and resume bit-identically).
 """
 
-from rankscope.optim._base import STATE_DTYPES, HyperparameterError, state_bytes
+from rankscope.optim._base import STATE_DTYPES, HyperparameterError, RankscopeOptimizer, state_bytes
 from rankscope.optim.adamw import AdamW
 from rankscope.optim.apollo import APOLLOAdamW
 from rankscope.optim.fira import FiraAdamW
@@ -28,6 +28,7 @@ __all__ = [
     "GoLoreAdamW",
     "HyperparameterError",
     "LoroAdamW",
+    "RankscopeOptimizer",
     "RowStepAdamW",
     "SPAM",
     "STATE_DTYPES",

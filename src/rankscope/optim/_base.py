@@ -126,6 +126,11 @@ class RankscopeOptimizer(Optimizer):
         self.state_dtype = state_dtype
         super().__init__(params, defaults)
 
+
+    def share_work_over(self, process_group: Any) -> None:
+        """Data parallel (DDP): every rank holds the same weights and, after DDP's all-reduce, the
+        same gradients, so work each rank would repeat (a projector refresh's SVDs) may be shared
+        out over `process_group` (a torch.distributed ProcessGroup). Nothing is shared by default."""
     def state_dtype_of(self, p: torch.Tensor) -> torch.dtype:
         return state_dtype_for(p.dtype, self.state_dtype)
 

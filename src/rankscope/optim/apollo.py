@@ -130,6 +130,10 @@ class APOLLOAdamW(ProjectedAdamW):
                         f"use proj_type std (or scale_type tensor)")
         return True
 
+    def share_work_over(self, process_group: Any) -> None:
+        """Nothing shared under DDP: APOLLO's random projectors are seeded draws, cheap on every rank
+        (and proj=svd, not the official default, keeps every rank's own SVD)."""
+
     def _refresh_if_due(self, group: dict[str, Any], stack: MatrixStack, grads: torch.Tensor,
                         shared: Mapping[int, dict[str, torch.Tensor]] | None = None) -> None:
         if group["proj"] == "svd":

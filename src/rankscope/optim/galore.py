@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from rankscope.optim._base import (
     RankscopeOptimizer,
@@ -110,6 +111,7 @@ from rankscope.optim.sharded import (
     is_sharded,
     local,
     local_rows,
+    mesh_group,
     sharded_like,
     sum_over_shards,
 )
@@ -243,6 +245,7 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         self._transient_moments: list[tuple[torch.Tensor, torch.Tensor]] = []
         require(batched is None or isinstance(batched, bool), f"invalid batched {batched!r}: use None, True or False")
         self.batched = batched  # None: stacks of several matrices on CUDA, one matrix on the CPU
+        self.refresh_group: dist.ProcessGroup | None = None  # DDP ranks sharing the refresh's SVDs
 
     def _validate_special_group(self, group: dict[str, Any]) -> bool:
         if "rank" not in group:
@@ -302,7 +305,7 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         due = self._due(group, stack)
         if not due:
             return
-        if stack.sharded:
+        if self._shares_refresh(stack):
             projections = [shared[id(stack.params[index])] for index in due]
         else:
             matrices = grads if stack.single or len(due) == len(stack.states) else grads[due]
@@ -317,12 +320,22 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
                 projection["proj_left"] = sharded_like(local_rows(projection["proj_left"], param).clone(), param)
             state.update(projection)
 
+    def share_work_over(self, process_group: dist.ProcessGroup) -> None:
+        """Data parallel (DDP): every rank holds the same weights and, after DDP's all-reduce, the
+        same gradients, so a refresh's SVDs are shared out over `process_group` as under FSDP
+        (`_shared_refresh`) instead of each rank running all of them."""
+        self.refresh_group = process_group
+
+    def _shares_refresh(self, stack: MatrixStack) -> bool:
+        return stack.sharded or self.refresh_group is not None
+
     def _shared_refresh(self, group: dict[str, Any], stacks: list[MatrixStack]) -> dict[int, dict[str, torch.Tensor]]:
-        """Under FSDP: the new projectors of every sharded matrix of the group due for a refresh,
-        keyed by parameter id. Each SVD needs the whole gradient (an all-gather) and runs on one
-        rank, which broadcasts its projectors (`computed_by_one_rank`): a rank runs 1/world of the
-        refresh's SVDs, and the projectors equal those every rank would have computed."""
-        due = [(stack, index) for stack in stacks if stack.sharded for index in self._due(group, stack)]
+        """Under FSDP (or DDP, see `share_work_over`): the new projectors of every matrix of the
+        group due for a refresh, keyed by parameter id. Each SVD needs the whole gradient (under
+        FSDP an all-gather) and runs on one rank, which broadcasts its projectors
+        (`computed_by_one_rank`): a rank runs 1/world of the refresh's SVDs, and the projectors
+        equal those every rank would have computed."""
+        due = [(stack, index) for stack in stacks if self._shares_refresh(stack) for index in self._due(group, stack)]
         if not due:
             return {}
 
@@ -334,7 +347,9 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
             stack, index = due[i]
             return self._new_projections(group, stack, whole, [index])
 
-        results = computed_by_one_rank(len(due), gather, compute, like=due[0][0].params[0])
+        first = due[0][0].params[0]
+        process_group = mesh_group(first) if is_sharded(first) else self.refresh_group
+        results = computed_by_one_rank(len(due), gather, compute, process_group)
         return {id(stack.params[index]): result for (stack, index), result in zip(due, results)}
 
     def _new_projections(self, group: dict[str, Any], stack: MatrixStack, matrices: torch.Tensor,
@@ -362,7 +377,7 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         """
         beta1, beta2 = group["betas"]
         stacks = self._stacks(group)
-        shared = self._shared_refresh(group, stacks) if any(stack.sharded for stack in stacks) else None
+        shared = self._shared_refresh(group, stacks) if any(map(self._shares_refresh, stacks)) else None
         lows = []
         for stack in stacks:
             grads = stack.grads()

@@ -14,7 +14,7 @@ iteration, a random draw over the matrix) uses these helpers:
 - `sharded_like(piece, like)`: a DTensor from this rank's rows of a tensor with `like`'s rows;
 - `full_parameters(modules)`: within the block, the modules' DTensor parameters are replaced by
   plain whole tensors (gathered), and written back row by row on leaving it.
-- `computed_by_one_rank(count, gather, compute, like)`: per-matrix work that needs whole
+- `computed_by_one_rank(count, gather, compute, group)`: per-matrix work that needs whole
   matrices (a projector refresh's SVDs) shared out among the ranks, each result broadcast.
 
 Every rank computes on the same gathered values with the same seeded generators, so the result
@@ -133,21 +133,20 @@ def full_parameters(modules: Iterable[nn.Module], names: tuple[str, ...] | None 
 
 def computed_by_one_rank(count: int, gather: Callable[[int], torch.Tensor],
                          compute: Callable[[int, torch.Tensor], dict[str, torch.Tensor]],
-                         like: DTensor) -> list[dict[str, torch.Tensor]]:
+                         group: dist.ProcessGroup) -> list[dict[str, torch.Tensor]]:
     """`compute(i, gather(i))` for i < count, each run by one rank and broadcast to the others.
 
-    `gather(i)` is a collective (an all-gather of a whole matrix) that every rank calls in the same
-    order; `compute` must give the same result on any rank (seeded, no rank-dependent state) and,
-    given a meta tensor, the shapes and dtypes of its results. Items go round robin in rounds of
+    `gather(i)` gives the whole matrix i on every rank: under FSDP an all-gather (a collective that
+    every rank calls in the same order), under DDP the already all-reduced gradient itself.
+    `compute` must give the same result on any rank (seeded, no rank-dependent state) and, given a
+    meta tensor, the shapes and dtypes of its results. Items go round robin in rounds of
     `world`: each rank gathers the round's matrices, keeps only its own (at most two whole
     matrices alive at once, as one would be without sharing), computes it while the others compute
     theirs, then every result is broadcast from its rank. Per round the ranks wait for the slowest
     item only, instead of each running every item: a refresh's compute divided by the world size,
-    for broadcasts of the (small) results. `like`: a parameter on the mesh the ranks share.
+    for broadcasts of the (small) results. `group`: the ranks that share the work.
     """
-    _check_row_sharded(like)
-    mesh = like.device_mesh
-    world, me, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    world, me = dist.get_world_size(group), dist.get_rank(group)
     results: list[dict[str, torch.Tensor]] = []
     for start in range(0, count, world):
         items = range(start, min(start + world, count))
@@ -171,6 +170,12 @@ def computed_by_one_rank(count: int, gather: Callable[[int], torch.Tensor],
                 dist.broadcast(result[key], src=dist.get_global_rank(group, offset), group=group)
             results.append(result)
     return results
+
+
+def mesh_group(like: DTensor) -> dist.ProcessGroup:
+    """The process group of the ranks that hold `like`'s rows."""
+    _check_row_sharded(like)
+    return like.device_mesh.get_group()
 
 
 def state_is_row_sharded(optimizer: torch.optim.Optimizer, key: str, param: torch.Tensor,

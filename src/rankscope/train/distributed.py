@@ -100,6 +100,15 @@ def separate_rank_streams(seed: int, rank: int) -> None:
         random.seed(stream_seed)
 
 
+def share_optimizer_work(optimizer: torch.optim.Optimizer) -> None:
+    """Under DDP, let the optimizer share out over all ranks the work each replica would repeat on
+    identical values (a GaLore refresh's SVDs: `RankscopeOptimizer.share_work_over`)."""
+    from rankscope.optim import RankscopeOptimizer
+
+    if isinstance(optimizer, RankscopeOptimizer):
+        optimizer.share_work_over(dist.group.WORLD)
+
+
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP over the model's trainable parameters (those with requires_grad when it is built).
 

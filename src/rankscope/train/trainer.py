@@ -34,6 +34,7 @@ from rankscope.train.distributed import (
     init_distributed,
     rank_stream_seed,
     separate_rank_streams,
+    share_optimizer_work,
     shutdown,
 )
 from rankscope.train.dynamics import DynamicsMonitor
@@ -133,6 +134,8 @@ def _train(cfg: RunConfig, run_dir: Path, device: torch.device, dist_info: DistI
         shard_model(model, device, dist_info.world_size, t.precision)  # before the optimizer sees the parameters
     optim_settings = resolve_optim(cfg, type(method))
     optimizer = build_run_optimizer(method, model, optim_settings)
+    if dist_info.enabled and not sharded:
+        share_optimizer_work(optimizer)  # replicas with identical gradients: each refresh SVD on one rank
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
     # Each group's effective lr and weight decay and the roles it holds (embeddings, head, norms,
