@@ -338,6 +338,9 @@ class ProjectedAdamW(RankscopeOptimizer, abc.ABC):
         due = [(stack, index) for stack in stacks if self._shares_refresh(stack) for index in self._due(group, stack)]
         if not due:
             return {}
+        # Largest first (stable: the same order on every rank), so a round's SVDs are of one size
+        # and no round waits on one large matrix while the others idle.
+        due.sort(key=lambda item: -item[0].params[item[1]].numel())
 
         def gather(i: int) -> torch.Tensor:
             stack, index = due[i]
